@@ -1,0 +1,39 @@
+"""simla: SIMLA (Single-Stream Multi-Level Alignment) vision-language pretraining.
+
+Public API:
+    create_model(name, pretrained=None, text_encoder=None, vision_encoder=None, task="pretrain", **overrides)
+    list_models()
+    get_config(name, **overrides)
+    load_checkpoint(path, task=None, trust_pickle=False, strict=True)
+    save_checkpoint(model, path) / save_pretrained(model, directory)
+    get_tokenizer(name_or_path)
+"""
+
+from .checkpoint import ImportReport, load_checkpoint, save_checkpoint, save_pretrained
+from .config import ObjectiveConfig, SimlaConfig, TextConfig, VisionConfig, get_config, list_models
+from .factory import build_model, create_model
+from .models.pretrain import LOSS_NAMES, PretrainOutput, SimlaForPretraining
+from .models.simla import SimlaModel
+from .tokenizers import get_tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOSS_NAMES",
+    "ImportReport",
+    "ObjectiveConfig",
+    "PretrainOutput",
+    "SimlaConfig",
+    "SimlaForPretraining",
+    "SimlaModel",
+    "TextConfig",
+    "VisionConfig",
+    "build_model",
+    "create_model",
+    "get_config",
+    "get_tokenizer",
+    "list_models",
+    "load_checkpoint",
+    "save_checkpoint",
+    "save_pretrained",
+]

@@ -1,0 +1,317 @@
+"""Our checkpoints, safetensors exports, and the import of reference SIMLA/ALBEF checkpoints (SPEC §6, A4).
+
+Three forms load:
+- our `.pt` file: {"format": "simla", "config": dict, "task": str, "model": state_dict}, read with
+  `weights_only=True`;
+- an exported directory: `model.safetensors` + `config.json`;
+- a reference `.pth` ({"model": state_dict, "config": <pickled OmegaConf>, ...}). Its pickled config needs
+  arbitrary unpickling, so it is refused unless the caller passes `trust_pickle=True`.
+Nothing is dropped silently: every missing or unexpected key and every shape mismatch is reported, and a
+strict load raises on any of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import SimlaConfig
+from .hub import read_json
+from .models.pretrain import SimlaForPretraining
+from .models.simla import SimlaModel
+from .models.vision import resample_pos_embed
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "simla"
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------- reports
+@dataclass
+class ImportReport:
+    """What a state-dict import did. `ok` is False when anything is missing or unexpected."""
+
+    source: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    resampled: list[str] = field(default_factory=list)
+    zero_filled: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    # Training state absent from the file and rebuilt instead: momentum copies from the online weights,
+    # queues freshly initialised (e.g. a safetensors release loaded for further pretraining).
+    rebuilt: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.unexpected
+
+    def __str__(self) -> str:
+        lines = [f"import of {self.source}:"]
+        for name in ("missing", "unexpected", "resampled", "zero_filled", "ignored", "rebuilt"):
+            keys = getattr(self, name)
+            if keys:
+                shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+                lines.append(f"  {name}: {shown}")
+        if len(lines) == 1:
+            lines.append("  every key matched")
+        return "\n".join(lines)
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------- reading files
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{path} cannot be read with weights_only=True ({type(err).__name__}: {str(err).splitlines()[0]}). "
+                "Reference checkpoints pickle their training config, which requires arbitrary code execution "
+                "to unpickle. If you trust the file's source, pass trust_pickle=True (CLI: --trust-pickle)."
+            ) from err
+        logger.warning("loading %s with full unpickling (trust_pickle=True)", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, Any]:
+    """The raw contents of any supported checkpoint form, as {"model": state_dict, ...}."""
+    path = Path(path)
+    if path.is_dir():
+        from safetensors.torch import load_file
+
+        weights, config = path / "model.safetensors", path / "config.json"
+        if not weights.is_file() or not config.is_file():
+            raise FileNotFoundError(f"{path} must hold model.safetensors and config.json")
+        meta = read_json(config)
+        return {"format": FORMAT, "model": load_file(str(weights)), "config": meta.get("config", meta),
+                "task": meta.get("task", "pretrain")}
+    if not path.is_file():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    data = _torch_load(path, trust_pickle)
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(data).__name__}")
+    if "model" not in data:
+        if all(isinstance(v, Tensor) for v in data.values()):
+            data = {"model": data}  # a bare state dict
+        else:
+            raise CheckpointError(f"{path}: no 'model' entry; keys are {sorted(data)[:10]}")
+    return data
+
+
+def is_reference_state(state: dict[str, Tensor]) -> bool:
+    """Reference layouts keep the text encoder under `.bert.` or have no `mlm_head` of ours."""
+    return any(k.startswith(("text_encoder.bert.", "text_encoder.cls.")) for k in state) or (
+        "text_encoder.embeddings.position_ids" in state
+    )
+
+
+# ---------------------------------------------------------------------------- reference key map
+_TEXT_PREFIX = re.compile(r"^(text_encoder(?:_m)?)\.")
+
+
+def map_reference_key(key: str) -> str | None:
+    """Our name for a reference key (SPEC §6.2/6.3), or None for keys with no counterpart by design.
+
+    `text_encoder.bert.X` -> `text_encoder.X`; `text_encoder.cls.predictions.X` -> `mlm_head.X`;
+    the tied decoder weight/bias (same tensors as the word embeddings / head bias) and the
+    `position_ids` buffer have no counterpart. Everything else keeps its name.
+    """
+    match = _TEXT_PREFIX.match(key)
+    if not match:
+        return key
+    owner, rest = match.group(1), key[match.end():]
+    suffix = "_m" if owner.endswith("_m") else ""
+    rest = rest.removeprefix("bert.")
+    if rest.startswith("cls.predictions."):
+        rest = rest.removeprefix("cls.predictions.")
+        if rest.startswith("decoder."):
+            return None
+        return f"mlm_head{suffix}.{rest}"
+    if rest == "embeddings.position_ids":
+        return None
+    return f"{owner}.{rest}"
+
+
+def convert_reference_state(
+    state: dict[str, Tensor], model: SimlaModel, source: str = "reference checkpoint"
+) -> tuple[dict[str, Tensor], ImportReport]:
+    """Rename reference keys to ours and adapt shapes; returns the new state dict and the report.
+
+    - position embeddings of the ViTs are resampled (bicubic) to the model's grid;
+    - the token-type table, absent from SIMLA checkpoints, is zero-filled (SPEC A3) so type 0 adds nothing;
+    - the tied MLM decoder is checked to be the word embedding, as the reference ties them;
+    - any other shape mismatch is an error, never a silent drop.
+    """
+    report = ImportReport(source)
+    ours = model.state_dict()
+    converted: dict[str, Tensor] = {}
+    mismatched = []
+    for key, tensor in state.items():
+        name = map_reference_key(key)
+        if name is None:
+            report.ignored.append(key)
+            continue
+        if name not in ours:
+            report.unexpected.append(key)
+            continue
+        target = ours[name]
+        if name.endswith("pos_embed") and tensor.shape != target.shape and tensor.dim() == 3:
+            grid = int(round((target.shape[1] - 1) ** 0.5))
+            tensor = resample_pos_embed(tensor, grid)
+            report.resampled.append(key)
+        if tensor.shape != target.shape:
+            mismatched.append(f"{key} -> {name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+            continue
+        converted[name] = tensor
+    if mismatched:
+        raise CheckpointError(f"{source}: shape mismatches (nothing was loaded):\n  " + "\n  ".join(mismatched))
+    for name in ours:
+        if name in converted:
+            continue
+        if name.endswith("embeddings.token_type_embeddings.weight"):
+            converted[name] = torch.zeros_like(ours[name])
+            report.zero_filled.append(name)
+        else:
+            report.missing.append(name)
+    return converted, report
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_state_into(
+    model: SimlaModel, state: dict[str, Tensor], *, source: str, strict: bool = True
+) -> ImportReport:
+    """Load our-format or reference-format weights into `model`, raising on any mismatch when strict."""
+    if is_reference_state(state):
+        converted, report = convert_reference_state(state, model, source)
+    else:
+        report = ImportReport(source)
+        ours = model.state_dict()
+        report.unexpected = [k for k in state if k not in ours]
+        report.missing = [k for k in ours if k not in state]
+        converted = {}
+        for key, tensor in state.items():
+            if key in ours and key.endswith("pos_embed") and tensor.shape != ours[key].shape:
+                tensor = resample_pos_embed(tensor, int(round((ours[key].shape[1] - 1) ** 0.5)))
+                report.resampled.append(key)
+            if key in ours:
+                if tensor.shape != ours[key].shape:
+                    raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, model {tuple(ours[key].shape)}")
+                converted[key] = tensor
+    momentum_absent = not any(_is_training_state(k) and k.split(".", 1)[0].endswith("_m") for k in converted)
+    if isinstance(model, SimlaForPretraining) and momentum_absent:
+        report.rebuilt = [k for k in report.missing if _is_training_state(k)]
+        report.missing = [k for k in report.missing if not _is_training_state(k)]
+    if strict and not report.ok:
+        raise CheckpointError(f"strict load failed (pass strict=False to accept and keep fresh weights)\n{report}")
+    model.load_state_dict(converted, strict=False)
+    if report.rebuilt:
+        model.copy_params_to_momentum()  # SPEC A2: teachers start from the loaded online weights
+    logger.info("%s", report)
+    return report
+
+
+def load_weights_into(model: SimlaModel, path: str | os.PathLike, *, trust_pickle: bool = False,
+                      strict: bool = True) -> ImportReport:
+    data = read_checkpoint(path, trust_pickle=trust_pickle)
+    return load_state_into(model, data["model"], source=str(path), strict=strict)
+
+
+def infer_reference_config(state: dict[str, Tensor], head_dim: int = 64) -> SimlaConfig:
+    """A config matching a reference state dict's shapes (head counts assume 64-wide heads, as BERT/ViT)."""
+    def shape(key: str) -> tuple[int, ...]:
+        return tuple(state[key].shape)
+
+    config = SimlaConfig(name="reference")
+    v, t, o = config.vision, config.text, config.objectives
+    v.width = shape("visual_encoder.patch_embed.proj.weight")[0]
+    v.patch_size = shape("visual_encoder.patch_embed.proj.weight")[-1]
+    v.image_size = int(round((shape("visual_encoder.pos_embed")[1] - 1) ** 0.5)) * v.patch_size
+    v.depth = len({k.split(".")[2] for k in state if k.startswith("visual_encoder.blocks.")})
+    v.num_heads = max(1, v.width // head_dim)
+    v.use_mask_token = "visual_encoder.mask_token" in state
+    text_prefix = "text_encoder.bert." if "text_encoder.bert.embeddings.word_embeddings.weight" in state else "text_encoder."
+    t.vocab_size, t.hidden_size = shape(text_prefix + "embeddings.word_embeddings.weight")
+    t.max_position_embeddings = shape(text_prefix + "embeddings.position_embeddings.weight")[0]
+    t.num_layers = len({k[len(text_prefix):].split(".")[2] for k in state if k.startswith(text_prefix + "encoder.layer.")})
+    t.intermediate_size = shape(text_prefix + "encoder.layer.0.intermediate.dense.weight")[0]
+    t.num_heads = max(1, t.hidden_size // head_dim)
+    o.embed_dim = shape("vision_proj.weight")[0]
+    if "image_queue" in state:
+        o.queue_size = shape("image_queue")[1]
+    if "mim_head.weight" in state:
+        o.visual_vocab_size = shape("mim_head.weight")[0]
+    o.psl_layer = t.num_layers - 1
+    o.mim_num_masked = min(o.mim_num_masked, (v.image_size // v.patch_size) ** 2)
+    o.mim_min_block = min(o.mim_min_block, o.mim_num_masked)
+    config.validate()
+    return config
+
+
+def load_checkpoint(path: str | os.PathLike, *, task: str | None = None, trust_pickle: bool = False,
+                    strict: bool = True) -> SimlaModel:
+    """Build and load a model from any supported checkpoint form (ours, export dir, or reference .pth)."""
+    from .factory import build_model
+
+    data = read_checkpoint(path, trust_pickle=trust_pickle)
+    state = data["model"]
+    if data.get("format") == FORMAT:
+        config = SimlaConfig.from_dict(data["config"])
+        task = task or data.get("task", "pretrain")
+    else:
+        config = infer_reference_config(state)
+        has_pretrain_heads = any(k.startswith(("mim_head.", "concept_head.")) for k in state)
+        task = task or ("pretrain" if has_pretrain_heads and config.vision.use_mask_token else "base")
+    model = build_model(config, task)
+    load_state_into(model, state, source=str(path), strict=strict)
+    return model
+
+
+# ------------------------------------------------------------------------------------- saving
+def _task_of(model: SimlaModel) -> str:
+    return "pretrain" if isinstance(model, SimlaForPretraining) else "base"
+
+
+def save_checkpoint(model: SimlaModel, path: str | os.PathLike, **extra: Any) -> Path:
+    """Write our checkpoint atomically (temporary file, then rename), loadable with weights_only=True."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "version": FORMAT_VERSION, "task": _task_of(model),
+               "config": model.config.to_dict(), "model": model.state_dict(), **extra}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def save_pretrained(model: SimlaModel, directory: str | os.PathLike, include_momentum: bool = False) -> Path:
+    """Release form: `model.safetensors` + `config.json` (SPEC A4). Momentum copies and queues are
+    training state and are left out unless asked for."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if not include_momentum:
+        state = {k: v for k, v in state.items() if not _is_training_state(k)}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "task": _task_of(model), "config": model.config.to_dict(),
+            "includes_momentum": include_momentum}
+    (directory / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return directory
+
+
+def _is_training_state(key: str) -> bool:
+    head = key.split(".", 1)[0]
+    return head.endswith("_m") or head in ("image_queue", "text_queue", "queue_ptr", "idx_queue")

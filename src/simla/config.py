@@ -1,0 +1,290 @@
+"""Typed model configuration and the named presets.
+
+Every constant of the reference implementation that shapes the model or an objective is a field here
+whose default is the paper's value (SPEC A1), so a recipe can change any of them without editing code.
+Overrides are validated field by field: an unknown name or an ill-typed value fails before any model is
+built, with a message naming the field and what it accepts.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, get_args, get_origin
+
+
+@dataclass
+class VisionConfig:
+    """The ViT image encoder (SPEC §1.1)."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    ln_eps: float = 1e-6
+    drop_path: float = 0.0
+    # Pretraining needs the learnable mask token; downstream models are built without it (SPEC §1.1).
+    use_mask_token: bool = True
+    # DeiT/timm weights to start from: a local file, a timm model name or a URL. None = random init.
+    init: str | None = None
+
+
+@dataclass
+class TextConfig:
+    """The single shared BERT-style encoder (SPEC §1.2, A3)."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    # Special token ids of the uncased WordPiece vocabulary (SPEC Part B header).
+    pad_token_id: int = 0
+    unk_token_id: int = 100
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    mask_token_id: int = 103
+    # Hugging Face BERT checkpoint to initialise from (local directory or hub name). None = random init.
+    init: str | None = None
+    # Text tokenizer (local directory or hub name) used by encode_text on raw strings.
+    tokenizer: str | None = "bert-base-uncased"
+
+
+@dataclass
+class ObjectiveConfig:
+    """Constants of the five pretraining objectives (SPEC §2, A1, A2)."""
+
+    embed_dim: int = 256
+    queue_size: int = 65536
+    momentum: float = 0.995
+    temp: float = 0.07
+    temp_min: float = 0.001
+    temp_max: float = 0.5
+    alpha: float = 0.4
+    # Text: reference max length (SPEC §3.2) and MLM masking (SPEC §2.3).
+    max_text_length: int = 25
+    mlm_probability: float = 0.15
+    mlm_mask_ratio: float = 0.8
+    mlm_random_ratio: float = 0.5
+    # MIM: codebook size of the visual tokenizer and the block-mask generator (SPEC §2.4, §3.4).
+    visual_vocab_size: int = 8192
+    mim_num_masked: int = 75
+    mim_min_block: int = 16
+    mim_min_aspect: float = 0.3
+    # Side of the tokenizer view as a fraction of the encoder view (reference: R // 2).
+    tokenizer_view_ratio: float = 0.5
+    # PSL (SPEC §2.5): layer whose [CLS] self-attention votes, votes per head, keywords per caption.
+    psl_layer: int = 11
+    psl_votes_per_head: int = 4
+    psl_num_keywords: int = 5
+    # "simla" = SPEC A2 selection (special tokens/pads excluded, teacher on momentum image embeddings);
+    # "reference" = the authors' selection exactly (for parity tests and ablations).
+    psl_selection: Literal["simla", "reference"] = "simla"
+    # Momentum teachers run with dropout on, as in the reference (SPEC §7.7); False puts them in eval mode.
+    momentum_dropout: bool = True
+
+
+@dataclass
+class SimlaConfig:
+    """A whole SIMLA model: the two encoders and the objectives."""
+
+    name: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+    def validate(self) -> None:
+        """Check cross-field constraints; raise ValueError naming the offending field."""
+        v, t, o = self.vision, self.text, self.objectives
+        if v.image_size % v.patch_size:
+            raise ValueError(f"vision.image_size ({v.image_size}) must be a multiple of vision.patch_size ({v.patch_size})")
+        if v.width % v.num_heads:
+            raise ValueError(f"vision.width ({v.width}) must be divisible by vision.num_heads ({v.num_heads})")
+        if t.hidden_size % t.num_heads:
+            raise ValueError(f"text.hidden_size ({t.hidden_size}) must be divisible by text.num_heads ({t.num_heads})")
+        grid = v.image_size // v.patch_size
+        # The MIM pass feeds image tokens through the text embeddings, which add text positions (SPEC §2.4).
+        if 1 + grid * grid > t.max_position_embeddings:
+            raise ValueError(
+                f"vision.image_size {v.image_size} gives {1 + grid * grid} image tokens, more than "
+                f"text.max_position_embeddings ({t.max_position_embeddings}) that the MIM pass can position"
+            )
+        if not 0 <= o.psl_layer < t.num_layers:
+            raise ValueError(f"objectives.psl_layer must lie in [0, {t.num_layers - 1}] (text.num_layers), got {o.psl_layer}")
+        if o.mim_num_masked > grid * grid:
+            raise ValueError(f"objectives.mim_num_masked ({o.mim_num_masked}) exceeds the {grid * grid} patches")
+        if o.mim_min_block > o.mim_num_masked:
+            raise ValueError("objectives.mim_min_block must not exceed objectives.mim_num_masked")
+        if o.queue_size < 1 or o.embed_dim < 1:
+            raise ValueError("objectives.queue_size and objectives.embed_dim must be positive")
+        if not 0.0 <= o.momentum <= 1.0:
+            raise ValueError(f"objectives.momentum must lie in [0, 1], got {o.momentum}")
+        if not 0.0 < o.temp_min <= o.temp <= o.temp_max:
+            raise ValueError("objectives.temp must lie in [objectives.temp_min, objectives.temp_max]")
+        for name in ("alpha", "mlm_probability", "mlm_mask_ratio", "mlm_random_ratio", "tokenizer_view_ratio"):
+            value = getattr(o, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"objectives.{name} must lie in [0, 1], got {value}")
+
+    @property
+    def special_token_ids(self) -> tuple[int, ...]:
+        t = self.text
+        return (t.pad_token_id, t.unk_token_id, t.cls_token_id, t.sep_token_id, t.mask_token_id)
+
+    @property
+    def grid_size(self) -> int:
+        return self.vision.image_size // self.vision.patch_size
+
+    @property
+    def tokenizer_image_size(self) -> int:
+        return int(round(self.vision.image_size * self.objectives.tokenizer_view_ratio))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "SimlaConfig":
+        """Build from a (possibly partial) nested dict, validating every key and type."""
+        config = cls()
+        apply_overrides(config, dict(data))
+        return config
+
+
+_SECTIONS = ("vision", "text", "objectives")
+
+
+def _check_type(path: str, annotation: Any, value: Any) -> Any:
+    """Return `value` coerced to the annotated type, or raise TypeError naming the field."""
+    if isinstance(annotation, str):  # postponed annotations
+        annotation = eval(annotation, vars(typing) | {"Literal": Literal})  # noqa: S307 - our own annotations
+    origin = get_origin(annotation)
+    if origin is Literal:
+        allowed = get_args(annotation)
+        if value not in allowed:
+            raise ValueError(f"{path}: {value!r} is not one of the allowed values {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(path, option, value)
+            except (TypeError, ValueError) as err:
+                errors.append(str(err))
+        raise TypeError(f"{path}: {value!r} does not match {annotation}")
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported annotation {annotation}")
+
+
+def _section_fields(section: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(section)}
+
+
+def _set_field(section: Any, path: str, name: str, value: Any) -> None:
+    fields = _section_fields(section)
+    if name not in fields:
+        raise KeyError(f"unknown config field {path!r}; allowed fields: {sorted(fields)}")
+    setattr(section, name, _check_type(path, fields[name].type, value))
+
+
+def _owner_of(config: SimlaConfig, name: str) -> str:
+    owners = [s for s in _SECTIONS if name in _section_fields(getattr(config, s))]
+    if not owners:
+        allowed = sorted({n for s in _SECTIONS for n in _section_fields(getattr(config, s))} | set(_SECTIONS) | {"name"})
+        raise KeyError(f"unknown config field {name!r}; allowed: {allowed}")
+    if len(owners) > 1:
+        raise KeyError(f"config field {name!r} is ambiguous; write it as one of {[f'{o}.{name}' for o in owners]}")
+    return owners[0]
+
+
+def apply_overrides(config: SimlaConfig, overrides: Mapping[str, Any]) -> SimlaConfig:
+    """Apply overrides in place and return the config.
+
+    Keys may be a section with a dict (`vision={"depth": 2}`), a dotted path (`"vision.depth": 2`), or a
+    bare field name that belongs to exactly one section (`queue_size=1024`).
+    """
+    for key, value in overrides.items():
+        if key == "name":
+            config.name = _check_type("name", str, value)
+        elif key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise TypeError(f"{key}: expected a mapping of field names to values, got {type(value).__name__}")
+            for name, sub_value in value.items():
+                _set_field(getattr(config, key), f"{key}.{name}", name, sub_value)
+        elif "." in key:
+            section, _, name = key.partition(".")
+            if section not in _SECTIONS:
+                raise KeyError(f"unknown config section {section!r} in {key!r}; allowed: {list(_SECTIONS)}")
+            _set_field(getattr(config, section), key, name, value)
+        else:
+            section = _owner_of(config, key)
+            _set_field(getattr(config, section), f"{section}.{key}", key, value)
+    return config
+
+
+def _base() -> SimlaConfig:
+    return SimlaConfig(name="simla_base")
+
+
+def _tiny() -> SimlaConfig:
+    """A few million parameters: for tests, demos and CPU smoke runs (not a paper model)."""
+    return SimlaConfig(
+        name="simla_tiny",
+        vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=2, num_heads=2),
+        text=TextConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
+        objectives=ObjectiveConfig(
+            embed_dim=64,
+            queue_size=256,
+            visual_vocab_size=512,
+            mim_num_masked=19,  # ~29% of the 8x8 grid, as 75 of 256 in the paper
+            mim_min_block=4,
+            psl_layer=1,
+        ),
+    )
+
+
+_PRESETS = {"simla_base": _base, "simla_tiny": _tiny}
+
+
+def list_models() -> list[str]:
+    """Names of the model presets accepted by `simla.create_model`."""
+    return sorted(_PRESETS)
+
+
+def get_config(name: str, **overrides: Any) -> SimlaConfig:
+    """The preset `name` with `overrides` applied and validated."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown model {name!r}; available: {list_models()}")
+    config = apply_overrides(_PRESETS[name](), overrides)
+    config.validate()
+    return copy.deepcopy(config)

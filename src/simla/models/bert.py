@@ -1,0 +1,416 @@
+"""The ONE shared encoder of SIMLA: a BERT-style stack whose every layer has self- and cross-attention.
+
+Without an image (mode "text") the cross-attention sub-blocks are skipped and the stack is a plain BERT
+text encoder; with image tokens as keys/values (mode "multimodal") the same weights are the multimodal
+encoder (SPEC §1.2). The MIM pass uses it the other way round: image tokens enter as `inputs_embeds` and
+the text embeddings are the keys/values (SPEC §2.4).
+
+Sub-module names follow Hugging Face BERT (`embeddings.word_embeddings`, `encoder.layer.{i}.attention.self.
+query`, ...) so that HF checkpoints and the reference SIMLA checkpoints map onto it by renaming prefixes
+only. Attention runs through `scaled_dot_product_attention`; probabilities are materialised only when a
+caller asks for them (PSL's [CLS] row, Grad-CAM capture), per SPEC A5.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import TextConfig
+
+logger = logging.getLogger(__name__)
+
+MODES = ("text", "multimodal")
+
+
+class BertEmbeddings(nn.Module):
+    """Word (or precomputed) embeddings + absolute positions + token type 0 -> LayerNorm -> dropout."""
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        # SPEC A3: we keep BERT's token-type table (type 0 is always added) so a model loaded from a Hugging
+        # Face checkpoint reproduces it exactly; reference SIMLA checkpoints import it as zeros.
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size > 0 else None
+        )
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None) -> Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        length = x.shape[1]
+        if length > self.position_embeddings.num_embeddings:
+            raise ValueError(
+                f"sequence of {length} tokens exceeds the {self.position_embeddings.num_embeddings} position embeddings"
+            )
+        x = x + self.position_embeddings.weight[:length].unsqueeze(0)
+        if self.token_type_embeddings is not None:
+            x = x + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))
+
+
+class AttentionProjections(nn.Module):
+    """Query/key/value projections (HF name `attention.self`). Keys/values may come from another width."""
+
+    def __init__(self, hidden_size: int, num_heads: int, kv_width: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(kv_width, hidden_size)
+        self.value = nn.Linear(kv_width, hidden_size)
+        self.dropout_p = dropout
+        # Grad-CAM (SPEC §5.5): when True the probabilities and their gradient are kept on the module.
+        self.capture = False
+        self.saved_probs: Tensor | None = None
+        self.saved_probs_grad: Tensor | None = None
+
+    def _heads(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _save_grad(self, grad: Tensor) -> None:
+        self.saved_probs_grad = grad
+
+    def forward(
+        self, hidden: Tensor, context: Tensor, mask: Tensor | None, want_cls_row: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Return the attended values (B, Lq, H) and, if asked, the [CLS]-query probabilities (B, h, Lk).
+
+        `mask` is a boolean mask broadcastable to (B, h, Lq, Lk), True where attending is allowed.
+        """
+        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(context)), self._heads(self.value(context))
+        dropout = self.dropout_p if self.training else 0.0
+        if self.capture:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            probs = scores.softmax(-1)
+            self.saved_probs = probs
+            if probs.requires_grad:
+                probs.register_hook(self._save_grad)
+            out = F.dropout(probs, dropout, self.training) @ v
+            cls_row = probs[:, :, 0] if want_cls_row else None
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            cls_row = None
+            if want_cls_row:
+                # Only the [CLS] query row is needed (PSL): one (B, h, 1, Lk) product, not the full map.
+                scores = q[:, :, :1] @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+                if mask is not None:
+                    row_mask = mask[..., :1, :] if mask.shape[-2] > 1 else mask
+                    scores = scores.masked_fill(~row_mask, torch.finfo(scores.dtype).min)
+                cls_row = scores.softmax(-1)[:, :, 0]
+        b, _, n, _ = out.shape
+        return out.transpose(1, 2).reshape(b, n, -1), cls_row
+
+
+class ResidualOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(x + residual) (HF names `attention.output` / `output`)."""
+
+    def __init__(self, in_features: int, hidden_size: int, eps: float, dropout: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_features, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, residual: Tensor) -> Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, kv_width: int) -> None:
+        super().__init__()
+        self.self = AttentionProjections(config.hidden_size, config.num_heads, kv_width, config.attention_dropout)
+        self.output = ResidualOutput(config.hidden_size, config.hidden_size, config.layer_norm_eps, config.hidden_dropout)
+
+    def forward(self, hidden: Tensor, context: Tensor, mask: Tensor | None, want_cls_row: bool = False):
+        attended, cls_row = self.self(hidden, context, mask, want_cls_row)
+        return self.output(attended, hidden), cls_row
+
+
+class Intermediate(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.dense(x))  # exact (erf) GELU, as BERT
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention -> cross-attention (multimodal mode only) -> FFN, each with a post-residual LayerNorm."""
+
+    def __init__(self, config: TextConfig, encoder_width: int) -> None:
+        super().__init__()
+        self.attention = Attention(config, config.hidden_size)
+        self.crossattention = Attention(config, encoder_width)
+        self.intermediate = Intermediate(config)
+        self.output = ResidualOutput(config.intermediate_size, config.hidden_size, config.layer_norm_eps, config.hidden_dropout)
+
+    def forward(
+        self,
+        hidden: Tensor,
+        self_mask: Tensor | None,
+        context: Tensor | None,
+        context_mask: Tensor | None,
+        want_cls_row: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        hidden, cls_row = self.attention(hidden, hidden, self_mask, want_cls_row)
+        if context is not None:
+            hidden, _ = self.crossattention(hidden, context, context_mask)
+        return self.output(self.intermediate(hidden), hidden), cls_row
+
+
+class LayerStack(nn.Module):
+    """Holds the layers under the HF name `encoder.layer`."""
+
+    def __init__(self, config: TextConfig, encoder_width: int) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(EncoderLayer(config, encoder_width) for _ in range(config.num_layers))
+
+
+def _padding_mask(mask: Tensor | None) -> Tensor | None:
+    """(B, L) 1/0 padding mask -> boolean (B, 1, 1, L) attention mask (True = attend)."""
+    if mask is None:
+        return None
+    if mask.dim() != 2:
+        raise ValueError(f"attention masks must be (batch, length), got shape {tuple(mask.shape)}")
+    return mask.bool()[:, None, None, :]
+
+
+class SharedEncoder(nn.Module):
+    """The shared text / multimodal encoder (no pooler). Call it for hidden states (B, L, H)."""
+
+    def __init__(self, config: TextConfig, encoder_width: int) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder_width = encoder_width
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = LayerStack(config, encoder_width)
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Hugging Face BERT's initialisation; cross-attention weights not found in a checkpoint keep it.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.encoder.layer
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.gradient_checkpointing = enable
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        inputs_embeds: Tensor | None = None,
+        mode: str | None = None,
+        encoder_hidden_states: Tensor | Sequence[Tensor] | None = None,
+        encoder_attention_mask: Tensor | Sequence[Tensor | None] | None = None,
+        layer_image_index: Sequence[int] | None = None,
+        causal: bool = False,
+    ) -> Tensor:
+        """Hidden states (B, L, H) after the last layer.
+
+        mode: "text" skips cross-attention; "multimodal" cross-attends in every layer. Default: multimodal
+        when `encoder_hidden_states` is given, else text. Unlike the reference, any other string is an error.
+        encoder_hidden_states: one (B, Lk, W) tensor, or a sequence of them (NLVR2: two images); then
+        `layer_image_index[i]` says which one layer i attends to (default: layer i -> i mod count).
+        causal: add a causal self-attention mask (the VQA answer decoder, SPEC §5.2).
+        """
+        hidden, _ = self._run(
+            input_ids, attention_mask, inputs_embeds, mode, encoder_hidden_states, encoder_attention_mask,
+            layer_image_index, causal, cls_attention_layer=None,
+        )
+        return hidden
+
+    def forward_with_cls_attention(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *,
+                                   layer: int, **kwargs) -> tuple[Tensor, Tensor]:
+        """Like `forward`, also returning layer `layer`'s [CLS]-row self-attention probabilities (B, h, L)."""
+        if not -len(self.layers) <= layer < len(self.layers):
+            raise ValueError(f"layer {layer} out of range for {len(self.layers)} layers")
+        hidden, cls_row = self._run(
+            input_ids, attention_mask, kwargs.pop("inputs_embeds", None), kwargs.pop("mode", None),
+            kwargs.pop("encoder_hidden_states", None), kwargs.pop("encoder_attention_mask", None),
+            kwargs.pop("layer_image_index", None), kwargs.pop("causal", False), cls_attention_layer=layer % len(self.layers),
+        )
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        return hidden, cls_row
+
+    def _run(self, input_ids, attention_mask, inputs_embeds, mode, states, state_masks, layer_image_index, causal,
+             cls_attention_layer):
+        if mode is None:
+            mode = "multimodal" if states is not None else "text"
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "multimodal" and states is None:
+            raise ValueError("multimodal mode needs encoder_hidden_states (image tokens or, for MIM, text embeddings)")
+        hidden = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
+        self_mask = _padding_mask(attention_mask)
+        if causal:
+            length = hidden.shape[1]
+            tri = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+            self_mask = tri if self_mask is None else self_mask & tri
+
+        contexts: list[Tensor | None] = [None] * len(self.layers)
+        context_masks: list[Tensor | None] = [None] * len(self.layers)
+        if mode == "multimodal":
+            if isinstance(states, Tensor):
+                states, state_masks = [states], [state_masks]
+            else:
+                states = list(states)
+                state_masks = list(state_masks) if state_masks is not None else [None] * len(states)
+            if len(state_masks) != len(states):
+                raise ValueError("encoder_attention_mask must have one entry per encoder_hidden_states tensor")
+            if layer_image_index is None:
+                layer_image_index = [i % len(states) for i in range(len(self.layers))]
+            if len(layer_image_index) != len(self.layers):
+                raise ValueError(f"layer_image_index needs {len(self.layers)} entries, got {len(layer_image_index)}")
+            bool_masks = [_padding_mask(m) for m in state_masks]
+            for i, j in enumerate(layer_image_index):
+                contexts[i], context_masks[i] = states[j], bool_masks[j]
+
+        cls_row = None
+        for i, layer in enumerate(self.layers):
+            want = i == cls_attention_layer
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden, row = checkpoint(layer, hidden, self_mask, contexts[i], context_masks[i], want, use_reentrant=False)
+            else:
+                hidden, row = layer(hidden, self_mask, contexts[i], context_masks[i], want)
+            if want:
+                cls_row = row
+        return hidden, cls_row
+
+
+class MLMTransform(nn.Module):
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head: transform, then a decoder tied to the word embeddings, plus its own bias.
+
+    The decoder weight is passed in at call time rather than stored, so the tie needs no bookkeeping and a
+    state dict never holds the same tensor twice (safetensors refuses shared tensors).
+    """
+
+    def __init__(self, config: TextConfig) -> None:
+        super().__init__()
+        self.transform = MLMTransform(config)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        nn.init.normal_(self.transform.dense.weight, std=0.02)
+        nn.init.zeros_(self.transform.dense.bias)
+
+    def forward(self, hidden: Tensor, word_embeddings: Tensor) -> Tensor:
+        return F.linear(self.transform(hidden), word_embeddings, self.bias)
+
+
+@dataclass
+class HFLoadReport:
+    """What happened when a Hugging Face BERT checkpoint initialised the shared encoder."""
+
+    source: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        cross = sum("crossattention" in k for k in self.missing)
+        return (
+            f"{self.source}: loaded {len(self.loaded)} tensors; {cross} cross-attention tensors keep their fresh "
+            f"init; other missing: {[k for k in self.missing if 'crossattention' not in k]}; ignored: {self.ignored}"
+        )
+
+
+# Keys of a BERT checkpoint that the shared encoder has no place for, by design.
+_IGNORED_PREFIXES = ("pooler.", "cls.seq_relationship.", "embeddings.position_ids", "cls.predictions.decoder.")
+
+
+def _normalise_hf_key(key: str) -> str:
+    key = key.removeprefix("bert.")
+    # Old TF-converted checkpoints name LayerNorm parameters gamma/beta.
+    return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+
+
+def load_hf_bert_state(
+    encoder: SharedEncoder, mlm_head: MLMHead | None, state: dict[str, Tensor], source: str
+) -> HFLoadReport:
+    """Copy a Hugging Face BERT state dict into the encoder (and MLM head); strict about everything else.
+
+    Cross-attention weights are absent from BERT and keep their initialisation. Any other missing tensor,
+    any unexpected tensor, and any shape mismatch is an error (never a silent drop).
+    """
+    report = HFLoadReport(source)
+    targets = {f"encoder_module.{k}": v for k, v in encoder.state_dict().items()}
+    if mlm_head is not None:
+        targets.update({f"mlm_head.{k}": v for k, v in mlm_head.state_dict().items()})
+    unexpected, mismatched = [], []
+    seen = set()
+    for raw_key, tensor in state.items():
+        key = _normalise_hf_key(raw_key)
+        if key.startswith(_IGNORED_PREFIXES):
+            report.ignored.append(raw_key)
+            continue
+        if key.startswith("cls.predictions."):
+            if mlm_head is None:
+                report.ignored.append(raw_key)
+                continue
+            name = "mlm_head." + key.removeprefix("cls.predictions.")
+        else:
+            name = "encoder_module." + key
+        if name not in targets:
+            unexpected.append(raw_key)
+            continue
+        if targets[name].shape != tensor.shape:
+            mismatched.append(f"{raw_key}: checkpoint {tuple(tensor.shape)} vs model {tuple(targets[name].shape)}")
+            continue
+        with torch.no_grad():
+            targets[name].copy_(tensor)
+        seen.add(name)
+        report.loaded.append(raw_key)
+    report.missing = sorted(k.split(".", 1)[1] for k in targets if k not in seen)
+    problems = []
+    if mismatched:
+        problems.append(f"shape mismatches: {mismatched}")
+    if unexpected:
+        problems.append(f"unexpected keys: {unexpected}")
+    other_missing = [k for k in report.missing if "crossattention" not in k]
+    if mlm_head is not None and all(k.startswith("transform") or k == "bias" for k in other_missing):
+        # A bare BertModel checkpoint has no MLM head; the head keeps its fresh init (reported).
+        other_missing = [k for k in other_missing if not (k.startswith("transform") or k == "bias")]
+    if other_missing:
+        problems.append(f"missing keys: {other_missing}")
+    if problems:
+        raise ValueError(f"cannot initialise the text encoder from {source}: " + "; ".join(problems))
+    logger.info("%s", report)
+    return report

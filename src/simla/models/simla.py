@@ -1,0 +1,130 @@
+"""SimlaModel: the two encoders, the ITC projections, the ITM head and the user-facing API.
+
+This is what inference needs (embed, search, score). The pretraining module extends it with the MLM,
+MIM and PSL heads, the momentum teachers and the queues.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import SimlaConfig
+from .bert import SharedEncoder
+from .vision import VisionEncoder
+
+TextInput = str | Sequence[str] | Tensor | Mapping[str, Tensor] | tuple[Tensor, Tensor]
+
+
+class SimlaModel(nn.Module):
+    def __init__(self, config: SimlaConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        v, t, o = config.vision, config.text, config.objectives
+        self.visual_encoder = VisionEncoder(
+            image_size=v.image_size,
+            patch_size=v.patch_size,
+            width=v.width,
+            depth=v.depth,
+            num_heads=v.num_heads,
+            mlp_ratio=v.mlp_ratio,
+            qkv_bias=v.qkv_bias,
+            ln_eps=v.ln_eps,
+            drop_path=v.drop_path,
+            use_mask_token=v.use_mask_token,
+        )
+        # One set of weights, two roles: text encoder without an image, multimodal encoder with one.
+        self.text_encoder = SharedEncoder(t, encoder_width=v.width)
+        self.vision_proj = nn.Linear(v.width, o.embed_dim)
+        self.text_proj = nn.Linear(t.hidden_size, o.embed_dim)
+        self.itm_head = nn.Linear(t.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(o.temp))
+        self._tokenizer = None
+
+    # ----------------------------------------------------------------------------------------- pieces
+    def image_features(self, image_tokens: Tensor) -> Tensor:
+        """L2-normalised ITC feature of the image [CLS] token."""
+        return F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
+
+    def text_features(self, text_hidden: Tensor) -> Tensor:
+        """L2-normalised ITC feature of the text [CLS] token (text-mode hidden states)."""
+        return F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)
+
+    def fuse(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Multimodal hidden states: the caption's tokens cross-attending to the image tokens."""
+        return self.text_encoder(input_ids, attention_mask, mode="multimodal", encoder_hidden_states=image_tokens)
+
+    def itm_logits(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.itm_head(self.fuse(image_tokens, input_ids, attention_mask)[:, 0])
+
+    # ------------------------------------------------------------------------------------- tokenizer
+    @property
+    def tokenizer(self):
+        """The text tokenizer named by `config.text.tokenizer`, loaded on first use (no network before)."""
+        if self._tokenizer is None:
+            name = self.config.text.tokenizer
+            if name is None:
+                raise RuntimeError("this model has no text tokenizer configured; pass token ids or set config.text.tokenizer")
+            from ..tokenizers.text import get_tokenizer
+
+            self._tokenizer = get_tokenizer(name)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._tokenizer = value
+
+    def tokenize(self, texts: TextInput) -> tuple[Tensor, Tensor]:
+        """(input_ids, attention_mask) on the model's device from strings, ids, or a tokenizer output."""
+        device = self.temp.device
+        if isinstance(texts, str) or (isinstance(texts, Sequence) and texts and isinstance(texts[0], str)):
+            out = self.tokenizer(texts, max_length=self.config.objectives.max_text_length)
+            ids, mask = out.input_ids, out.attention_mask
+        elif isinstance(texts, Tensor):
+            ids = texts
+            mask = (texts != self.config.text.pad_token_id).long()
+        elif isinstance(texts, Mapping):
+            ids, mask = texts["input_ids"], texts["attention_mask"]
+        elif isinstance(texts, tuple) and len(texts) == 2:
+            ids, mask = texts
+        elif hasattr(texts, "input_ids"):
+            ids, mask = texts.input_ids, texts.attention_mask
+        else:
+            raise TypeError(f"texts must be strings, an id tensor or (ids, mask); got {type(texts).__name__}")
+        if ids.dim() == 1:
+            ids, mask = ids.unsqueeze(0), mask.unsqueeze(0)
+        return ids.to(device), mask.to(device)
+
+    # ------------------------------------------------------------------------------------ user API
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """(B, 3, R, R) normalised pixels -> (B, embed_dim) L2-normalised ITC features."""
+        return self.image_features(self.visual_encoder(pixels))
+
+    def encode_text(self, texts: TextInput) -> Tensor:
+        """Captions (strings, or token ids) -> (B, embed_dim) L2-normalised ITC features."""
+        ids, mask = self.tokenize(texts)
+        return self.text_features(self.text_encoder(ids, mask, mode="text"))
+
+    def itm_score(self, pixels: Tensor, texts: TextInput) -> Tensor:
+        """Probability that image b matches text b, for each pair b: shape (B,)."""
+        ids, mask = self.tokenize(texts)
+        if pixels.shape[0] != ids.shape[0]:
+            raise ValueError(f"itm_score pairs images with texts one to one: got {pixels.shape[0]} images, {ids.shape[0]} texts")
+        logits = self.itm_logits(self.visual_encoder(pixels), ids, mask)
+        return logits.softmax(-1)[:, 1]
+
+    def similarity(self, pixels: Tensor, texts: TextInput) -> Tensor:
+        """(num_images, num_texts) cosine similarities of the ITC features."""
+        return self.encode_image(pixels) @ self.encode_text(texts).t()
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        """Online parameter count (momentum copies are frozen and excluded when trainable_only)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def extra_repr(self) -> str:
+        return f"name={self.config.name!r}"

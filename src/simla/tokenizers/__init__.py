@@ -1,0 +1,3 @@
+"""Tokenizers: text (BERT WordPiece, reference sequence form)."""
+
+from .text import TextTokenizer, TokenizedText, get_tokenizer
