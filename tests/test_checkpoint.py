@@ -1,0 +1,187 @@
+"""Our checkpoints, safetensors exports, and reference SIMLA/ALBEF import (SPEC §6, A3, A4)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+import simla
+from simla.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_pretrained
+from simla.cli import main
+
+from conftest import make_batch
+
+
+def reference_pretrain_state(config, image_grid: int | None = None) -> dict[str, torch.Tensor]:
+    """Random tensors under the reference pretraining names and shapes of SPEC §6.2, at `config`'s size."""
+    g = torch.Generator().manual_seed(0)
+    v, t, o = config.vision, config.text, config.objectives
+    grid = image_grid or config.grid_size
+    D, H, V, E = v.width, t.hidden_size, t.vocab_size, o.embed_dim
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    state: dict[str, torch.Tensor] = {}
+    for X in ("visual_encoder", "visual_encoder_m"):
+        state.update({f"{X}.cls_token": r(1, 1, D), f"{X}.pos_embed": r(1, 1 + grid * grid, D),
+                      f"{X}.mask_token": r(1, 1, D), f"{X}.patch_embed.proj.weight": r(D, 3, v.patch_size, v.patch_size),
+                      f"{X}.patch_embed.proj.bias": r(D), f"{X}.norm.weight": r(D), f"{X}.norm.bias": r(D)})
+        for i in range(v.depth):
+            b = f"{X}.blocks.{i}"
+            hidden = int(D * v.mlp_ratio)
+            state.update({f"{b}.norm1.weight": r(D), f"{b}.norm1.bias": r(D), f"{b}.attn.qkv.weight": r(3 * D, D),
+                          f"{b}.attn.qkv.bias": r(3 * D), f"{b}.attn.proj.weight": r(D, D), f"{b}.attn.proj.bias": r(D),
+                          f"{b}.norm2.weight": r(D), f"{b}.norm2.bias": r(D), f"{b}.mlp.fc1.weight": r(hidden, D),
+                          f"{b}.mlp.fc1.bias": r(hidden), f"{b}.mlp.fc2.weight": r(D, hidden), f"{b}.mlp.fc2.bias": r(D)})
+    for T in ("text_encoder", "text_encoder_m"):
+        p = f"{T}.bert"
+        words = r(V, H)
+        state.update({f"{p}.embeddings.word_embeddings.weight": words,
+                      f"{p}.embeddings.position_embeddings.weight": r(t.max_position_embeddings, H),
+                      f"{p}.embeddings.LayerNorm.weight": r(H), f"{p}.embeddings.LayerNorm.bias": r(H),
+                      f"{p}.embeddings.position_ids": torch.arange(t.max_position_embeddings)[None]})
+        for i in range(t.num_layers):
+            layer = f"{p}.encoder.layer.{i}"
+            for att, kv in (("attention", H), ("crossattention", D)):
+                state.update({f"{layer}.{att}.self.query.weight": r(H, H), f"{layer}.{att}.self.query.bias": r(H),
+                              f"{layer}.{att}.self.key.weight": r(H, kv), f"{layer}.{att}.self.key.bias": r(H),
+                              f"{layer}.{att}.self.value.weight": r(H, kv), f"{layer}.{att}.self.value.bias": r(H),
+                              f"{layer}.{att}.output.dense.weight": r(H, H), f"{layer}.{att}.output.dense.bias": r(H),
+                              f"{layer}.{att}.output.LayerNorm.weight": r(H), f"{layer}.{att}.output.LayerNorm.bias": r(H)})
+            I = t.intermediate_size
+            state.update({f"{layer}.intermediate.dense.weight": r(I, H), f"{layer}.intermediate.dense.bias": r(I),
+                          f"{layer}.output.dense.weight": r(H, I), f"{layer}.output.dense.bias": r(H),
+                          f"{layer}.output.LayerNorm.weight": r(H), f"{layer}.output.LayerNorm.bias": r(H)})
+        bias = r(V)
+        state.update({f"{T}.cls.predictions.bias": bias, f"{T}.cls.predictions.decoder.weight": words,
+                      f"{T}.cls.predictions.decoder.bias": bias,
+                      f"{T}.cls.predictions.transform.dense.weight": r(H, H), f"{T}.cls.predictions.transform.dense.bias": r(H),
+                      f"{T}.cls.predictions.transform.LayerNorm.weight": r(H),
+                      f"{T}.cls.predictions.transform.LayerNorm.bias": r(H)})
+    for name, out_f, in_f in (("vision_proj", E, D), ("text_proj", E, H), ("mim_head", o.visual_vocab_size, H),
+                              ("concept_head", V, E)):
+        for suffix in ("", "_m"):
+            state.update({f"{name}{suffix}.weight": r(out_f, in_f), f"{name}{suffix}.bias": r(out_f)})
+    state.update({"itm_head.weight": r(2, H), "itm_head.bias": r(2), "temp": torch.tensor(0.05),
+                  "image_queue": r(E, o.queue_size), "text_queue": r(E, o.queue_size),
+                  "queue_ptr": torch.tensor([3])})
+    return state
+
+
+@pytest.fixture(scope="module")
+def tiny_config():
+    return simla.get_config("simla_tiny", queue_size=16)
+
+
+def test_reference_pretraining_checkpoint_imports_strictly(tmp_path, tiny_config):
+    state = reference_pretrain_state(tiny_config)
+    path = tmp_path / "checkpoint_29.pth"
+    torch.save({"model": state, "epoch": 29}, path)
+    model = load_checkpoint(path)
+    assert isinstance(model, simla.SimlaForPretraining)
+    assert model.config.objectives.queue_size == 16 and model.config.vision.image_size == 64
+    ours = model.state_dict()
+    assert torch.equal(ours["text_encoder.encoder.layer.1.crossattention.self.key.weight"],
+                       state["text_encoder.bert.encoder.layer.1.crossattention.self.key.weight"])
+    assert torch.equal(ours["text_encoder_m.embeddings.word_embeddings.weight"],
+                       state["text_encoder_m.bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(ours["mlm_head.transform.dense.weight"], state["text_encoder.cls.predictions.transform.dense.weight"])
+    assert torch.equal(ours["mlm_head_m.bias"], state["text_encoder_m.cls.predictions.bias"])
+    assert torch.equal(ours["visual_encoder.mask_token"], state["visual_encoder.mask_token"])
+    assert torch.equal(ours["concept_head_m.weight"], state["concept_head_m.weight"])
+    assert torch.equal(ours["image_queue"], state["image_queue"]) and int(ours["queue_ptr"]) == 3
+    # SPEC A3: no token types in SIMLA checkpoints -> a zero table, so type 0 adds nothing.
+    assert torch.count_nonzero(ours["text_encoder.embeddings.token_type_embeddings.weight"]) == 0
+    # The momentum weights come from the file, not from the online ones.
+    assert not torch.equal(ours["vision_proj_m.weight"], ours["vision_proj.weight"])
+    out = model(make_batch(model))
+    assert all(torch.isfinite(v) for v in out.values())
+
+
+def test_reference_import_resamples_position_embeddings(tmp_path, tiny_config):
+    state = reference_pretrain_state(tiny_config, image_grid=4)  # 32 px checkpoint into a 64 px model
+    model = simla.build_model(simla.get_config("simla_tiny", queue_size=16))
+    report = simla.checkpoint.load_state_into(model, state, source="grid4")
+    assert "visual_encoder.pos_embed" in report.resampled and report.ok
+    assert model.visual_encoder.pos_embed.shape == (1, 65, 128)
+
+
+def test_missing_unexpected_and_mismatched_keys_are_reported(tiny_config):
+    state = reference_pretrain_state(tiny_config)
+    del state["itm_head.bias"]
+    state["text_encoder.bert.pooler.dense.weight"] = torch.zeros(1)
+    model = simla.build_model(simla.get_config("simla_tiny", queue_size=16))
+    with pytest.raises(CheckpointError) as err:
+        simla.checkpoint.load_state_into(model, state, source="ref")
+    assert "itm_head.bias" in str(err.value) and "pooler.dense.weight" in str(err.value)
+    report = simla.checkpoint.load_state_into(model, state, source="ref", strict=False)
+    assert report.missing == ["itm_head.bias"] and report.unexpected == ["text_encoder.bert.pooler.dense.weight"]
+    state = reference_pretrain_state(tiny_config)
+    state["vision_proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match="vision_proj.weight"):
+        simla.checkpoint.load_state_into(model, state, source="ref")
+
+
+def test_albef_like_checkpoint_reports_missing_cross_attention(tiny_config):
+    # ALBEF has cross-attention only in its fusion layers and keeps BERT's token-type table.
+    state = reference_pretrain_state(tiny_config)
+    state = {k: v for k, v in state.items() if ".layer.0.crossattention." not in k and "mim_head" not in k
+             and "concept_head" not in k and "mask_token" not in k}
+    types = torch.randn(2, tiny_config.text.hidden_size)
+    for T in ("text_encoder", "text_encoder_m"):
+        state[f"{T}.bert.embeddings.token_type_embeddings.weight"] = types
+    model = simla.build_model(simla.get_config("simla_tiny", queue_size=16))
+    with pytest.raises(CheckpointError, match="layer.0.crossattention"):
+        simla.checkpoint.load_state_into(model, state, source="albef")
+    report = simla.checkpoint.load_state_into(model, state, source="albef", strict=False)
+    assert any("layer.0.crossattention" in k for k in report.missing)
+    assert torch.equal(model.text_encoder.embeddings.token_type_embeddings.weight, types)
+
+
+def test_pickled_config_needs_explicit_trust(tmp_path, tiny_config):
+    path = tmp_path / "ref.pth"
+    torch.save({"model": reference_pretrain_state(tiny_config), "config": argparse.Namespace(lr=1e-4)}, path)
+    with pytest.raises(CheckpointError, match="trust_pickle=True"):
+        load_checkpoint(path)
+    assert isinstance(load_checkpoint(path, trust_pickle=True), simla.SimlaForPretraining)
+
+
+def test_our_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = simla.create_model("simla_tiny", queue_size=16)
+    model(make_batch(model))  # moves queues and momentum weights away from their initial values
+    path = save_checkpoint(model, tmp_path / "ckpt" / "last.pt")
+    assert not (tmp_path / "ckpt" / "last.pt.tmp").exists()
+    loaded = load_checkpoint(path)
+    assert loaded.config == model.config
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    model.eval(), loaded.eval()
+    pixels = make_batch(model)["image"][:2]
+    assert torch.allclose(model.encode_image(pixels), loaded.encode_image(pixels))
+
+
+def test_safetensors_export_loads_and_rebuilds_training_state(tmp_path):
+    model = simla.create_model("simla_tiny", queue_size=16)
+    directory = save_pretrained(model, tmp_path / "release")
+    assert (directory / "model.safetensors").is_file() and (directory / "config.json").is_file()
+    loaded = load_checkpoint(directory)
+    assert torch.equal(loaded.vision_proj_m.weight, loaded.vision_proj.weight)  # teachers copied after load
+    assert torch.equal(loaded.text_encoder.embeddings.word_embeddings.weight,
+                       model.text_encoder.embeddings.word_embeddings.weight)
+    again = simla.create_model("simla_tiny", queue_size=16, pretrained=str(directory))
+    assert torch.equal(again.itm_head.weight, model.itm_head.weight)
+    base = load_checkpoint(directory, task="base", strict=False)
+    assert isinstance(base, simla.SimlaModel) and not hasattr(base, "mim_head")
+
+
+def test_convert_command(tmp_path, tiny_config, capsys):
+    source = tmp_path / "ref.pth"
+    torch.save({"model": reference_pretrain_state(tiny_config)}, source)
+    assert main(["convert", str(source), str(tmp_path / "ours.pt"), "--export", str(tmp_path / "release")]) == 0
+    assert "ours.pt" in capsys.readouterr().out
+    model = load_checkpoint(tmp_path / "ours.pt")
+    assert torch.equal(model.itm_head.weight, reference_pretrain_state(tiny_config)["itm_head.weight"])
