@@ -59,6 +59,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .train.pretrain import run_pretraining
+    from .train.recipe import load_recipe
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"resume={args.resume}")
+    recipe = load_recipe(args.config, overrides)  # every check happens here, before any work
+    result = run_pretraining(recipe)
+    print(f"finished at step {result.state.step}; run folder: {recipe.output_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simla", description="SIMLA vision-language pretraining and evaluation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -67,6 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model presets with their parameter counts")
     models.add_argument("--json", action="store_true", help="print machine-readable JSON")
     models.set_defaults(func=cmd_models)
+
+    from .train.recipe import recipe_help
+
+    pretrain = sub.add_parser(
+        "pretrain",
+        help="pretrain SIMLA on image-caption pairs (same command under torchrun)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pretrain with a YAML recipe plus key=value overrides, e.g.\n"
+        "  simla pretrain --config configs/pretrain_tiny.yaml train_file=pairs.json image_root=images/\n"
+        "  torchrun --nproc_per_node 8 -m simla.cli pretrain --config configs/pretrain_4m.yaml",
+        epilog="recipe fields (key = default):\n" + recipe_help(),
+    )
+    pretrain.add_argument("--config", help="YAML recipe (fields below); omitted = all defaults")
+    pretrain.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint ('auto': the run's last.pt)")
+    pretrain.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (values parsed as YAML)")
+    pretrain.set_defaults(func=cmd_pretrain)
 
     convert = sub.add_parser("convert", help="import a reference SIMLA/ALBEF .pth (or re-save one of ours)")
     convert.add_argument("checkpoint", help="path of the checkpoint to read")

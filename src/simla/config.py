@@ -164,10 +164,10 @@ class SimlaConfig:
 _SECTIONS = ("vision", "text", "objectives")
 
 
-def _check_type(path: str, annotation: Any, value: Any) -> Any:
+def check_type(path: str, annotation: Any, value: Any) -> Any:
     """Return `value` coerced to the annotated type, or raise TypeError naming the field."""
     if isinstance(annotation, str):  # postponed annotations
-        annotation = eval(annotation, vars(typing) | {"Literal": Literal})  # noqa: S307 - our own annotations
+        annotation = eval(annotation, vars(typing) | {"Literal": Literal, "Any": Any})  # noqa: S307 - our own annotations
     origin = get_origin(annotation)
     if origin is Literal:
         allowed = get_args(annotation)
@@ -183,10 +183,21 @@ def _check_type(path: str, annotation: Any, value: Any) -> Any:
             if option is type(None):
                 continue
             try:
-                return _check_type(path, option, value)
+                return check_type(path, option, value)
             except (TypeError, ValueError) as err:
                 errors.append(str(err))
         raise TypeError(f"{path}: {value!r} does not match {annotation}")
+    if origin is list:
+        (item,) = get_args(annotation) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{path}: expected a list, got {value!r}")
+        return [value_ if item is Any else check_type(f"{path}[{i}]", item, value_) for i, value_ in enumerate(value)]
+    if origin is dict or annotation is dict:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is Any:
+        return value
     if annotation is bool:
         if not isinstance(value, bool):
             raise TypeError(f"{path}: expected true/false, got {value!r}")
@@ -214,7 +225,7 @@ def _set_field(section: Any, path: str, name: str, value: Any) -> None:
     fields = _section_fields(section)
     if name not in fields:
         raise KeyError(f"unknown config field {path!r}; allowed fields: {sorted(fields)}")
-    setattr(section, name, _check_type(path, fields[name].type, value))
+    setattr(section, name, check_type(path, fields[name].type, value))
 
 
 def _owner_of(config: SimlaConfig, name: str) -> str:
@@ -235,7 +246,7 @@ def apply_overrides(config: SimlaConfig, overrides: Mapping[str, Any]) -> SimlaC
     """
     for key, value in overrides.items():
         if key == "name":
-            config.name = _check_type("name", str, value)
+            config.name = check_type("name", str, value)
         elif key in _SECTIONS:
             if not isinstance(value, Mapping):
                 raise TypeError(f"{key}: expected a mapping of field names to values, got {type(value).__name__}")

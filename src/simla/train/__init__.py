@@ -1,0 +1,1 @@
+"""Training utilities: optimiser construction, gradient norms and step-indexed schedules."""

@@ -1,0 +1,285 @@
+"""The training loop shared by every task: precision, accumulation, logging, checkpoints, exact resume.
+
+The engine knows nothing about SIMLA's objectives: it calls a module that returns a dict of named scalar
+losses, sums them, and logs each as `loss_<name>`. Task code supplies the data, the learning-rate and
+extra-argument schedules, and a `prepare` hook that moves a batch to the device (and, for pretraining,
+runs the visual tokenizer).
+
+Exact resume: a checkpoint is written only at an optimizer-step boundary and holds the model (with
+momentum teachers and queues), the optimizer, the step, the data position, the interval log
+accumulators and every RNG state. Data randomness is derived from (seed, epoch, batch, slot), never from
+worker state, so a run killed at any moment continues with the same batches and the same losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..distributed import get_rank, get_world_size, is_distributed
+from .optim import clip_gradients
+
+logger = logging.getLogger(__name__)
+
+
+class ResumableData(Protocol):
+    """What the engine needs from a data source."""
+
+    steps_per_epoch: int  # micro-batches per epoch on this rank
+
+    def batches(self, epoch: int) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """(batch, meta) pairs of `epoch`, from the current position on. meta["skipped"]: bad-sample counts."""
+
+    def position(self) -> dict[str, Any]: ...
+
+    def load_position(self, position: Mapping[str, Any]) -> None: ...
+
+    def consumed(self, epoch: int, meta: Mapping[str, Any]) -> None:
+        """Record that the batch with this meta was used (called in order)."""
+
+
+@dataclass
+class EngineConfig:
+    output_dir: Path
+    total_steps: int
+    grad_accum_steps: int = 1
+    precision: str = "fp32"
+    grad_clip: float | None = None
+    log_every: int = 50
+    save_every: int = 1000
+    progress: bool = True
+    tensorboard: bool = False
+    samples_per_micro_batch: int = 1  # per rank, for samples/s
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # bad samples by reason, all ranks summed locally
+    samples_seen: int = 0
+
+
+def capture_rng() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Engine:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: ResumableData,
+        config: EngineConfig,
+        *,
+        lr_at: Callable[[int], float],
+        forward_kwargs_at: Callable[[int], dict[str, float]] = lambda step: {},
+        prepare: Callable[[dict[str, Any]], dict[str, Any]] = lambda batch: batch,
+        save: Callable[[Path, dict[str, Any]], None],
+        device: torch.device,
+        wrapped: nn.Module | None = None,
+    ) -> None:
+        self.model = model  # the bare module: its state is what checkpoints hold
+        self.wrapped = wrapped or model  # what is called (DistributedDataParallel at world size > 1)
+        self.optimizer = optimizer
+        self.data = data
+        self.config = config
+        self.lr_at = lr_at
+        self.forward_kwargs_at = forward_kwargs_at
+        self.prepare = prepare
+        self.save_fn = save
+        self.device = device
+        self.state = TrainState()
+        self._interval: dict[str, Tensor] = {}
+        self._interval_steps = 0
+        self._writer = None
+        self.rank0 = get_rank() == 0
+        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.config.output_dir) / "checkpoints" / "last.pt"
+
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.state.step,
+            "epoch": self.state.epoch,
+            "skipped": dict(self.state.skipped),
+            "samples_seen": self.state.samples_seen,
+            "data_position": self.data.position(),
+            "interval": {k: v.detach().cpu() for k, v in self._interval.items()},
+            "interval_steps": self._interval_steps,
+            "rng": capture_rng(),
+            "world_size": get_world_size(),
+        }
+
+    def save(self) -> None:
+        if self.rank0:
+            self.save_fn(self.checkpoint_path, {"train_state": self.training_state()})
+            logger.info("saved %s at step %d", self.checkpoint_path, self.state.step)
+        if is_distributed():
+            torch.distributed.barrier()  # nobody runs ahead of a checkpoint that may be resumed
+
+    def load_training_state(self, train_state: Mapping[str, Any]) -> None:
+        """Restore everything but the model weights (the caller loads those)."""
+        if train_state.get("world_size", 1) != get_world_size():
+            logger.warning("resuming with world size %d (checkpoint: %d): the data order will differ",
+                           get_world_size(), train_state.get("world_size", 1))
+        self.optimizer.load_state_dict(train_state["optimizer"])
+        self.state = TrainState(step=train_state["step"], epoch=train_state["epoch"],
+                                skipped=dict(train_state["skipped"]), samples_seen=train_state["samples_seen"])
+        self.data.load_position(train_state["data_position"])
+        self._interval = {k: v.to(self.device) for k, v in train_state["interval"].items()}
+        self._interval_steps = train_state["interval_steps"]
+        restore_rng(train_state["rng"])
+        self._truncate_log()
+
+    def _truncate_log(self) -> None:
+        """Drop log lines written after the checkpoint by the interrupted run (they will be redone)."""
+        path = self._log_path()
+        if not self.rank0 or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= self.state.step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by the kill
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    # ------------------------------------------------------------------------------- logging
+    def _log_path(self) -> Path:
+        return Path(self.config.output_dir) / "log.jsonl"
+
+    def _accumulate(self, losses: Mapping[str, Tensor], grad_norm: Tensor) -> None:
+        # Device-side sums: no host synchronisation until a log step.
+        for name, value in losses.items():
+            key = f"loss_{name}"
+            self._interval[key] = self._interval.get(key, torch.zeros((), device=self.device)) + value.detach().float()
+        self._interval["grad_norm"] = self._interval.get("grad_norm", torch.zeros((), device=self.device)) + grad_norm.float()
+        self._interval_steps += 1
+
+    def _write_log(self, lr: float, extra: Mapping[str, float], elapsed: float, steps_timed: int) -> dict[str, Any]:
+        names = sorted(self._interval)
+        values = torch.stack([self._interval[n] for n in names]) / max(1, self._interval_steps)
+        if is_distributed():
+            torch.distributed.all_reduce(values)
+            values /= get_world_size()
+        record: dict[str, Any] = {"step": self.state.step, "epoch": self.state.epoch, "lr": lr, **extra}
+        record.update({n: float(v) for n, v in zip(names, values.tolist())})
+        rate = steps_timed * self.config.grad_accum_steps * self.config.samples_per_micro_batch * get_world_size()
+        record["samples_per_s"] = rate / elapsed if elapsed > 0 else None
+        record["samples_seen"] = self.state.samples_seen * get_world_size()
+        record["skipped"] = dict(self.state.skipped)
+        record["skipped_total"] = sum(self.state.skipped.values())
+        self._interval, self._interval_steps = {}, 0
+        if self.rank0:
+            with open(self._log_path(), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if self._writer is not None:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        self._writer.add_scalar(key, value, self.state.step)
+        return record
+
+    def _open_tensorboard(self) -> None:
+        if self.config.tensorboard and self.rank0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(Path(self.config.output_dir) / "tensorboard"))
+
+    # ---------------------------------------------------------------------------------- loop
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _micro_batches(self) -> Iterator[tuple[int, dict[str, Any], dict[str, Any]]]:
+        while True:
+            epoch = self.state.epoch
+            for batch, meta in self.data.batches(epoch):
+                yield epoch, batch, meta
+            self.state.epoch += 1  # the data source resets its position for a new epoch
+
+    def fit(self) -> TrainState:
+        cfg = self.config
+        self._open_tensorboard()
+        bar = None
+        if cfg.progress and self.rank0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.total_steps, initial=self.state.step, desc="pretrain", unit="step", dynamic_ncols=True)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        stream = self._micro_batches()
+        timer, steps_timed = time.perf_counter(), 0
+        self.wrapped.train()
+        while self.state.step < cfg.total_steps:
+            lr = self.lr_at(self.state.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            kwargs = self.forward_kwargs_at(self.state.step)
+            step_losses: dict[str, Tensor] = {}
+            for micro in range(cfg.grad_accum_steps):
+                epoch, batch, meta = next(stream)
+                self.data.consumed(epoch, meta)
+                for reason, count in meta.get("skipped", {}).items():
+                    self.state.skipped[reason] = self.state.skipped.get(reason, 0) + int(count)
+                self.state.samples_seen += int(meta.get("size", cfg.samples_per_micro_batch))
+                inputs = self.prepare(batch)
+                last = micro == cfg.grad_accum_steps - 1
+                sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
+                with sync:
+                    with self._autocast():
+                        losses = self.wrapped(inputs, **kwargs)
+                    total = sum(losses[name] for name in losses) / cfg.grad_accum_steps
+                    total.backward()
+                for name, value in losses.items():
+                    step_losses[name] = step_losses.get(name, 0) + value.detach() / cfg.grad_accum_steps
+            grad_norm = clip_gradients(params, cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.step += 1
+            steps_timed += 1
+            self._accumulate(step_losses, grad_norm)
+            if bar is not None:
+                bar.update(1)
+            if self.state.step % cfg.log_every == 0 or self.state.step == cfg.total_steps:
+                record = self._write_log(lr, kwargs, time.perf_counter() - timer, steps_timed)
+                timer, steps_timed = time.perf_counter(), 0
+                if bar is not None:
+                    bar.set_postfix(loss=sum(v for k, v in record.items() if k.startswith("loss_")),
+                                    skipped=record["skipped_total"])
+                if not all(math.isfinite(v) for k, v in record.items() if k.startswith("loss_")):
+                    raise FloatingPointError(f"non-finite loss at step {self.state.step}: {record}")
+            if self.state.step % cfg.save_every == 0 or self.state.step == cfg.total_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        return self.state

@@ -1,0 +1,236 @@
+"""`simla pretrain`: wire a recipe into data, model, optimizer and the engine.
+
+The same function runs at world size 1 without a process group and under torchrun (NCCL on GPU, gloo on
+CPU). Every check that can fail (recipe, annotation files, tokenizers, shapes) runs before training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..checkpoint import load_state_into, read_checkpoint, save_checkpoint
+from ..config import get_config
+from ..distributed import get_rank, get_world_size, is_distributed
+from ..factory import build_model, create_model
+from ..masking import BlockMaskGenerator
+from ..models.pretrain import SimlaForPretraining
+from ..tokenizers.text import get_tokenizer
+from ..tokenizers.visual import KMeansTokenizer, VisualTokenizer, load_visual_tokenizer
+from ..data.pretrain_data import (AnnotationData, CaptionBatches, EpochBatchPlan, SampleBuilder, ShardBatches,
+                                  ShardData, derive_seed)
+from ..data.readers import is_shard_pattern, read_records
+from ..data.shards import ShardStream, count_samples, expand_shards
+from ..data.transforms import PretrainViewConfig, PretrainViews
+from .engine import Engine, EngineConfig, TrainState
+from .optim import build_optimizer
+from .recipe import PretrainRecipe
+from .schedule import LRSchedule, alpha_at
+
+logger = logging.getLogger(__name__)
+
+
+def setup_distributed(recipe: PretrainRecipe) -> torch.device:
+    """Join the torchrun process group when launched by torchrun; pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = recipe.device.startswith("cuda") or (recipe.device == "auto" and torch.cuda.is_available())
+    if world > 1 and not is_distributed():
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(recipe.device if ":" in recipe.device else f"cuda:{local}")
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def resolve_resume(recipe: PretrainRecipe) -> Path | None:
+    if recipe.resume is None:
+        return None
+    if recipe.resume == "auto":
+        path = Path(recipe.output_dir) / "checkpoints" / "last.pt"
+        return path if path.is_file() else None
+    path = Path(recipe.resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no such checkpoint {path}")
+    return path
+
+
+def _views(recipe: PretrainRecipe, config) -> PretrainViews:
+    return PretrainViews(PretrainViewConfig(image_size=config.vision.image_size,
+                                            tokenizer_size=config.tokenizer_image_size,
+                                            randaugment=recipe.randaugment, shared_geometry=recipe.shared_geometry))
+
+
+def _fit_kmeans(recipe: PretrainRecipe, builder: SampleBuilder, records, shards, config, device) -> KMeansTokenizer:
+    """Fit the built-in visual tokenizer on tokenizer views of training images (bad ones are skipped)."""
+    from ..data.images import BadSampleError
+    from ..data.shards import iter_tar_samples, sample_image_and_caption
+
+    rng = random.Random(recipe.seed)
+    views = []
+    if records is not None:
+        candidates = rng.sample(range(len(records)), min(len(records), recipe.kmeans_fit_images))
+        sources = ((records[i].image, records[i].captions, records[i].origin) for i in candidates)
+    else:
+        sources = ((img, [cap], f"{raw.shard}:{raw.key}") for shard in shards for raw in iter_tar_samples(shard)
+                   for img, cap in [_safe_pair(raw, sample_image_and_caption)] if img is not None)
+    for image, captions, origin in sources:
+        if len(views) >= recipe.kmeans_fit_images:
+            break
+        try:
+            views.append(builder.build(image, captions, origin, rng)["tokenizer_image"])
+        except BadSampleError:
+            continue
+    if not views:
+        raise RuntimeError("no readable training image to fit the k-means visual tokenizer on")
+    patch = config.tokenizer_image_size // config.grid_size
+    logger.info("fitting the k-means visual tokenizer (%d codes, %dpx patches) on %d images",
+                config.objectives.visual_vocab_size, patch, len(views))
+    return KMeansTokenizer.fit(torch.stack(views), vocab_size=config.objectives.visual_vocab_size, patch_size=patch,
+                               image_size=config.tokenizer_image_size, seed=recipe.seed, device=device)
+
+
+def _safe_pair(raw, extract):
+    from ..data.images import BadSampleError
+
+    try:
+        return extract(raw)
+    except BadSampleError:
+        return None, None
+
+
+def build_visual_tokenizer(recipe, builder, records, shards, config, device) -> VisualTokenizer:
+    run_copy = Path(recipe.output_dir) / "visual_tokenizer.safetensors"
+    if recipe.visual_tokenizer == "kmeans":
+        if get_rank() == 0 and not run_copy.is_file():
+            _fit_kmeans(recipe, builder, records, shards, config, device).save(run_copy)
+        if is_distributed():
+            torch.distributed.barrier()
+        tokenizer = KMeansTokenizer.load(run_copy)
+    else:
+        tokenizer = load_visual_tokenizer(recipe.visual_tokenizer, image_size=config.tokenizer_image_size,
+                                          trust_pickle=recipe.trust_pickle)
+    if tokenizer.vocab_size != config.objectives.visual_vocab_size:
+        raise ValueError(f"visual tokenizer has {tokenizer.vocab_size} codes but the model's MIM head predicts "
+                         f"{config.objectives.visual_vocab_size} (set model_config.visual_vocab_size)")
+    if tokenizer.grid_size != config.grid_size or tokenizer.image_size != config.tokenizer_image_size:
+        raise ValueError(f"visual tokenizer gives a {tokenizer.grid_size}x{tokenizer.grid_size} grid at "
+                         f"{tokenizer.image_size}px; the model needs {config.grid_size}x{config.grid_size} at "
+                         f"{config.tokenizer_image_size}px")
+    return tokenizer.to(device)
+
+
+def build_data(recipe: PretrainRecipe, config, tokenizer) -> tuple[Any, SampleBuilder, Any, Any]:
+    o = config.objectives
+    masker = BlockMaskGenerator(config.grid_size, o.mim_num_masked, o.mim_min_block, min_aspect=o.mim_min_aspect)
+    builder = SampleBuilder(_views(recipe, config), masker)
+    rank, world = get_rank(), get_world_size()
+    seed = derive_seed(recipe.seed, 7)  # the data seed is shared by all ranks (one permutation)
+    if is_shard_pattern(recipe.train_file):
+        shards = expand_shards(recipe.train_file)
+        total = recipe.samples_per_epoch or count_samples(shards)
+        steps = total // (recipe.batch_size * world)
+        if steps == 0:
+            raise ValueError(f"{total} samples per epoch cannot fill a batch of {recipe.batch_size} on {world} ranks")
+        stream = ShardStream(shards, rank=rank, world_size=world, seed=seed, shuffle_buffer=recipe.shuffle_buffer)
+        dataset = ShardBatches(stream, builder, tokenizer, o.max_text_length, recipe.batch_size, seed, rank,
+                               recipe.num_workers)
+        return ShardData(dataset, recipe.num_workers, steps), builder, None, shards
+    records = read_records(recipe.train_file, recipe.image_root, image_key=recipe.csv_image_key,
+                           caption_key=recipe.csv_caption_key)
+    plan = EpochBatchPlan(len(records), recipe.batch_size, seed, rank, world)
+    dataset = CaptionBatches(records, builder, tokenizer, o.max_text_length, seed)
+    return AnnotationData(dataset, plan, recipe.num_workers), builder, records, None
+
+
+@dataclass
+class PretrainResult:
+    state: TrainState
+    model: SimlaForPretraining
+    data: Any
+
+
+def run_pretraining(recipe: PretrainRecipe, record_history: bool = False) -> PretrainResult:
+    recipe.validate()
+    device = setup_distributed(recipe)
+    rank = get_rank()
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resume = resolve_resume(recipe)
+    random.seed(recipe.seed + rank)
+    torch.manual_seed(recipe.seed + rank)
+
+    if resume is not None:
+        # Weights come from the checkpoint: build without fetching DeiT/BERT initial weights.
+        saved = read_checkpoint(resume)
+        model = build_model(get_config(recipe.model, **recipe.model_config), "pretrain")
+        model.config.text.tokenizer = saved["config"]["text"]["tokenizer"]
+    else:
+        saved = None
+        model = create_model(recipe.model, text_encoder=recipe.text_encoder, vision_encoder=recipe.vision_encoder,
+                             **recipe.model_config)
+    assert isinstance(model, SimlaForPretraining)
+    config = model.config
+    tokenizer = get_tokenizer(recipe.tokenizer or config.text.tokenizer)
+    if tokenizer.vocab_size > config.text.vocab_size:
+        raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's ({config.text.vocab_size})")
+    data, builder, records, shards = build_data(recipe, config, tokenizer)
+    data.record_history = record_history
+    visual_tokenizer = build_visual_tokenizer(recipe, builder, records, shards, config, device)
+
+    if rank == 0:
+        (out / "config.yaml").write_text(yaml.safe_dump({"recipe": recipe.to_dict(), "model": config.to_dict()},
+                                                         sort_keys=False), encoding="utf-8")
+    model.to(device)
+    if recipe.grad_checkpointing:
+        model.visual_encoder.set_grad_checkpointing(True)
+        model.text_encoder.set_grad_checkpointing(True)
+    optimizer = build_optimizer(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = max(1, data.steps_per_epoch // recipe.grad_accum_steps)
+    total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
+    schedule = LRSchedule(lr=recipe.lr, warmup_lr=recipe.warmup_lr, min_lr=recipe.min_lr,
+                          warmup_steps=min(recipe.warmup_steps, total_steps), total_steps=total_steps,
+                          steps_per_epoch=steps_per_epoch, kind=recipe.lr_schedule)
+    alpha = config.objectives.alpha
+
+    def prepare(batch: dict[str, Any]) -> dict[str, Any]:
+        moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        moved["visual_tokens"] = visual_tokenizer(moved.pop("tokenizer_image"))
+        return moved
+
+    wrapped = model
+    if is_distributed():
+        # Queues are written identically on every rank from all-gathered features: no buffer broadcast.
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+    engine = Engine(
+        model, optimizer, data,
+        EngineConfig(output_dir=out, total_steps=total_steps, grad_accum_steps=recipe.grad_accum_steps,
+                     precision=recipe.precision, grad_clip=recipe.grad_clip, log_every=recipe.log_every,
+                     save_every=recipe.save_every, progress=recipe.progress, tensorboard=recipe.tensorboard,
+                     samples_per_micro_batch=recipe.batch_size),
+        lr_at=schedule,
+        forward_kwargs_at=lambda step: {"alpha": alpha_at(step, steps_per_epoch, alpha, recipe.alpha_warmup)},
+        prepare=prepare,
+        save=lambda path, extra: save_checkpoint(model, path, recipe=recipe.to_dict(), **extra),
+        device=device,
+        wrapped=wrapped,
+    )
+    if saved is not None:
+        load_state_into(model, saved["model"], source=str(resume))
+        engine.load_training_state(saved["train_state"])
+        logger.info("resumed from %s at step %d", resume, engine.state.step)
+    logger.info("pretraining %s for %d steps (%d per epoch) on %d process(es), device %s",
+                config.name, total_steps, steps_per_epoch, get_world_size(), device)
+    state = engine.fit()
+    if is_distributed():
+        torch.distributed.destroy_process_group()
+    return PretrainResult(state, model, data)

@@ -1,0 +1,166 @@
+"""The pretraining recipe: a typed dataclass loaded from YAML plus `key=value` overrides.
+
+Everything is validated before any work starts: malformed YAML names the file and line, an unknown or
+ill-typed key names the file (or the override) and the field, and the model overrides are checked
+against the model config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..config import check_type, get_config
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class PretrainRecipe:
+    # ---- model
+    model: str = _f("simla_base", "model preset (simla list_models)")
+    model_config: dict = _f({}, "overrides of the model config, e.g. model_config.queue_size=4096")
+    text_encoder: str | None = _f("bert-base-uncased", "Hugging Face BERT (dir or hub name) initialising the shared encoder; null = random")
+    vision_encoder: str | None = _f("deit_base_patch16_224", "DeiT/timm weights for the ViT (file, timm name or URL); null = random")
+    tokenizer: str | None = _f(None, "text tokenizer (dir or hub name); default: the text_encoder's vocabulary")
+    visual_tokenizer: str = _f("kmeans", "MIM targets: 'kmeans' (fit a built-in codebook on training images), 'kmeans:PATH' or 'dalle:PATH'")
+    kmeans_fit_images: int = _f(2000, "training images sampled to fit the built-in k-means visual tokenizer")
+    trust_pickle: bool = _f(False, "allow unpickling a DALL-E encoder.pkl (trusted files only)")
+    # ---- data
+    train_file: str | list[str] = _f("", "JSON/JSONL/CSV/TSV annotation file(s), or a WebDataset shard pattern (data/{00000..00099}.tar)")
+    image_root: str | None = _f(None, "directory that relative image paths are joined to")
+    csv_image_key: str = _f("filepath", "CSV/TSV column holding the image path")
+    csv_caption_key: str = _f("title", "CSV/TSV column holding the caption")
+    samples_per_epoch: int | None = _f(None, "WebDataset only: samples per epoch (counted from the shards when null)")
+    shuffle_buffer: int = _f(1000, "WebDataset only: shuffle buffer size per worker")
+    num_workers: int = _f(4, "dataloader worker processes")
+    shared_geometry: bool = _f(True, "MIM views share one crop/flip (SPEC A2); false = reference's independent views")
+    randaugment: bool = _f(True, "RandAugment on the encoder view (reference configuration)")
+    max_bad_fraction: float = _f(0.5, "stop when more than this fraction of all samples read so far were bad")
+    # ---- optimisation
+    batch_size: int = _f(64, "images per process per optimizer micro-step")
+    grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step")
+    epochs: int = _f(30, "epochs (the schedule's length when max_steps is null)")
+    max_steps: int | None = _f(None, "stop after this many optimizer steps (also the schedule's length)")
+    lr: float = _f(1e-4, "peak learning rate")
+    warmup_lr: float = _f(1e-5, "learning rate at step 0")
+    min_lr: float = _f(1e-5, "learning rate at the end of the cosine")
+    warmup_steps: int = _f(2000, "linear warm-up length in optimizer steps (reference: 20 'epochs' of 100 iterations)")
+    lr_schedule: Literal["cosine", "reference"] = _f("cosine", "'cosine': per-step warmup+cosine; 'reference': the authors' staircase")
+    weight_decay: float = _f(0.02, "AdamW weight decay (not on biases, norms, position embeddings, tokens, temperature)")
+    grad_clip: float | None = _f(None, "clip the gradient norm to this value (null: no clipping, as the reference)")
+    alpha_warmup: bool = _f(True, "ramp distillation alpha from 0 over the first epoch")
+    precision: Literal["fp32", "bf16"] = _f("fp32", "fp32, or bf16 autocast")
+    grad_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    # ---- run
+    output_dir: str = _f("runs/pretrain", "run folder: config, log.jsonl, checkpoints/, tensorboard/")
+    save_every: int = _f(1000, "write checkpoints/last.pt every N optimizer steps (and at the end)")
+    log_every: int = _f(50, "append a line to log.jsonl every N optimizer steps")
+    seed: int = _f(42, "random seed (each rank adds its rank)")
+    resume: str | None = _f(None, "'auto' = continue from output_dir/checkpoints/last.pt if present, or a checkpoint path")
+    tensorboard: bool = _f(False, "also write TensorBoard events")
+    device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    progress: bool = _f(True, "show a progress bar")
+
+    def validate(self) -> None:
+        if not self.train_file:
+            raise ValueError("train_file: required (an annotation file, a list of them, or a shard pattern)")
+        positive = ("batch_size", "grad_accum_steps", "epochs", "save_every", "log_every", "shuffle_buffer")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError("num_workers: must be >= 0")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps: must be >= 1 or null")
+        if not 0 < self.max_bad_fraction <= 1:
+            raise ValueError("max_bad_fraction: must lie in (0, 1]")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device: expected auto, cpu or cuda, got {self.device!r}")
+        vt = self.visual_tokenizer
+        if vt != "kmeans" and not vt.startswith(("kmeans:", "dalle:")):
+            raise ValueError(f"visual_tokenizer: expected 'kmeans', 'kmeans:PATH' or 'dalle:PATH', got {vt!r}")
+        try:
+            get_config(self.model, **self.model_config)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"model / model_config: {err}") from err
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(PretrainRecipe)}
+
+
+def _set(recipe: PretrainRecipe, key: str, value: Any, where: str) -> None:
+    name, _, sub = key.partition(".")
+    if name not in _FIELDS:
+        close = [n for n in _FIELDS if n.split("_")[0] == name.split("_")[0]]
+        hint = f" (did you mean {close}?)" if close else ""
+        raise ValueError(f"{where}: unknown key {key!r}{hint}; see `simla pretrain --help` for the fields")
+    if sub:
+        if name != "model_config":
+            raise ValueError(f"{where}: {name!r} has no sub-keys (got {key!r})")
+        recipe.model_config[sub] = value
+        return
+    try:
+        setattr(recipe, name, check_type(name, _FIELDS[name].type, value))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` with the value parsed as YAML (so numbers, booleans, null and lists work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {text!r}: expected key=value")
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {text!r}: value is not valid YAML ({err})") from err
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> PretrainRecipe:
+    """Read the YAML recipe (if any), apply `key=value` overrides, validate. Nothing else happens."""
+    recipe = PretrainRecipe()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such recipe: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the recipe must be a mapping of field names to values")
+        for key, value in data.items():
+            if key == "model_config" and isinstance(value, dict):
+                for sub, sub_value in value.items():
+                    _set(recipe, f"model_config.{sub}", sub_value, f"{path}: model_config")
+            else:
+                _set(recipe, str(key), value, str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(recipe, key, value, f"override {text!r}")
+    recipe.validate()
+    return recipe
+
+
+def recipe_help() -> str:
+    """One line per field with its default, for `simla pretrain --help`."""
+    lines = []
+    for f in dataclasses.fields(PretrainRecipe):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+    return "\n".join(lines)
