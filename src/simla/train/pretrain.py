@@ -197,7 +197,7 @@ def run_pretraining(recipe: PretrainRecipe, record_history: bool = False) -> Pre
     steps_per_epoch = max(1, data.steps_per_epoch // recipe.grad_accum_steps)
     total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
     schedule = LRSchedule(lr=recipe.lr, warmup_lr=recipe.warmup_lr, min_lr=recipe.min_lr,
-                          warmup_steps=min(recipe.warmup_steps, total_steps), total_steps=total_steps,
+                          warmup_steps=recipe.warmup_steps if recipe.lr_schedule == "reference" else min(recipe.warmup_steps, total_steps), total_steps=total_steps,
                           steps_per_epoch=steps_per_epoch, kind=recipe.lr_schedule)
     alpha = config.objectives.alpha
 
