@@ -49,7 +49,7 @@ def read_log(run: Path) -> list[dict]:
 def test_pretrain_on_salted_json_logs_and_checkpoints(tmp_path, salted, minilm_dir):
     recipe = load_recipe(ROOT / "configs" / "pretrain_tiny.yaml",
                          tiny_overrides(tmp_path, minilm_dir, train_file=str(salted / "pairs.json"),
-                                        image_root=str(salted), max_steps=6))
+                                        image_root=str(salted), max_steps=6, tensorboard=True))
     result = run_pretraining(recipe)
     assert result.state.step == 6
     run = tmp_path / "run"
@@ -62,6 +62,7 @@ def test_pretrain_on_salted_json_logs_and_checkpoints(tmp_path, salted, minilm_d
     # samples drawn per epoch-permutation, so some bad ones were met, skipped and counted.
     assert log[-1]["skipped_total"] >= 1
     assert (run / "config.yaml").is_file() and (run / "visual_tokenizer.safetensors").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
     model = simla.load_checkpoint(run / "checkpoints" / "last.pt")
     assert isinstance(model, simla.SimlaForPretraining)
 
@@ -145,12 +146,18 @@ def _cli(args: list[str], **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, minilm_dir):
+@pytest.mark.parametrize("source", ["json", "shards"])
+def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, minilm_dir, source):
     root = tmp_path / "data"
     root.mkdir()
-    write_json(root / "pairs.json", make_pairs(root, 16))
     steps = 8
-    common = dict(train_file=str(root / "pairs.json"), image_root=str(root), max_steps=steps, save_every=3)
+    if source == "json":
+        write_json(root / "pairs.json", make_pairs(root, 16))
+        common = dict(train_file=str(root / "pairs.json"), image_root=str(root))
+    else:  # two workers, so the resumed round-robin over worker roles is exercised too
+        common = dict(train_file=write_shards(root / "shards", count=48, per_shard=6), num_workers=2,
+                      shuffle_buffer=4)
+    common.update(max_steps=steps, save_every=3)
     full = _cli(tiny_overrides(tmp_path / "full", minilm_dir, **common))
     assert full.wait(timeout=600) == 0, full.stdout.read()
     reference = read_log(tmp_path / "full" / "run")

@@ -13,6 +13,7 @@ from .checkpoint import ImportReport, load_checkpoint, save_checkpoint, save_pre
 from .config import ObjectiveConfig, SimlaConfig, TextConfig, VisionConfig, get_config, list_models
 from .factory import build_model, create_model
 from .models.pretrain import LOSS_NAMES, PretrainOutput, SimlaForPretraining
+from .models.retrieval import SimlaForRetrieval
 from .models.simla import SimlaModel
 from .tokenizers import get_tokenizer
 
@@ -25,6 +26,7 @@ __all__ = [
     "PretrainOutput",
     "SimlaConfig",
     "SimlaForPretraining",
+    "SimlaForRetrieval",
     "SimlaModel",
     "TextConfig",
     "VisionConfig",

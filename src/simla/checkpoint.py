@@ -189,34 +189,45 @@ def convert_reference_state(
 
 
 # ------------------------------------------------------------------------------------ loading
+def _deliberately_absent(model: SimlaModel, name: str) -> bool:
+    return name.startswith(tuple(model.IGNORED_SOURCE_PREFIXES))
+
+
 def load_state_into(
     model: SimlaModel, state: dict[str, Tensor], *, source: str, strict: bool = True
 ) -> ImportReport:
-    """Load our-format or reference-format weights into `model`, raising on any mismatch when strict."""
+    """Load our-format or reference-format weights into `model`, raising on any mismatch when strict.
+
+    Tensors of other task models that this model lacks by design (e.g. the MIM head when loading a
+    pretraining checkpoint for retrieval) are reported as ignored. Training state the file lacks
+    (queues, momentum teachers) is rebuilt: queues stay fresh, teachers copy the loaded weights.
+    """
     if is_reference_state(state):
         converted, report = convert_reference_state(state, model, source)
+        unexpected = [(key, map_reference_key(key) or key) for key in report.unexpected]
     else:
         report = ImportReport(source)
         ours = model.state_dict()
-        report.unexpected = [k for k in state if k not in ours]
+        unexpected = [(k, k) for k in state if k not in ours]
         report.missing = [k for k in ours if k not in state]
         converted = {}
         for key, tensor in state.items():
-            if key in ours and key.endswith("pos_embed") and tensor.shape != ours[key].shape:
+            if key not in ours:
+                continue
+            if key.endswith("pos_embed") and tensor.shape != ours[key].shape:
                 tensor = resample_pos_embed(tensor, int(round((ours[key].shape[1] - 1) ** 0.5)))
                 report.resampled.append(key)
-            if key in ours:
-                if tensor.shape != ours[key].shape:
-                    raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, model {tuple(ours[key].shape)}")
-                converted[key] = tensor
-    momentum_absent = not any(_is_training_state(k) and k.split(".", 1)[0].endswith("_m") for k in converted)
-    if isinstance(model, SimlaForPretraining) and momentum_absent:
-        report.rebuilt = [k for k in report.missing if _is_training_state(k)]
-        report.missing = [k for k in report.missing if not _is_training_state(k)]
+            if tensor.shape != ours[key].shape:
+                raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, model {tuple(ours[key].shape)}")
+            converted[key] = tensor
+    report.unexpected = [key for key, name in unexpected if not _deliberately_absent(model, name)]
+    report.ignored += [key for key, name in unexpected if _deliberately_absent(model, name)]
+    report.rebuilt = [k for k in report.missing if _is_training_state(k)]
+    report.missing = [k for k in report.missing if not _is_training_state(k)]
     if strict and not report.ok:
         raise CheckpointError(f"strict load failed (pass strict=False to accept and keep fresh weights)\n{report}")
     model.load_state_dict(converted, strict=False)
-    if report.rebuilt:
+    if any(k.split(".", 1)[0].endswith("_m") for k in report.rebuilt):
         model.copy_params_to_momentum()  # SPEC A2: teachers start from the loaded online weights
     logger.info("%s", report)
     return report
@@ -260,8 +271,13 @@ def infer_reference_config(state: dict[str, Tensor], head_dim: int = 64) -> Siml
 
 
 def load_checkpoint(path: str | os.PathLike, *, task: str | None = None, trust_pickle: bool = False,
-                    strict: bool = True) -> SimlaModel:
-    """Build and load a model from any supported checkpoint form (ours, export dir, or reference .pth)."""
+                    strict: bool = True, **overrides: Any) -> SimlaModel:
+    """Build and load a model from any supported checkpoint form (ours, export dir, or reference .pth).
+
+    `task` picks the model class ("pretrain", "retrieval", "base"; default: the checkpoint's own);
+    `overrides` change the config first, e.g. `image_size=384` (position embeddings are resampled).
+    """
+    from .config import apply_overrides
     from .factory import build_model
 
     data = read_checkpoint(path, trust_pickle=trust_pickle)
@@ -273,6 +289,8 @@ def load_checkpoint(path: str | os.PathLike, *, task: str | None = None, trust_p
         config = infer_reference_config(state)
         has_pretrain_heads = any(k.startswith(("mim_head.", "concept_head.")) for k in state)
         task = task or ("pretrain" if has_pretrain_heads and config.vision.use_mask_token else "base")
+    apply_overrides(config, overrides)
+    config.validate()
     model = build_model(config, task)
     load_state_into(model, state, source=str(path), strict=strict)
     return model
@@ -280,7 +298,7 @@ def load_checkpoint(path: str | os.PathLike, *, task: str | None = None, trust_p
 
 # ------------------------------------------------------------------------------------- saving
 def _task_of(model: SimlaModel) -> str:
-    return "pretrain" if isinstance(model, SimlaForPretraining) else "base"
+    return model.TASK
 
 
 def save_checkpoint(model: SimlaModel, path: str | os.PathLike, **extra: Any) -> Path:

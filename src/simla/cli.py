@@ -72,6 +72,52 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune_retrieval(args: argparse.Namespace) -> int:
+    from .train.finetune_retrieval import RetrievalRecipe, run_retrieval_finetune
+    from .train.recipe import load_recipe
+
+    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+    recipe = load_recipe(args.config, overrides, cls=RetrievalRecipe)
+    results = run_retrieval_finetune(recipe)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_evaluate_retrieval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint
+    from .data.retrieval import read_retrieval_eval
+    from .eval.metrics import format_table
+    from .eval.retrieval import evaluate_retrieval
+    from .tokenizers.text import get_tokenizer
+
+    overrides = {"image_size": args.image_size} if args.image_size else {}
+    model = load_checkpoint(args.checkpoint, task="base", trust_pickle=args.trust_pickle, **overrides)
+    tokenizer = get_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
+    import torch
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    data = read_retrieval_eval(args.data, args.image_root)
+    metrics = evaluate_retrieval(model, data, k=args.k, itc_only=args.itc_only, tokenizer=tokenizer,
+                                 batch_size=args.batch_size, num_workers=args.num_workers, progress=True)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    print(format_table(metrics))
+    print(f"wrote {out / 'results.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(args.output, quick=args.quick, steps=args.steps)
+    print(report["summary"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simla", description="SIMLA vision-language pretraining and evaluation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -96,6 +142,44 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint ('auto': the run's last.pt)")
     pretrain.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (values parsed as YAML)")
     pretrain.set_defaults(func=cmd_pretrain)
+
+    finetune = sub.add_parser("finetune", help="fine-tune a pretrained SIMLA on a downstream task")
+    finetune_tasks = finetune.add_subparsers(dest="task", required=True)
+    from .train.finetune_retrieval import RetrievalRecipe
+
+    retrieval = finetune_tasks.add_parser(
+        "retrieval", help="image-text retrieval (ITC + ITM with image-id-aware targets)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="simla finetune retrieval --config configs/retrieval_coco.yaml checkpoint=runs/pretrain/checkpoints/last.pt",
+        epilog="recipe fields (key = default):\n" + recipe_help(RetrievalRecipe))
+    retrieval.add_argument("--config", help="YAML recipe")
+    retrieval.add_argument("--resume", metavar="PATH|auto", help="continue an interrupted fine-tuning run")
+    retrieval.add_argument("overrides", nargs="*", metavar="key=value")
+    retrieval.set_defaults(func=cmd_finetune_retrieval)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint")
+    evaluate_tasks = evaluate.add_subparsers(dest="task", required=True)
+    ev = evaluate_tasks.add_parser("retrieval", help="image-text retrieval recall (zero-shot or fine-tuned)")
+    ev.add_argument("--checkpoint", required=True, help="ours (.pt), an export directory, or a reference .pth")
+    ev.add_argument("--data", required=True, help="eval JSON: [{image, caption: [str, ...]}]")
+    ev.add_argument("--image-root", help="directory that relative image paths are joined to")
+    ev.add_argument("--output", required=True, help="folder for results.json")
+    ev.add_argument("--k", type=int, default=256, help="ITC candidates re-scored by ITM (COCO 256, Flickr 128)")
+    ev.add_argument("--itc-only", action="store_true", help="rank by ITC similarity only (fast)")
+    ev.add_argument("--image-size", type=int, help="evaluation resolution (default: the checkpoint's; paper: 384)")
+    ev.add_argument("--tokenizer", help="text tokenizer dir or hub name (default: the checkpoint's)")
+    ev.add_argument("--batch-size", type=int, default=64, help="images per forward")
+    ev.add_argument("--num-workers", type=int, default=2, help="image loading workers")
+    ev.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ev.add_argument("--trust-pickle", action="store_true", help="allow unpickling reference checkpoints")
+    ev.set_defaults(func=cmd_evaluate_retrieval)
+
+    demo = sub.add_parser("demo", help="offline end-to-end demo: pretrain simla_tiny on easy-VQA shapes, "
+                                       "evaluate zero-shot retrieval, write a report")
+    demo.add_argument("--output", default="runs/demo", help="report folder (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a reduced run of about a minute (for CI)")
+    demo.add_argument("--steps", type=int, help="pretraining steps (default: 60 quick, 1500 full)")
+    demo.set_defaults(func=cmd_demo)
 
     convert = sub.add_parser("convert", help="import a reference SIMLA/ALBEF .pth (or re-save one of ours)")
     convert.add_argument("checkpoint", help="path of the checkpoint to read")

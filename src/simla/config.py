@@ -207,6 +207,12 @@ def check_type(path: str, annotation: Any, value: Any) -> Any:
             raise TypeError(f"{path}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it plainly is.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{path}: expected a number, got {value!r}")
         return float(value)

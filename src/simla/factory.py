@@ -9,19 +9,21 @@ from .config import SimlaConfig, apply_overrides, get_config
 from .hub import find_hf_weights, load_weight_file, resolve_hf_directory, text_overrides_from_hf_config
 from .models.bert import load_hf_bert_state
 from .models.pretrain import SimlaForPretraining
+from .models.retrieval import SimlaForRetrieval
 from .models.simla import SimlaModel
 
 logger = logging.getLogger(__name__)
 
-Task = Literal["pretrain", "base"]
-_TASKS: dict[str, type[SimlaModel]] = {"pretrain": SimlaForPretraining, "base": SimlaModel}
+Task = Literal["pretrain", "retrieval", "base"]
+_TASKS: dict[str, type[SimlaModel]] = {"pretrain": SimlaForPretraining, "retrieval": SimlaForRetrieval,
+                                       "base": SimlaModel}
 
 
 def build_model(config: SimlaConfig, task: Task = "pretrain") -> SimlaModel:
     """Instantiate the model class for `task` with random weights (no file or network access)."""
     if task not in _TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {sorted(_TASKS)}")
-    if task == "base" and config.vision.use_mask_token:
+    if task != "pretrain" and config.vision.use_mask_token:
         config.vision.use_mask_token = False  # downstream models have no mask token (SPEC §1.1)
     return _TASKS[task](config)
 
@@ -58,7 +60,7 @@ def create_model(
     config.validate()
     model = build_model(config, task)
     _initialise(model)
-    if isinstance(model, SimlaForPretraining):
+    if hasattr(model, "copy_params_to_momentum"):
         # SPEC A2: teachers copy the online weights AFTER the initial weights are loaded.
         model.copy_params_to_momentum()
     if pretrained is not None:

@@ -55,33 +55,45 @@ def reason_of(err: BadSampleError) -> str:
     return "unreadable"
 
 
+def read_caption(record: Any, rng: random.Random, max_words: int) -> str:
+    """A cleaned caption of `record` (a list caption is sampled); empty ones are bad samples."""
+    captions = record.captions
+    caption = pre_caption(captions[rng.randrange(len(captions))] if len(captions) > 1 else captions[0], max_words)
+    if not caption:
+        raise BadSampleError(record.origin, "empty caption after cleaning")
+    return caption
+
+
+def read_image(record: Any):
+    if isinstance(record.image, (bytes, bytearray)):
+        return load_image(record.image, name=record.origin)
+    return load_image(record.image)
+
+
 @dataclass
 class SampleBuilder:
-    """Turns one (image, caption list) into the model's inputs; shared by both data sources."""
+    """Turns one record (image source, captions, origin) into the pretraining inputs."""
 
     views: PretrainViews
     masker: BlockMaskGenerator
     max_words: int = 30
 
-    def build(self, image_source: Any, captions: Sequence[str], source: str, rng: random.Random) -> dict[str, Any]:
-        caption = pre_caption(captions[rng.randrange(len(captions))] if len(captions) > 1 else captions[0], self.max_words)
-        if not caption:
-            raise BadSampleError(source, "empty caption after cleaning")
-        image = load_image(image_source, name=source) if isinstance(image_source, bytes) else load_image(image_source)
-        encoder_view, tokenizer_view = self.views(image, rng)
+    def build(self, record: Any, rng: random.Random) -> dict[str, Any]:
+        caption = read_caption(record, rng, self.max_words)
+        encoder_view, tokenizer_view = self.views(read_image(record), rng)
         patch_mask = torch.from_numpy(self.masker(rng)).flatten()
         return {"image": encoder_view, "tokenizer_image": tokenizer_view, "caption": caption, "patch_mask": patch_mask}
 
 
 def collate(samples: list[dict[str, Any]], tokenizer: TextTokenizer, max_length: int) -> dict[str, Any]:
+    """Stack every field; captions are tokenized together in the reference form."""
     text = tokenizer([s["caption"] for s in samples], max_length=max_length, clean=False)
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "tokenizer_image": torch.stack([s["tokenizer_image"] for s in samples]),
-        "patch_mask": torch.stack([s["patch_mask"] for s in samples]),
-        "text_ids": text.input_ids,
-        "text_mask": text.attention_mask,
-    }
+    batch: dict[str, Any] = {"text_ids": text.input_ids, "text_mask": text.attention_mask}
+    for key in samples[0]:
+        if key != "caption":
+            values = [s[key] for s in samples]
+            batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
+    return batch
 
 
 # ------------------------------------------------------------------------- annotation files
@@ -107,9 +119,8 @@ class CaptionBatches(Dataset):
         for slot, index in enumerate(indices):
             rng = random.Random(derive_seed(self.seed, epoch, batch_index, slot))
             for _ in range(self.max_attempts):
-                record = self.records[index]
                 try:
-                    samples.append(self.builder.build(record.image, record.captions, record.origin, rng))
+                    samples.append(self.builder.build(self.records[index], rng))
                     used.append(index)
                     break
                 except BadSampleError as err:
@@ -222,7 +233,7 @@ class ShardBatches(IterableDataset):
             consumed += 1
             try:
                 image_bytes, caption = sample_image_and_caption(raw)
-                samples.append(self.builder.build(image_bytes, [caption], f"{raw.shard}:{raw.key}", rng))
+                samples.append(self.builder.build(CaptionRecord(image_bytes, (caption,), raw.source), rng))
                 keys.append(raw.source)
             except BadSampleError as err:
                 _report(err)

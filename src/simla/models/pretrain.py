@@ -38,7 +38,7 @@ class PretrainOutput(dict):
 
     @property
     def total(self) -> Tensor:
-        return sum(self[name] for name in LOSS_NAMES)
+        return sum(self.values())
 
 
 class SimlaForPretraining(SimlaModel):
@@ -51,6 +51,9 @@ class SimlaForPretraining(SimlaModel):
       patch_mask     (B, G*G) bool block mask of the MIM patches (row-major)
       visual_tokens  (B, G*G) long visual-tokenizer ids of the tokenizer view (row-major)
     """
+
+    TASK = "pretrain"  # the name create_model/load_checkpoint use for this class
+    IGNORED_SOURCE_PREFIXES = ("idx_queue",)
 
     def __init__(self, config: SimlaConfig) -> None:
         if not config.vision.use_mask_token:

@@ -21,6 +21,14 @@ TextInput = str | Sequence[str] | Tensor | Mapping[str, Tensor] | tuple[Tensor, 
 
 
 class SimlaModel(nn.Module):
+    TASK = "base"  # the name create_model/load_checkpoint use for this class
+    # Tensors of other task models that this one deliberately lacks: loading them reports "ignored".
+    IGNORED_SOURCE_PREFIXES: tuple[str, ...] = (
+        "mlm_head", "mim_head", "concept_head", "mim_adapter", "visual_encoder.mask_token",
+        "image_queue", "text_queue", "idx_queue", "queue_ptr",
+        "visual_encoder_m", "vision_proj_m", "text_encoder_m", "text_proj_m",
+    )
+
     def __init__(self, config: SimlaConfig) -> None:
         super().__init__()
         config.validate()

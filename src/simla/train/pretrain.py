@@ -66,7 +66,8 @@ def resolve_resume(recipe: PretrainRecipe) -> Path | None:
 def _views(recipe: PretrainRecipe, config) -> PretrainViews:
     return PretrainViews(PretrainViewConfig(image_size=config.vision.image_size,
                                             tokenizer_size=config.tokenizer_image_size,
-                                            randaugment=recipe.randaugment, shared_geometry=recipe.shared_geometry))
+                                            scale=(recipe.crop_scale_min, 1.0), randaugment=recipe.randaugment,
+                                            shared_geometry=recipe.shared_geometry))
 
 
 def _fit_kmeans(recipe: PretrainRecipe, builder: SampleBuilder, records, shards, config, device) -> KMeansTokenizer:
@@ -74,19 +75,21 @@ def _fit_kmeans(recipe: PretrainRecipe, builder: SampleBuilder, records, shards,
     from ..data.images import BadSampleError
     from ..data.shards import iter_tar_samples, sample_image_and_caption
 
+    from ..data.readers import CaptionRecord
+
     rng = random.Random(recipe.seed)
-    views = []
     if records is not None:
-        candidates = rng.sample(range(len(records)), min(len(records), recipe.kmeans_fit_images))
-        sources = ((records[i].image, records[i].captions, records[i].origin) for i in candidates)
+        candidates = [records[i] for i in rng.sample(range(len(records)), min(len(records), recipe.kmeans_fit_images))]
     else:
-        sources = ((img, [cap], f"{raw.shard}:{raw.key}") for shard in shards for raw in iter_tar_samples(shard)
-                   for img, cap in [_safe_pair(raw, sample_image_and_caption)] if img is not None)
-    for image, captions, origin in sources:
+        candidates = (CaptionRecord(image, (caption,), raw.source) for shard in shards
+                      for raw in iter_tar_samples(shard) for image, caption in [_safe_pair(raw, sample_image_and_caption)]
+                      if image is not None)
+    views = []
+    for record in candidates:
         if len(views) >= recipe.kmeans_fit_images:
             break
         try:
-            views.append(builder.build(image, captions, origin, rng)["tokenizer_image"])
+            views.append(builder.build(record, rng)["tokenizer_image"])
         except BadSampleError:
             continue
     if not views:
@@ -180,6 +183,9 @@ def run_pretraining(recipe: PretrainRecipe, record_history: bool = False) -> Pre
     assert isinstance(model, SimlaForPretraining)
     config = model.config
     tokenizer = get_tokenizer(recipe.tokenizer or config.text.tokenizer)
+    # The tokenizer the run used is the model's: encode_text and saved checkpoints refer to it.
+    model.tokenizer = tokenizer
+    config.text.tokenizer = recipe.tokenizer or config.text.tokenizer
     if tokenizer.vocab_size > config.text.vocab_size:
         raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's ({config.text.vocab_size})")
     data, builder, records, shards = build_data(recipe, config, tokenizer)

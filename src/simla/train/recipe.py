@@ -11,6 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import yaml
@@ -18,7 +19,7 @@ import yaml
 from ..config import check_type, get_config
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def field_(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
@@ -27,49 +28,50 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class PretrainRecipe:
     # ---- model
-    model: str = _f("simla_base", "model preset (simla list_models)")
-    model_config: dict = _f({}, "overrides of the model config, e.g. model_config.queue_size=4096")
-    text_encoder: str | None = _f("bert-base-uncased", "Hugging Face BERT (dir or hub name) initialising the shared encoder; null = random")
-    vision_encoder: str | None = _f("deit_base_patch16_224", "DeiT/timm weights for the ViT (file, timm name or URL); null = random")
-    tokenizer: str | None = _f(None, "text tokenizer (dir or hub name); default: the text_encoder's vocabulary")
-    visual_tokenizer: str = _f("kmeans", "MIM targets: 'kmeans' (fit a built-in codebook on training images), 'kmeans:PATH' or 'dalle:PATH'")
-    kmeans_fit_images: int = _f(2000, "training images sampled to fit the built-in k-means visual tokenizer")
-    trust_pickle: bool = _f(False, "allow unpickling a DALL-E encoder.pkl (trusted files only)")
+    model: str = field_("simla_base", "model preset (simla list_models)")
+    model_config: dict = field_({}, "overrides of the model config, e.g. model_config.queue_size=4096")
+    text_encoder: str | None = field_("bert-base-uncased", "Hugging Face BERT (dir or hub name) initialising the shared encoder; null = random")
+    vision_encoder: str | None = field_("deit_base_patch16_224", "DeiT/timm weights for the ViT (file, timm name or URL); null = random")
+    tokenizer: str | None = field_(None, "text tokenizer (dir or hub name); default: the text_encoder's vocabulary")
+    visual_tokenizer: str = field_("kmeans", "MIM targets: 'kmeans' (fit a built-in codebook on training images), 'kmeans:PATH' or 'dalle:PATH'")
+    kmeans_fit_images: int = field_(2000, "training images sampled to fit the built-in k-means visual tokenizer")
+    trust_pickle: bool = field_(False, "allow unpickling a DALL-E encoder.pkl (trusted files only)")
     # ---- data
-    train_file: str | list[str] = _f("", "JSON/JSONL/CSV/TSV annotation file(s), or a WebDataset shard pattern (data/{00000..00099}.tar)")
-    image_root: str | None = _f(None, "directory that relative image paths are joined to")
-    csv_image_key: str = _f("filepath", "CSV/TSV column holding the image path")
-    csv_caption_key: str = _f("title", "CSV/TSV column holding the caption")
-    samples_per_epoch: int | None = _f(None, "WebDataset only: samples per epoch (counted from the shards when null)")
-    shuffle_buffer: int = _f(1000, "WebDataset only: shuffle buffer size per worker")
-    num_workers: int = _f(4, "dataloader worker processes")
-    shared_geometry: bool = _f(True, "MIM views share one crop/flip (SPEC A2); false = reference's independent views")
-    randaugment: bool = _f(True, "RandAugment on the encoder view (reference configuration)")
-    max_bad_fraction: float = _f(0.5, "stop when more than this fraction of all samples read so far were bad")
+    train_file: str | list[str] = field_("", "JSON/JSONL/CSV/TSV annotation file(s), or a WebDataset shard pattern (data/{00000..00099}.tar)")
+    image_root: str | None = field_(None, "directory that relative image paths are joined to")
+    csv_image_key: str = field_("filepath", "CSV/TSV column holding the image path")
+    csv_caption_key: str = field_("title", "CSV/TSV column holding the caption")
+    samples_per_epoch: int | None = field_(None, "WebDataset only: samples per epoch (counted from the shards when null)")
+    shuffle_buffer: int = field_(1000, "WebDataset only: shuffle buffer size per worker")
+    num_workers: int = field_(4, "dataloader worker processes")
+    shared_geometry: bool = field_(True, "MIM views share one crop/flip (SPEC A2); false = reference's independent views")
+    randaugment: bool = field_(True, "RandAugment on the encoder view (reference configuration)")
+    crop_scale_min: float = field_(0.2, "smallest crop area fraction of RandomResizedCrop (reference 0.2)")
+    max_bad_fraction: float = field_(0.5, "stop when more than this fraction of all samples read so far were bad")
     # ---- optimisation
-    batch_size: int = _f(64, "images per process per optimizer micro-step")
-    grad_accum_steps: int = _f(1, "micro-batches accumulated per optimizer step")
-    epochs: int = _f(30, "epochs (the schedule's length when max_steps is null)")
-    max_steps: int | None = _f(None, "stop after this many optimizer steps (also the schedule's length)")
-    lr: float = _f(1e-4, "peak learning rate")
-    warmup_lr: float = _f(1e-5, "learning rate at step 0")
-    min_lr: float = _f(1e-5, "learning rate at the end of the cosine")
-    warmup_steps: int = _f(2000, "linear warm-up length in optimizer steps (reference: 20 'epochs' of 100 iterations)")
-    lr_schedule: Literal["cosine", "reference"] = _f("cosine", "'cosine': per-step warmup+cosine; 'reference': the authors' staircase")
-    weight_decay: float = _f(0.02, "AdamW weight decay (not on biases, norms, position embeddings, tokens, temperature)")
-    grad_clip: float | None = _f(None, "clip the gradient norm to this value (null: no clipping, as the reference)")
-    alpha_warmup: bool = _f(True, "ramp distillation alpha from 0 over the first epoch")
-    precision: Literal["fp32", "bf16"] = _f("fp32", "fp32, or bf16 autocast")
-    grad_checkpointing: bool = _f(False, "recompute activations in the backward pass to save memory")
+    batch_size: int = field_(64, "images per process per optimizer micro-step")
+    grad_accum_steps: int = field_(1, "micro-batches accumulated per optimizer step")
+    epochs: int = field_(30, "epochs (the schedule's length when max_steps is null)")
+    max_steps: int | None = field_(None, "stop after this many optimizer steps (also the schedule's length)")
+    lr: float = field_(1e-4, "peak learning rate")
+    warmup_lr: float = field_(1e-5, "learning rate at step 0")
+    min_lr: float = field_(1e-5, "learning rate at the end of the cosine")
+    warmup_steps: int = field_(2000, "linear warm-up length in optimizer steps (reference: 20 'epochs' of 100 iterations)")
+    lr_schedule: Literal["cosine", "reference"] = field_("cosine", "'cosine': per-step warmup+cosine; 'reference': the authors' staircase")
+    weight_decay: float = field_(0.02, "AdamW weight decay (not on biases, norms, position embeddings, tokens, temperature)")
+    grad_clip: float | None = field_(None, "clip the gradient norm to this value (null: no clipping, as the reference)")
+    alpha_warmup: bool = field_(True, "ramp distillation alpha from 0 over the first epoch")
+    precision: Literal["fp32", "bf16"] = field_("fp32", "fp32, or bf16 autocast")
+    grad_checkpointing: bool = field_(False, "recompute activations in the backward pass to save memory")
     # ---- run
-    output_dir: str = _f("runs/pretrain", "run folder: config, log.jsonl, checkpoints/, tensorboard/")
-    save_every: int = _f(1000, "write checkpoints/last.pt every N optimizer steps (and at the end)")
-    log_every: int = _f(50, "append a line to log.jsonl every N optimizer steps")
-    seed: int = _f(42, "random seed (each rank adds its rank)")
-    resume: str | None = _f(None, "'auto' = continue from output_dir/checkpoints/last.pt if present, or a checkpoint path")
-    tensorboard: bool = _f(False, "also write TensorBoard events")
-    device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
-    progress: bool = _f(True, "show a progress bar")
+    output_dir: str = field_("runs/pretrain", "run folder: config, log.jsonl, checkpoints/, tensorboard/")
+    save_every: int = field_(1000, "write checkpoints/last.pt every N optimizer steps (and at the end)")
+    log_every: int = field_(50, "append a line to log.jsonl every N optimizer steps")
+    seed: int = field_(42, "random seed (each rank adds its rank)")
+    resume: str | None = field_(None, "'auto' = continue from output_dir/checkpoints/last.pt if present, or a checkpoint path")
+    tensorboard: bool = field_(False, "also write TensorBoard events")
+    device: str = field_("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    progress: bool = field_(True, "show a progress bar")
 
     def validate(self) -> None:
         if not self.train_file:
@@ -82,6 +84,8 @@ class PretrainRecipe:
             raise ValueError("num_workers: must be >= 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps: must be >= 1 or null")
+        if not 0 < self.crop_scale_min <= 1:
+            raise ValueError("crop_scale_min: must lie in (0, 1]")
         if not 0 < self.max_bad_fraction <= 1:
             raise ValueError("max_bad_fraction: must lie in (0, 1]")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -98,13 +102,11 @@ class PretrainRecipe:
         return dataclasses.asdict(self)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(PretrainRecipe)}
-
-
-def _set(recipe: PretrainRecipe, key: str, value: Any, where: str) -> None:
+def _set(recipe: Any, key: str, value: Any, where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(recipe)}
     name, _, sub = key.partition(".")
-    if name not in _FIELDS:
-        close = [n for n in _FIELDS if n.split("_")[0] == name.split("_")[0]]
+    if name not in fields:
+        close = [n for n in fields if n.split("_")[0] == name.split("_")[0]]
         hint = f" (did you mean {close}?)" if close else ""
         raise ValueError(f"{where}: unknown key {key!r}{hint}; see `simla pretrain --help` for the fields")
     if sub:
@@ -113,7 +115,7 @@ def _set(recipe: PretrainRecipe, key: str, value: Any, where: str) -> None:
         recipe.model_config[sub] = value
         return
     try:
-        setattr(recipe, name, check_type(name, _FIELDS[name].type, value))
+        setattr(recipe, name, check_type(name, fields[name].type, value))
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from err
 
@@ -129,9 +131,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ValueError(f"override {text!r}: value is not valid YAML ({err})") from err
 
 
-def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> PretrainRecipe:
+def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = (), cls: type = PretrainRecipe) -> Any:
     """Read the YAML recipe (if any), apply `key=value` overrides, validate. Nothing else happens."""
-    recipe = PretrainRecipe()
+    recipe = cls()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -157,10 +159,10 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Pr
     return recipe
 
 
-def recipe_help() -> str:
+def recipe_help(cls: type = PretrainRecipe) -> str:
     """One line per field with its default, for `simla pretrain --help`."""
     lines = []
-    for f in dataclasses.fields(PretrainRecipe):
+    for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
     return "\n".join(lines)

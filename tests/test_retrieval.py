@@ -1,0 +1,104 @@
+"""Retrieval: the fine-tuning model, `simla finetune retrieval`, `simla evaluate retrieval`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import simla
+from simla.cli import main
+from simla.data.retrieval import read_retrieval_eval
+from simla.eval.retrieval import compute_features, evaluate_retrieval, score_matrices
+
+from datasets import make_pairs, write_json
+
+RESULT_KEYS = {"txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean"}
+
+
+@pytest.fixture(scope="module")
+def retrieval_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("retrieval")
+    pairs = make_pairs(root, 12)
+    train = [{"image": p["image"], "caption": c, "image_id": f"id{i}"}
+             for i, p in enumerate(pairs) for c in ([p["caption"]] if isinstance(p["caption"], str) else p["caption"])]
+    write_json(root / "train.json", train)
+    write_json(root / "test.json", [{"image": p["image"], "caption": [p["caption"]] if isinstance(p["caption"], str)
+                                     else p["caption"]} for p in pairs])
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, minilm_dir) -> Path:
+    torch.manual_seed(0)
+    model = simla.create_model("simla_tiny", queue_size=32, **{"text.tokenizer": minilm_dir})
+    return simla.save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "pretrain.pt")
+
+
+def test_retrieval_model_uses_image_ids(minilm_dir):
+    torch.manual_seed(0)
+    model = simla.create_model("simla_tiny", task="retrieval", queue_size=10)
+    assert not hasattr(model, "mim_head") and model.visual_encoder.mask_token is None
+    g = torch.Generator().manual_seed(0)
+    image_id = torch.tensor([0, 0, 1, 1, 2, 2])
+    batch = {"image": torch.randn(6, 3, 64, 64, generator=g), "text_ids": torch.randint(1000, 2000, (6, 7), generator=g),
+             "text_mask": torch.ones(6, 7, dtype=torch.long), "image_id": image_id}
+    batch["text_ids"][:, 0] = 101
+    for _ in range(3):
+        out = model(batch)
+        assert set(out) == {"itc", "itm"} and all(torch.isfinite(v) for v in out.values())
+        # ITM negatives never share the image id of their positive.
+        assert not torch.any(image_id[out.targets["itm_negative_images"]] == image_id)
+        assert not torch.any(image_id[out.targets["itm_negative_texts"]] == image_id)
+    # The image ids are enqueued with the features (A2): 3 steps x 6 into a queue of 10.
+    assert int(model.queue_ptr) == 18 % 10
+    # columns 0-5, then 6-9 and 0-1, then 2-7
+    assert model.idx_queue[0].tolist() == [2, 2, 0, 0, 1, 1, 2, 2, 1, 1]
+    out.total.backward()
+
+
+def test_batched_itm_reranking_equals_one_query_at_a_time(retrieval_data, pretrained):
+    model = simla.load_checkpoint(pretrained, task="base").eval()
+    data = read_retrieval_eval(retrieval_data / "test.json", str(retrieval_data))
+    features = compute_features(model, data, num_workers=0)
+    batched = score_matrices(model, features, k=5, batch_size=7)
+    single = score_matrices(model, features, k=5, batch_size=1)
+    for a, b in zip(batched, single):
+        assert torch.allclose(a, b, atol=1e-5)
+    i2t, t2i = batched
+    assert ((i2t != -100).sum(1) == 5).all() and ((t2i != -100).sum(1) == 5).all()
+
+
+def test_zero_shot_evaluation_command(tmp_path, retrieval_data, pretrained, capsys):
+    for extra in ([], ["--itc-only"]):
+        out = tmp_path / ("itc" if extra else "itm")
+        assert main(["evaluate", "retrieval", "--checkpoint", str(pretrained), "--data",
+                     str(retrieval_data / "test.json"), "--image-root", str(retrieval_data), "--output", str(out),
+                     "--k", "4", "--num-workers", "0", "--image-size", "96", *extra]) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert set(results) == RESULT_KEYS
+        assert all(0 <= v <= 100 for v in results.values())
+    assert "R@1" in capsys.readouterr().out
+
+
+def test_images_without_captions_are_rejected(tmp_path, retrieval_data):
+    path = write_json(tmp_path / "bad.json", [{"image": "images/img000.png", "caption": []}])
+    with pytest.raises(ValueError, match="no captions"):
+        read_retrieval_eval(path, str(retrieval_data))
+
+
+def test_finetune_command_resamples_and_evaluates(tmp_path, retrieval_data, pretrained, minilm_dir):
+    out = tmp_path / "ft"
+    args = ["finetune", "retrieval", f"checkpoint={pretrained}", f"train_file={retrieval_data / 'train.json'}",
+            f"test_file={retrieval_data / 'test.json'}", f"image_root={retrieval_data}", "image_size=96",
+            "batch_size=4", "max_steps=3", "num_workers=0", "k_test=4", f"output_dir={out}", "log_every=1",
+            "save_every=3", "progress=false", "device=cpu", f"tokenizer={minilm_dir}"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert RESULT_KEYS <= set(results)
+    model = simla.load_checkpoint(out / "checkpoints" / "last.pt")
+    assert isinstance(model, simla.models.retrieval.SimlaForRetrieval)
+    assert model.visual_encoder.pos_embed.shape[1] == 1 + 12 * 12  # 64 px pretraining -> 96 px
+    assert len((out / "log.jsonl").read_text().splitlines()) == 3
