@@ -188,7 +188,7 @@ def _gather_worker(rank: int, world_size: int, init_file: str, sim: torch.Tensor
 
 def test_gather_rows_under_gloo_equals_single_process(tmp_path):
     # 4 rows over 3 ranks gives chunks of 2, 2 and an empty one: uneven blocks exercise the padding.
-    world_size = 2
+    world_size = 3
     sim, table = make_case(4, 6, seed=10)
     with mp.Manager() as manager:
         results = manager.dict()
