@@ -70,7 +70,7 @@ def test_queue_receives_momentum_features_with_wrap_around(tiny):
     # queue 20, batch 8: writes at 0..7, 8..15, then 16..19 + 0..3 (8 does not divide 20).
     ptrs = []
     for step in range(3):
-        out = tiny(make_batch(tiny, seed=step))
+        tiny(make_batch(tiny, seed=step))
         ptrs.append(int(tiny.queue_ptr))
     assert ptrs == [8, 16, 4]
     assert torch.allclose(tiny.image_queue.norm(dim=0), torch.ones(20), atol=1e-5)

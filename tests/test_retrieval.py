@@ -11,7 +11,7 @@ import torch
 import simla
 from simla.cli import main
 from simla.data.retrieval import read_retrieval_eval
-from simla.eval.retrieval import compute_features, evaluate_retrieval, score_matrices
+from simla.eval.retrieval import compute_features, score_matrices
 
 from datasets import make_pairs, write_json
 

@@ -25,7 +25,6 @@ from torch import Tensor
 
 from .config import SimlaConfig
 from .hub import read_json
-from .models.pretrain import SimlaForPretraining
 from .models.simla import SimlaModel
 from .models.vision import resample_pos_embed
 

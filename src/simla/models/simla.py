@@ -7,7 +7,6 @@ MIM and PSL heads, the momentum teachers and the queues.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
