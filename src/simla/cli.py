@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "evaluate zero-shot retrieval, write a report")
     demo.add_argument("--output", default="runs/demo", help="report folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a reduced run of about a minute (for CI)")
-    demo.add_argument("--steps", type=int, help="pretraining steps (default: 60 quick, 1500 full)")
+    demo.add_argument("--steps", type=int, help="pretraining steps (default: 60 quick, 600 full)")
     demo.set_defaults(func=cmd_demo)
 
     convert = sub.add_parser("convert", help="import a reference SIMLA/ALBEF .pth (or re-save one of ours)")

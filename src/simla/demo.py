@@ -20,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 QUICK = {"steps": 60, "train_images": 1000, "test_images": 200, "k": 16, "kmeans_fit_images": 300}
-FULL = {"steps": 1500, "train_images": None, "test_images": None, "k": 32, "kmeans_fit_images": 1000}
+FULL = {"steps": 600, "train_images": None, "test_images": None, "k": 32, "kmeans_fit_images": 1000}
 
 
 def _offline_vocabulary() -> str:
