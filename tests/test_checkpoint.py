@@ -185,3 +185,20 @@ def test_convert_command(tmp_path, tiny_config, capsys):
     assert "ours.pt" in capsys.readouterr().out
     model = load_checkpoint(tmp_path / "ours.pt")
     assert torch.equal(model.itm_head.weight, reference_pretrain_state(tiny_config)["itm_head.weight"])
+
+
+def test_reference_retrieval_checkpoint_imports(tmp_path, tiny_config):
+    # SPEC §6.3: no `bert.` infix, no MLM/MIM/PSL heads or mask tokens, plus an id queue.
+    state = {k.replace("text_encoder.bert.", "text_encoder.").replace("text_encoder_m.bert.", "text_encoder_m."): v
+             for k, v in reference_pretrain_state(tiny_config).items()
+             if ".cls." not in k and "mim_head" not in k and "concept_head" not in k and "mask_token" not in k}
+    state["idx_queue"] = torch.arange(16)[None]
+    path = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": state}, path)
+    model = load_checkpoint(path, task="retrieval")
+    assert isinstance(model, simla.SimlaForRetrieval)
+    assert torch.equal(model.idx_queue, state["idx_queue"])
+    assert torch.equal(model.text_encoder.encoder.layer[0].attention.self.query.weight,
+                       state["text_encoder.encoder.layer.0.attention.self.query.weight"])
+    assert torch.equal(model.text_encoder_m.embeddings.word_embeddings.weight,
+                       state["text_encoder_m.embeddings.word_embeddings.weight"])

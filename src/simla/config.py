@@ -33,6 +33,10 @@ class VisionConfig:
     use_mask_token: bool = True
     # DeiT/timm weights to start from: a local file, a timm model name or a URL. None = random init.
     init: str | None = None
+    # Std of the blocks' linear weights at random init; None keeps timm's init. Small models trained from
+    # scratch need more than the usual 0.02, or every image starts with the same [CLS] feature and the
+    # contrastive loss has no gradient to break the tie.
+    layer_init_std: float | None = None
 
 
 @dataclass
@@ -55,6 +59,9 @@ class TextConfig:
     cls_token_id: int = 101
     sep_token_id: int = 102
     mask_token_id: int = 103
+    # Std of the layers' linear weights at random init (BERT's initializer_range, 0.02); see
+    # VisionConfig.layer_init_std for why the from-scratch tiny preset uses more.
+    layer_init_std: float = 0.02
     # Hugging Face BERT checkpoint to initialise from (local directory or hub name). None = random init.
     init: str | None = None
     # Text tokenizer (local directory or hub name) used by encode_text on raw strings.
@@ -277,8 +284,8 @@ def _tiny() -> SimlaConfig:
     """A few million parameters: for tests, demos and CPU smoke runs (not a paper model)."""
     return SimlaConfig(
         name="simla_tiny",
-        vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=2, num_heads=2),
-        text=TextConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
+        vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=2, num_heads=2, layer_init_std=0.1),
+        text=TextConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512, layer_init_std=0.1),
         objectives=ObjectiveConfig(
             embed_dim=64,
             queue_size=256,

@@ -205,7 +205,8 @@ class SharedEncoder(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         # Hugging Face BERT's initialisation; cross-attention weights not found in a checkpoint keep it.
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
+            std = self.config.layer_init_std if isinstance(module, nn.Linear) else 0.02
+            nn.init.normal_(module.weight, std=std)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
             if isinstance(module, nn.Embedding) and module.padding_idx is not None:

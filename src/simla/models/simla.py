@@ -45,6 +45,10 @@ class SimlaModel(nn.Module):
             drop_path=v.drop_path,
             use_mask_token=v.use_mask_token,
         )
+        if v.layer_init_std is not None:
+            for module in self.visual_encoder.blocks.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=v.layer_init_std)
         # One set of weights, two roles: text encoder without an image, multimodal encoder with one.
         self.text_encoder = SharedEncoder(t, encoder_width=v.width)
         self.vision_proj = nn.Linear(v.width, o.embed_dim)
