@@ -180,3 +180,29 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses(tmp_path, minilm_di
     for a, b in zip(reference, continued):
         for key in ("loss_itc", "loss_itm", "loss_mlm", "loss_mim", "loss_psl", "lr", "alpha"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+
+
+def test_bf16_accumulation_and_checkpointing_options(tmp_path, minilm_dir):
+    root = tmp_path / "data"
+    root.mkdir()
+    write_json(root / "pairs.json", make_pairs(root, 16))
+    recipe = load_recipe(None, tiny_overrides(tmp_path, minilm_dir, train_file=str(root / "pairs.json"),
+                                              image_root=str(root), max_steps=2, precision="bf16",
+                                              grad_accum_steps=2, grad_checkpointing=True, grad_clip=1.0))
+    result = run_pretraining(recipe)
+    log = read_log(tmp_path / "run")
+    assert result.state.step == 2 and result.state.samples_seen == 2 * 2 * 4
+    assert all(torch.isfinite(torch.tensor(r["loss_itc"])) for r in log)
+
+
+def test_resume_keeps_the_model_shape_of_the_run(tmp_path, minilm_dir):
+    root = tmp_path / "data"
+    root.mkdir()
+    write_json(root / "pairs.json", make_pairs(root, 16))
+    common = dict(train_file=str(root / "pairs.json"), image_root=str(root), text_encoder=minilm_dir, max_steps=1,
+                  save_every=1)
+    run_pretraining(load_recipe(None, tiny_overrides(tmp_path, minilm_dir, **common)))
+    # Resuming builds the model from the checkpoint's config (384-wide MiniLM text), not from the preset.
+    result = run_pretraining(load_recipe(None, tiny_overrides(tmp_path, minilm_dir, **{**common, "max_steps": 2},
+                                                              resume="auto")))
+    assert result.model.config.text.hidden_size == 384 and result.state.step == 2

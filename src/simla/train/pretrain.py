@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from ..checkpoint import load_state_into, read_checkpoint, save_checkpoint
-from ..config import get_config
+from ..config import SimlaConfig, get_config
 from ..distributed import get_rank, get_world_size, is_distributed
 from ..factory import build_model, create_model
 from ..masking import BlockMaskGenerator
@@ -171,25 +171,27 @@ def run_pretraining(recipe: PretrainRecipe, record_history: bool = False) -> Pre
     random.seed(recipe.seed + rank)
     torch.manual_seed(recipe.seed + rank)
 
-    if resume is not None:
-        # Weights come from the checkpoint: build without fetching DeiT/BERT initial weights.
-        saved = read_checkpoint(resume)
-        model = build_model(get_config(recipe.model, **recipe.model_config), "pretrain")
-        model.config.text.tokenizer = saved["config"]["text"]["tokenizer"]
+    saved = read_checkpoint(resume) if resume is not None else None
+    # The config is known before any weights are touched, so the annotation files are read and checked
+    # (and the tokenizer loaded) before the model is built or initial weights are fetched.
+    config = SimlaConfig.from_dict(saved["config"]) if saved else get_config(recipe.model, **recipe.model_config)
+    tokenizer_name = recipe.tokenizer or (config.text.tokenizer if saved else None) or recipe.text_encoder \
+        or config.text.tokenizer
+    tokenizer = get_tokenizer(tokenizer_name)
+    data, builder, records, shards = build_data(recipe, config, tokenizer)
+    data.record_history = record_history
+    if saved is not None:
+        model = build_model(config, "pretrain")  # weights come from the checkpoint: fetch no initial weights
     else:
-        saved = None
         model = create_model(recipe.model, text_encoder=recipe.text_encoder, vision_encoder=recipe.vision_encoder,
                              **recipe.model_config)
     assert isinstance(model, SimlaForPretraining)
     config = model.config
-    tokenizer = get_tokenizer(recipe.tokenizer or config.text.tokenizer)
     # The tokenizer the run used is the model's: encode_text and saved checkpoints refer to it.
     model.tokenizer = tokenizer
-    config.text.tokenizer = recipe.tokenizer or config.text.tokenizer
+    config.text.tokenizer = tokenizer_name
     if tokenizer.vocab_size > config.text.vocab_size:
         raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's ({config.text.vocab_size})")
-    data, builder, records, shards = build_data(recipe, config, tokenizer)
-    data.record_history = record_history
     visual_tokenizer = build_visual_tokenizer(recipe, builder, records, shards, config, device)
 
     if rank == 0:
