@@ -206,3 +206,14 @@ def test_resume_keeps_the_model_shape_of_the_run(tmp_path, minilm_dir):
     result = run_pretraining(load_recipe(None, tiny_overrides(tmp_path, minilm_dir, **{**common, "max_steps": 2},
                                                               resume="auto")))
     assert result.model.config.text.hidden_size == 384 and result.state.step == 2
+
+
+def test_a_dataset_of_mostly_bad_samples_stops_with_counts(tmp_path, minilm_dir):
+    root = tmp_path / "data"
+    records = make_pairs(root, 4) + [{"image": f"images/missing{i}.jpg", "caption": "gone"} for i in range(200)]
+    write_json(root / "pairs.json", records)
+    recipe = load_recipe(None, tiny_overrides(tmp_path, minilm_dir, train_file=str(root / "pairs.json"),
+                                              image_root=str(root), max_steps=50, max_bad_fraction=0.5,
+                                              kmeans_fit_images=400))
+    with pytest.raises(RuntimeError, match="bad"):
+        run_pretraining(recipe)

@@ -61,6 +61,7 @@ class EngineConfig:
     progress: bool = True
     tensorboard: bool = False
     samples_per_micro_batch: int = 1  # per rank, for samples/s
+    max_bad_fraction: float = 1.0  # stop when more than this fraction of the samples read were bad
 
 
 @dataclass
@@ -221,10 +222,24 @@ class Engine:
 
     def _micro_batches(self) -> Iterator[tuple[int, dict[str, Any], dict[str, Any]]]:
         while True:
-            epoch = self.state.epoch
+            epoch, produced = self.state.epoch, 0
+            start = self.data.position()
+            resumed_mid_epoch = start.get("epoch") == epoch and (start.get("next_batch") or start.get("batches"))
             for batch, meta in self.data.batches(epoch):
+                produced += 1
                 yield epoch, batch, meta
+            if produced == 0 and not resumed_mid_epoch:
+                raise RuntimeError(f"epoch {epoch} produced no batch: is every sample unreadable, or the dataset "
+                                   "smaller than one batch per process?")
             self.state.epoch += 1  # the data source resets its position for a new epoch
+
+    def _check_bad_fraction(self) -> None:
+        bad = sum(self.state.skipped.values())
+        read = bad + self.state.samples_seen
+        if read >= 100 and bad > self.config.max_bad_fraction * read:
+            raise RuntimeError(f"{bad} of the {read} samples read so far were bad (more than "
+                               f"max_bad_fraction={self.config.max_bad_fraction}): {self.state.skipped}. "
+                               "Check image_root and the annotation files.")
 
     def fit(self) -> TrainState:
         cfg = self.config
@@ -250,6 +265,7 @@ class Engine:
                 for reason, count in meta.get("skipped", {}).items():
                     self.state.skipped[reason] = self.state.skipped.get(reason, 0) + int(count)
                 self.state.samples_seen += int(meta.get("size", cfg.samples_per_micro_batch))
+                self._check_bad_fraction()
                 inputs = self.prepare(batch)
                 last = micro == cfg.grad_accum_steps - 1
                 sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()

@@ -224,7 +224,7 @@ def run_pretraining(recipe: PretrainRecipe, record_history: bool = False) -> Pre
         EngineConfig(output_dir=out, total_steps=total_steps, grad_accum_steps=recipe.grad_accum_steps,
                      precision=recipe.precision, grad_clip=recipe.grad_clip, log_every=recipe.log_every,
                      save_every=recipe.save_every, progress=recipe.progress, tensorboard=recipe.tensorboard,
-                     samples_per_micro_batch=recipe.batch_size),
+                     samples_per_micro_batch=recipe.batch_size, max_bad_fraction=recipe.max_bad_fraction),
         lr_at=schedule,
         forward_kwargs_at=lambda step: {"alpha": alpha_at(step, steps_per_epoch, alpha, recipe.alpha_warmup)},
         prepare=prepare,
