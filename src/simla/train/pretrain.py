@@ -204,9 +204,11 @@ def run_pretraining(recipe: PretrainRecipe, record_history: bool = False) -> Pre
     optimizer = build_optimizer(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = max(1, data.steps_per_epoch // recipe.grad_accum_steps)
     total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
-    schedule = LRSchedule(lr=recipe.lr, warmup_lr=recipe.warmup_lr, min_lr=recipe.min_lr,
-                          warmup_steps=recipe.warmup_steps if recipe.lr_schedule == "reference" else min(recipe.warmup_steps, total_steps), total_steps=total_steps,
-                          steps_per_epoch=steps_per_epoch, kind=recipe.lr_schedule)
+    # The reference staircase counts warm-up in whole hundreds and may outlast a short run; the cosine
+    # schedule needs its warm-up to fit inside the run.
+    warmup = recipe.warmup_steps if recipe.lr_schedule == "reference" else min(recipe.warmup_steps, total_steps)
+    schedule = LRSchedule(lr=recipe.lr, warmup_lr=recipe.warmup_lr, min_lr=recipe.min_lr, warmup_steps=warmup,
+                          total_steps=total_steps, steps_per_epoch=steps_per_epoch, kind=recipe.lr_schedule)
     alpha = config.objectives.alpha
 
     def prepare(batch: dict[str, Any]) -> dict[str, Any]:
