@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from ..checkpoint import load_state_into, read_checkpoint, save_checkpoint
+from ..checkpoint import load_state_into, read_checkpoint
 from ..config import SimlaConfig, apply_overrides
 from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan, derive_seed
 from ..data.retrieval import FinetuneView, RetrievalSampleBuilder, read_retrieval_eval, read_retrieval_train
@@ -28,11 +28,9 @@ from ..eval.retrieval import evaluate_retrieval
 from ..factory import build_model
 from ..models.retrieval import SimlaForRetrieval
 from ..tokenizers.text import get_tokenizer
-from .engine import Engine, EngineConfig
-from .optim import build_optimizer
 from .pretrain import setup_distributed
 from .recipe import field_
-from .schedule import LRSchedule, alpha_at
+from .runner import build_engine
 
 logger = logging.getLogger(__name__)
 
@@ -134,33 +132,8 @@ def run_retrieval_finetune(recipe: RetrievalRecipe) -> dict[str, Any]:
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump({"recipe": recipe.to_dict(), "model": model.config.to_dict()},
                                                          sort_keys=False), encoding="utf-8")
-    model.to(device)
-    if recipe.grad_checkpointing:
-        model.visual_encoder.set_grad_checkpointing(True)
-        model.text_encoder.set_grad_checkpointing(True)
-    optimizer = build_optimizer(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps_per_epoch = max(1, data.steps_per_epoch // recipe.grad_accum_steps)
-    total = recipe.max_steps or recipe.epochs * steps_per_epoch
-    warmup = recipe.warmup_steps if recipe.lr_schedule == "reference" else min(recipe.warmup_steps, total)
-    schedule = LRSchedule(lr=recipe.lr, warmup_lr=recipe.warmup_lr, min_lr=recipe.min_lr, warmup_steps=warmup,
-                          total_steps=total, steps_per_epoch=steps_per_epoch, kind=recipe.lr_schedule)
-    alpha = model.config.objectives.alpha
-    wrapped = model
-    if is_distributed():
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
-    engine = Engine(
-        model, optimizer, data,
-        EngineConfig(output_dir=out, total_steps=total, grad_accum_steps=recipe.grad_accum_steps,
-                     precision=recipe.precision, grad_clip=recipe.grad_clip, log_every=recipe.log_every,
-                     save_every=recipe.save_every, progress=recipe.progress, tensorboard=recipe.tensorboard,
-                     samples_per_micro_batch=recipe.batch_size),
-        lr_at=schedule,
-        forward_kwargs_at=lambda step: {"alpha": alpha_at(step, steps_per_epoch, alpha, recipe.alpha_warmup)},
-        prepare=lambda batch: {k: v.to(device, non_blocking=True) for k, v in batch.items()},
-        save=lambda path, extra: save_checkpoint(model, path, recipe=recipe.to_dict(), **extra),
-        device=device, wrapped=wrapped,
-    )
+    engine = build_engine(model, recipe, data, out, device,
+                          prepare=lambda batch: {k: v.to(device, non_blocking=True) for k, v in batch.items()})
     if resume is not None:
         engine.load_training_state(read_checkpoint(resume)["train_state"])
     engine.fit()

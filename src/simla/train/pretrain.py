@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..checkpoint import load_state_into, read_checkpoint, save_checkpoint
+from ..checkpoint import load_state_into, read_checkpoint
 from ..config import SimlaConfig, get_config
 from ..distributed import get_rank, get_world_size, is_distributed
 from ..factory import build_model, create_model
@@ -29,10 +29,9 @@ from ..data.pretrain_data import (AnnotationData, CaptionBatches, EpochBatchPlan
 from ..data.readers import is_shard_pattern, read_records
 from ..data.shards import ShardStream, count_samples, expand_shards
 from ..data.transforms import PretrainViewConfig, PretrainViews
-from .engine import Engine, EngineConfig, TrainState
-from .optim import build_optimizer
+from .engine import TrainState
 from .recipe import PretrainRecipe
-from .schedule import LRSchedule, alpha_at
+from .runner import build_engine
 
 logger = logging.getLogger(__name__)
 
@@ -197,49 +196,18 @@ def run_pretraining(recipe: PretrainRecipe, record_history: bool = False) -> Pre
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump({"recipe": recipe.to_dict(), "model": config.to_dict()},
                                                          sort_keys=False), encoding="utf-8")
-    model.to(device)
-    if recipe.grad_checkpointing:
-        model.visual_encoder.set_grad_checkpointing(True)
-        model.text_encoder.set_grad_checkpointing(True)
-    optimizer = build_optimizer(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    steps_per_epoch = max(1, data.steps_per_epoch // recipe.grad_accum_steps)
-    total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch
-    # The reference staircase counts warm-up in whole hundreds and may outlast a short run; the cosine
-    # schedule needs its warm-up to fit inside the run.
-    warmup = recipe.warmup_steps if recipe.lr_schedule == "reference" else min(recipe.warmup_steps, total_steps)
-    schedule = LRSchedule(lr=recipe.lr, warmup_lr=recipe.warmup_lr, min_lr=recipe.min_lr, warmup_steps=warmup,
-                          total_steps=total_steps, steps_per_epoch=steps_per_epoch, kind=recipe.lr_schedule)
-    alpha = config.objectives.alpha
-
     def prepare(batch: dict[str, Any]) -> dict[str, Any]:
         moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         moved["visual_tokens"] = visual_tokenizer(moved.pop("tokenizer_image"))
         return moved
 
-    wrapped = model
-    if is_distributed():
-        # Queues are written identically on every rank from all-gathered features: no buffer broadcast.
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
-    engine = Engine(
-        model, optimizer, data,
-        EngineConfig(output_dir=out, total_steps=total_steps, grad_accum_steps=recipe.grad_accum_steps,
-                     precision=recipe.precision, grad_clip=recipe.grad_clip, log_every=recipe.log_every,
-                     save_every=recipe.save_every, progress=recipe.progress, tensorboard=recipe.tensorboard,
-                     samples_per_micro_batch=recipe.batch_size, max_bad_fraction=recipe.max_bad_fraction),
-        lr_at=schedule,
-        forward_kwargs_at=lambda step: {"alpha": alpha_at(step, steps_per_epoch, alpha, recipe.alpha_warmup)},
-        prepare=prepare,
-        save=lambda path, extra: save_checkpoint(model, path, recipe=recipe.to_dict(), **extra),
-        device=device,
-        wrapped=wrapped,
-    )
+    engine = build_engine(model, recipe, data, out, device, prepare)
     if saved is not None:
         load_state_into(model, saved["model"], source=str(resume))
         engine.load_training_state(saved["train_state"])
         logger.info("resumed from %s at step %d", resume, engine.state.step)
-    logger.info("pretraining %s for %d steps (%d per epoch) on %d process(es), device %s",
-                config.name, total_steps, steps_per_epoch, get_world_size(), device)
+    logger.info("pretraining %s for %d steps on %d process(es), device %s",
+                config.name, engine.config.total_steps, get_world_size(), device)
     state = engine.fit()
     if is_distributed():
         torch.distributed.destroy_process_group()
