@@ -101,6 +101,7 @@ class Engine:
         save: Callable[[Path, dict[str, Any]], None],
         device: torch.device,
         wrapped: nn.Module | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         self.model = model  # the bare module: its state is what checkpoints hold
         self.wrapped = wrapped or model  # what is called (DistributedDataParallel at world size > 1)
@@ -112,6 +113,9 @@ class Engine:
         self.prepare = prepare
         self.save_fn = save
         self.device = device
+        # Called with the step number after every optimizer step (and its log/checkpoint), on every rank:
+        # e.g. a periodic evaluation. It must leave the model in training mode.
+        self.on_step = on_step
         self.state = TrainState()
         self._interval: dict[str, Tensor] = {}
         self._interval_steps = 0
@@ -294,6 +298,8 @@ class Engine:
                     raise FloatingPointError(f"non-finite loss at step {self.state.step}: {record}")
             if self.state.step % cfg.save_every == 0 or self.state.step == cfg.total_steps:
                 self.save()
+            if self.on_step is not None:
+                self.on_step(self.state.step)
         if bar is not None:
             bar.close()
         if self._writer is not None:

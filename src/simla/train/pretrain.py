@@ -11,6 +11,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -160,7 +161,9 @@ class PretrainResult:
     data: Any
 
 
-def run_pretraining(recipe: PretrainRecipe, record_history: bool = False) -> PretrainResult:
+def run_pretraining(recipe: PretrainRecipe, record_history: bool = False,
+                    on_step: Callable[[SimlaForPretraining, int], None] | None = None) -> PretrainResult:
+    """Pretrain as the recipe says. `on_step(model, step)` runs after every optimizer step (e.g. an evaluation)."""
     recipe.validate()
     device = setup_distributed(recipe)
     rank = get_rank()
@@ -201,7 +204,8 @@ def run_pretraining(recipe: PretrainRecipe, record_history: bool = False) -> Pre
         moved["visual_tokens"] = visual_tokenizer(moved.pop("tokenizer_image"))
         return moved
 
-    engine = build_engine(model, recipe, data, out, device, prepare)
+    engine = build_engine(model, recipe, data, out, device, prepare,
+                          on_step=(lambda step: on_step(model, step)) if on_step is not None else None)
     if saved is not None:
         load_state_into(model, saved["model"], source=str(resume))
         engine.load_training_state(saved["train_state"])

@@ -22,7 +22,8 @@ from .schedule import LRSchedule, alpha_at
 
 
 def build_engine(model: SimlaModel, recipe: Any, data: ResumableData, output_dir: Path, device: torch.device,
-                 prepare: Callable[[dict[str, Any]], dict[str, Any]]) -> Engine:
+                 prepare: Callable[[dict[str, Any]], dict[str, Any]],
+                 on_step: Callable[[int], None] | None = None) -> Engine:
     """Move the model, build AdamW, the LR and alpha schedules, DDP when distributed, and the engine."""
     model.to(device)
     if recipe.grad_checkpointing:
@@ -55,4 +56,5 @@ def build_engine(model: SimlaModel, recipe: Any, data: ResumableData, output_dir
         save=lambda path, extra: save_checkpoint(model, path, recipe=recipe.to_dict(), **extra),
         device=device,
         wrapped=wrapped,
+        on_step=on_step,
     )
