@@ -1,10 +1,10 @@
 """Pretraining batches from annotation files or WebDataset shards, built in dataloader workers.
 
 A whole batch is built by one worker call, which lets a bad sample be replaced by another sample of the
-dataset that is NOT already in the batch (SPEC A2: never a duplicate, which would be a false negative
-for ITC/ITM). All randomness (caption choice, crop, flip, RandAugment, block mask, replacements) comes
-from a per-sample seed derived from (seed, epoch, batch, slot), so a resumed run rebuilds exactly the
-batches the interrupted run would have seen.
+dataset that is NOT already in the batch (never a duplicate: a duplicate would be a false negative for
+ITC/ITM). All randomness (caption choice, crop, flip, RandAugment, block mask, replacements) comes from a
+per-sample seed derived from (seed, epoch, rank, batch, slot): every rank draws its own augmentations and
+masks, and a resumed run rebuilds exactly the batches the interrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,6 +37,11 @@ _REPORTED: set[str] = set()
 def derive_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (stable across processes and Python hash seeds)."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def sample_seed(seed: int, epoch: int, rank: int, batch: int, slot: int) -> int:
+    """The seed of every random choice made for one sample of annotation-file data."""
+    return derive_seed(seed, epoch, rank, batch, slot)
 
 
 def _report(err: BadSampleError) -> None:
@@ -97,8 +102,21 @@ def collate(samples: list[dict[str, Any]], tokenizer: TextTokenizer, max_length:
 
 
 # ------------------------------------------------------------------------- annotation files
+class BatchSpec(NamedTuple):
+    """One item of :class:`CaptionBatches`: which records make batch `batch` of `epoch` on `rank`."""
+
+    epoch: int
+    batch: int
+    indices: Sequence[int]
+    rank: int = 0
+
+
 class CaptionBatches(Dataset):
-    """Map-style dataset whose items are whole batches: item = (epoch, batch_index, record indices)."""
+    """Map-style dataset whose items are whole batches, addressed by a :class:`BatchSpec`.
+
+    The rank is part of every per-sample seed: the batch index counts batches per rank, so without it
+    every rank would draw the same crop, flip, RandAugment ops and patch mask for the same slot.
+    """
 
     def __init__(self, records: Sequence[CaptionRecord], builder: SampleBuilder, tokenizer: TextTokenizer,
                  max_length: int, seed: int, max_attempts_per_sample: int = 50) -> None:
@@ -112,12 +130,12 @@ class CaptionBatches(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, spec: tuple[int, int, Sequence[int]]) -> tuple[dict[str, Any], dict[str, Any]]:
-        epoch, batch_index, indices = spec
+    def __getitem__(self, spec: BatchSpec | tuple) -> tuple[dict[str, Any], dict[str, Any]]:
+        epoch, batch_index, indices, rank = BatchSpec(*spec)
         taken = set(indices)
         samples, skipped, used = [], Counter(), []
         for slot, index in enumerate(indices):
-            rng = random.Random(derive_seed(self.seed, epoch, batch_index, slot))
+            rng = random.Random(sample_seed(self.seed, epoch, rank, batch_index, slot))
             for _ in range(self.max_attempts):
                 try:
                     samples.append(self.builder.build(self.records[index], rng))
@@ -157,9 +175,9 @@ class EpochBatchPlan:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{num_samples} samples cannot fill one batch of {batch_size} on each of {world_size} ranks")
 
-    def batch(self, epoch: int, batch_index: int, order: torch.Tensor) -> tuple[int, int, list[int]]:
+    def batch(self, epoch: int, batch_index: int, order: torch.Tensor) -> BatchSpec:
         start = batch_index * self.batch_size
-        return epoch, batch_index, order[start:start + self.batch_size].tolist()
+        return BatchSpec(epoch, batch_index, order[start:start + self.batch_size].tolist(), self.rank)
 
     def order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
