@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -28,3 +31,51 @@ def all_gather_no_grad(tensor: Tensor) -> Tensor:
     gathered = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(gathered, tensor.contiguous())
     return torch.cat(gathered, dim=0)
+
+
+def gather_to_rank0(obj: Any) -> list[Any] | None:
+    """Every rank's picklable `obj`, in rank order, on rank 0 (None elsewhere); [obj] at world size 1.
+
+    A collective: every rank must call it. Used for the small per-rank state that a checkpoint holds
+    (RNG states, data positions, counters), not for tensors of any size.
+    """
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] | None = [None] * get_world_size() if get_rank() == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order, on every rank; [obj] at world size 1."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def init_from_env(device: str = "auto") -> torch.device:
+    """Join the torchrun process group when launched by torchrun, and pick this process's device.
+
+    `device` is "auto" (CUDA when available), "cpu", "cuda" or "cuda:N". Under torchrun (WORLD_SIZE > 1)
+    the group uses NCCL on CUDA and gloo on CPU, and "cuda"/"auto" mean the GPU of this process's
+    LOCAL_RANK, so that N processes on one machine use N different GPUs. A plain process starts no group.
+    """
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} was asked for, but CUDA is not available")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not is_distributed():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if not use_cuda:
+        return torch.device("cpu")
+    chosen = torch.device(device if ":" in device else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    torch.cuda.set_device(chosen)
+    return chosen
+
+
+def finish() -> None:
+    """Leave the process group, if one was started (a no-op in a plain process)."""
+    if is_distributed():
+        dist.destroy_process_group()

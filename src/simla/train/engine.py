@@ -6,9 +6,12 @@ extra-argument schedules, and a `prepare` hook that moves a batch to the device 
 runs the visual tokenizer).
 
 Exact resume: a checkpoint is written only at an optimizer-step boundary and holds the model (with
-momentum teachers and queues), the optimizer, the step, the data position, the interval log
-accumulators and every RNG state. Data randomness is derived from (seed, epoch, batch, slot), never from
-worker state, so a run killed at any moment continues with the same batches and the same losses.
+momentum teachers and queues), the optimizer and the step, plus, for EVERY rank, its data position, its
+bad-sample counters, its interval log accumulators and its RNG states (python, torch CPU, its CUDA
+device). The per-rank parts are gathered to rank 0, which writes the one file atomically, so a
+checkpoint never mixes ranks' states from different steps. Data randomness is derived from (seed, epoch,
+rank, batch, slot), never from worker state, so a run killed at any moment continues with the same
+batches and the same losses, under torchrun as in one process.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..distributed import get_rank, get_world_size, is_distributed
+from ..distributed import all_gather_objects, gather_to_rank0, get_rank, get_world_size, is_distributed
 from .optim import clip_gradients
 
 logger = logging.getLogger(__name__)
@@ -68,23 +71,32 @@ class EngineConfig:
 class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)  # bad samples by reason, all ranks summed locally
-    samples_seen: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # bad samples by kind met by this rank
+    samples_seen: int = 0  # samples used by this rank
 
 
-def capture_rng() -> dict[str, Any]:
+def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
+    """This process's RNG states: python, torch CPU and, on a CUDA device, that device's generator."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: Mapping[str, Any]) -> None:
+def restore_rng(state: Mapping[str, Any], device: torch.device | None = None) -> None:
     python = state["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # written by an older version: one state per visible device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(cuda):
+            logger.warning("checkpoint has no CUDA RNG state for %s: its generator is not restored", device)
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 class Engine:
@@ -128,39 +140,63 @@ class Engine:
     def checkpoint_path(self) -> Path:
         return Path(self.config.output_dir) / "checkpoints" / "last.pt"
 
-    def training_state(self) -> dict[str, Any]:
+    def rank_state(self) -> dict[str, Any]:
+        """What differs between ranks and must come back per rank on resume."""
+        return {
+            "rank": get_rank(),
+            "rng": capture_rng(self.device),
+            "data_position": self.data.position(),
+            "skipped": dict(self.state.skipped),
+            "samples_seen": self.state.samples_seen,
+            "interval": {k: v.detach().cpu() for k, v in self._interval.items()},
+            "interval_steps": self._interval_steps,
+        }
+
+    def training_state(self, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything but the weights. `ranks`: every rank's `rank_state()` in rank order (default: this one's).
+
+        The optimizer state is identical on every rank (DDP averages the gradients), so it is stored once.
+        """
         return {
             "optimizer": self.optimizer.state_dict(),
             "step": self.state.step,
             "epoch": self.state.epoch,
-            "skipped": dict(self.state.skipped),
-            "samples_seen": self.state.samples_seen,
-            "data_position": self.data.position(),
-            "interval": {k: v.detach().cpu() for k, v in self._interval.items()},
-            "interval_steps": self._interval_steps,
-            "rng": capture_rng(),
             "world_size": get_world_size(),
+            "ranks": ranks if ranks is not None else [self.rank_state()],
         }
 
     def save(self) -> None:
+        ranks = gather_to_rank0(self.rank_state())  # a collective: every rank takes part
         if self.rank0:
-            self.save_fn(self.checkpoint_path, {"train_state": self.training_state()})
+            self.save_fn(self.checkpoint_path, {"train_state": self.training_state(ranks)})
             logger.info("saved %s at step %d", self.checkpoint_path, self.state.step)
         if is_distributed():
             torch.distributed.barrier()  # nobody runs ahead of a checkpoint that may be resumed
 
     def load_training_state(self, train_state: Mapping[str, Any]) -> None:
-        """Restore everything but the model weights (the caller loads those)."""
-        if train_state.get("world_size", 1) != get_world_size():
+        """Restore everything but the model weights (the caller loads those); each rank takes its own part."""
+        world, rank = get_world_size(), get_rank()
+        saved_world = int(train_state.get("world_size", 1))
+        # Checkpoints written before per-rank states kept rank 0's state at the top level.
+        ranks = train_state.get("ranks") or [train_state]
+        if saved_world != world:
             logger.warning("resuming with world size %d (checkpoint: %d): the data order will differ",
-                           get_world_size(), train_state.get("world_size", 1))
+                           world, saved_world)
         self.optimizer.load_state_dict(train_state["optimizer"])
+        mine = ranks[rank] if rank < len(ranks) else None
+        if mine is None:
+            # A rank the interrupted run did not have: it continues at the same epoch and batch as rank 0,
+            # with its own fresh RNG seeds and no counts of its own yet.
+            logger.warning("rank %d has no saved state (the checkpoint holds %d ranks): its RNG is not restored",
+                           rank, len(ranks))
+            mine = {**ranks[0], "skipped": {}, "interval": {}, "rng": None}
         self.state = TrainState(step=train_state["step"], epoch=train_state["epoch"],
-                                skipped=dict(train_state["skipped"]), samples_seen=train_state["samples_seen"])
-        self.data.load_position(train_state["data_position"])
-        self._interval = {k: v.to(self.device) for k, v in train_state["interval"].items()}
-        self._interval_steps = train_state["interval_steps"]
-        restore_rng(train_state["rng"])
+                                skipped=dict(mine["skipped"]), samples_seen=mine["samples_seen"])
+        self.data.load_position(mine["data_position"])
+        self._interval = {k: v.to(self.device) for k, v in mine["interval"].items()}
+        self._interval_steps = mine["interval_steps"]
+        if mine["rng"] is not None:
+            restore_rng(mine["rng"], self.device)
         self._truncate_log()
 
     def _truncate_log(self) -> None:
@@ -199,9 +235,10 @@ class Engine:
         record.update({n: float(v) for n, v in zip(names, values.tolist())})
         rate = steps_timed * self.config.grad_accum_steps * self.config.samples_per_micro_batch * get_world_size()
         record["samples_per_s"] = rate / elapsed if elapsed > 0 else None
-        record["samples_seen"] = self.state.samples_seen * get_world_size()
-        record["skipped"] = dict(self.state.skipped)
-        record["skipped_total"] = sum(self.state.skipped.values())
+        seen, skipped = self._totals_over_ranks()
+        record["samples_seen"] = seen
+        record["skipped"] = skipped
+        record["skipped_total"] = sum(skipped.values())
         self._interval, self._interval_steps = {}, 0
         if self.rank0:
             with open(self._log_path(), "a", encoding="utf-8") as handle:
@@ -211,6 +248,15 @@ class Engine:
                     if isinstance(value, (int, float)) and key != "step":
                         self._writer.add_scalar(key, value, self.state.step)
         return record
+
+    def _totals_over_ranks(self) -> tuple[int, dict[str, int]]:
+        """Samples used and bad samples by kind, summed over every rank (each rank reads its own share)."""
+        total_seen, total_skipped = 0, {}
+        for seen, skipped in all_gather_objects((self.state.samples_seen, dict(self.state.skipped))):
+            total_seen += seen
+            for kind, count in skipped.items():
+                total_skipped[kind] = total_skipped.get(kind, 0) + count
+        return total_seen, dict(sorted(total_skipped.items()))
 
     def _open_tensorboard(self) -> None:
         if self.config.tensorboard and self.rank0:
