@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +105,22 @@ def test_finetune_command_resamples_and_evaluates(tmp_path, retrieval_data, pret
     assert isinstance(model, simla.models.retrieval.SimlaForRetrieval)
     assert model.visual_encoder.pos_embed.shape[1] == 1 + 12 * 12  # 64 px pretraining -> 96 px
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_evaluation_under_torchrun_splits_rows_and_equals_one_process(tmp_path, retrieval_data, pretrained):
+    common = ["evaluate", "retrieval", "--checkpoint", str(pretrained), "--data", str(retrieval_data / "test.json"),
+              "--image-root", str(retrieval_data), "--k", "4", "--num-workers", "0", "--device", "cpu"]
+    assert main([*common, "--output", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "simla.cli", "-v", *common, "--output", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # A process group was formed and each rank re-ranked its own share of the 12 images and 18 texts ...
+    assert "rank 0 of 2 re-ranks image rows 0-7 and text rows 0-10" in proc.stderr
+    assert "rank 1 of 2 re-ranks image rows 7-12 and text rows 10-18" in proc.stderr
+    # ... and only rank 0 reported and wrote the results, which equal the one-process evaluation.
+    assert proc.stdout.count("wrote ") == 1
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two == pytest.approx(one)

@@ -84,29 +84,36 @@ def cmd_finetune_retrieval(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate_retrieval(args: argparse.Namespace) -> int:
+    """Evaluate retrieval; under torchrun the ITM re-ranking rows are split across the processes."""
     from pathlib import Path
 
     from .checkpoint import load_checkpoint
     from .data.retrieval import read_retrieval_eval
+    from .distributed import finish, get_rank, init_from_env, is_distributed
     from .eval.metrics import format_table
     from .eval.retrieval import evaluate_retrieval
     from .tokenizers.text import get_tokenizer
 
-    overrides = {"image_size": args.image_size} if args.image_size else {}
-    model = load_checkpoint(args.checkpoint, task="base", trust_pickle=args.trust_pickle, **overrides)
-    tokenizer = get_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
-    import torch
-
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
-    data = read_retrieval_eval(args.data, args.image_root)
-    metrics = evaluate_retrieval(model, data, k=args.k, itc_only=args.itc_only, tokenizer=tokenizer,
-                                 batch_size=args.batch_size, num_workers=args.num_workers, progress=True)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    print(format_table(metrics))
-    print(f"wrote {out / 'results.json'}")
+    owns_group = not is_distributed()  # a caller's own process group is left alone
+    device = init_from_env(args.device)
+    try:
+        rank0 = get_rank() == 0
+        overrides = {"image_size": args.image_size} if args.image_size else {}
+        model = load_checkpoint(args.checkpoint, task="base", trust_pickle=args.trust_pickle, **overrides)
+        tokenizer = get_tokenizer(args.tokenizer) if args.tokenizer else model.tokenizer
+        model.to(device)
+        data = read_retrieval_eval(args.data, args.image_root)
+        metrics = evaluate_retrieval(model, data, k=args.k, itc_only=args.itc_only, tokenizer=tokenizer,
+                                     batch_size=args.batch_size, num_workers=args.num_workers, progress=rank0)
+        if rank0:  # every rank holds the gathered scores and the same metrics; one writes them
+            out = Path(args.output)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+            print(format_table(metrics))
+            print(f"wrote {out / 'results.json'}")
+    finally:
+        if owns_group:
+            finish()
     return 0
 
 

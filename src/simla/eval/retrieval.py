@@ -94,6 +94,8 @@ def score_matrices(model: SimlaModel, features: RetrievalFeatures, *, k: int = 2
     rank, world = get_rank(), get_world_size()
     rows_i = shard_rows(sim_i2t.shape[0], rank, world)
     rows_t = shard_rows(sim_i2t.shape[1], rank, world)
+    logger.info("rank %d of %d re-ranks image rows %d-%d and text rows %d-%d (k=%d)", rank, world,
+                rows_i.start, rows_i.stop, rows_t.start, rows_t.stop, k)
     i2t = rerank(sim_i2t, k, image_queries, batch_size=batch_size, rows=rows_i, progress=progress)
     t2i = rerank(sim_i2t.t().contiguous(), k, text_queries, batch_size=batch_size, rows=rows_t, progress=progress)
     return gather_rows(i2t, rows_i), gather_rows(t2i, rows_t)

@@ -2,7 +2,7 @@
 
 The checkpoint's position embeddings are resampled to the fine-tuning resolution (256 -> 384 px), the
 pretraining-only heads are left out (reported), and the momentum teachers copy the loaded weights
-(SPEC A2). The training loop is the shared engine, so logs, checkpoints and exact resume work as in
+(not the other way round, as the reference does for some tasks). The training loop is the shared engine, so logs, checkpoints and exact resume work as in
 pretraining. With a `test_file`, the run ends with a retrieval evaluation written to results.json.
 """
 
@@ -22,13 +22,12 @@ from ..checkpoint import load_state_into, read_checkpoint
 from ..config import SimlaConfig, apply_overrides
 from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan, derive_seed
 from ..data.retrieval import FinetuneView, RetrievalSampleBuilder, read_retrieval_eval, read_retrieval_train
-from ..distributed import get_rank, get_world_size, is_distributed
+from ..distributed import finish, get_rank, get_world_size, init_from_env
 from ..eval.metrics import format_table
 from ..eval.retrieval import evaluate_retrieval
 from ..factory import build_model
 from ..models.retrieval import SimlaForRetrieval
 from ..tokenizers.text import get_tokenizer
-from .pretrain import setup_distributed
 from .recipe import field_
 from .runner import build_engine
 
@@ -108,7 +107,7 @@ def build_retrieval_model(recipe: RetrievalRecipe, source: str) -> SimlaForRetri
 
 def run_retrieval_finetune(recipe: RetrievalRecipe) -> dict[str, Any]:
     recipe.validate()
-    device = setup_distributed(recipe)
+    device = init_from_env(recipe.device)
     rank, world = get_rank(), get_world_size()
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,7 +119,7 @@ def run_retrieval_finetune(recipe: RetrievalRecipe) -> dict[str, Any]:
         resume = resume if resume.is_file() else None
     model = build_retrieval_model(recipe, str(resume or recipe.checkpoint))
     if resume is None:
-        model.copy_params_to_momentum()  # SPEC A2: teachers start from the loaded weights
+        model.copy_params_to_momentum()  # teachers start from the loaded weights, not from fresh ones
     tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
     model.tokenizer = tokenizer
     records = read_retrieval_train(recipe.train_file, recipe.image_root)
@@ -139,12 +138,11 @@ def run_retrieval_finetune(recipe: RetrievalRecipe) -> dict[str, Any]:
     engine.fit()
     results: dict[str, Any] = {"step": engine.state.step}
     if test is not None:
-        metrics = evaluate_retrieval(model, test, k=recipe.k_test, tokenizer=tokenizer, progress=recipe.progress,
-                                     num_workers=recipe.num_workers)
+        metrics = evaluate_retrieval(model, test, k=recipe.k_test, tokenizer=tokenizer,
+                                     progress=recipe.progress and rank == 0, num_workers=recipe.num_workers)
         results.update(metrics)
         if rank == 0:
             (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
             logger.info("test retrieval after fine-tuning:\n%s", format_table(metrics))
-    if is_distributed():
-        torch.distributed.destroy_process_group()
+    finish()
     return results
