@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import simla
-from simla.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_pretrained
+from simla.checkpoint import (CheckpointError, CorruptCheckpointError, NotACheckpointError, UntrustedCheckpointError,
+                              load_checkpoint, read_checkpoint, save_checkpoint, save_pretrained)
 from simla.cli import main
 
 from conftest import make_batch
@@ -202,3 +203,117 @@ def test_reference_retrieval_checkpoint_imports(tmp_path, tiny_config):
                        state["text_encoder.encoder.layer.0.attention.self.query.weight"])
     assert torch.equal(model.text_encoder_m.embeddings.word_embeddings.weight,
                        state["text_encoder_m.embeddings.word_embeddings.weight"])
+
+
+# ------------------------------------------------------------------------ damaged and foreign files
+@pytest.fixture
+def load_calls(monkeypatch):
+    """Every weights_only value torch.load is called with (to prove full unpickling never happens)."""
+    calls, real = [], torch.load
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording)
+    return calls
+
+
+def pickled_reference(path, tiny_config, marker: torch.Tensor | None = None):
+    state = reference_pretrain_state(tiny_config)
+    if marker is not None:
+        state["itm_head.bias"] = marker
+    torch.save({"model": state, "config": argparse.Namespace(lr=1e-4)}, path)
+    return path
+
+
+def test_truncated_checkpoint_is_corrupt_and_never_unpickled_even_when_trusted(tmp_path, tiny_config, load_calls):
+    whole = pickled_reference(tmp_path / "ref.pth", tiny_config).read_bytes()
+    for name, data in (("half.pth", whole[: len(whole) // 2]), ("cut.pth", whole[:-100]), ("empty.pth", b"")):
+        (tmp_path / name).write_bytes(data)
+        for trust in (False, True):
+            with pytest.raises(CorruptCheckpointError, match="truncated or corrupt"):
+                read_checkpoint(tmp_path / name, trust_pickle=trust)
+    assert False not in load_calls
+
+
+def test_damaged_tensor_bytes_in_a_trusted_file_are_caught_before_unpickling(tmp_path, tiny_config, load_calls):
+    marker = torch.full((2,), 1234.5)  # raw bytes easy to find in the file
+    path = pickled_reference(tmp_path / "ref.pth", tiny_config, marker)
+    data = bytearray(path.read_bytes())
+    at = bytes(data).index(marker.numpy().tobytes())
+    data[at:at + 4] = b"\0\0\0\0"
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="zip"):
+        read_checkpoint(path, trust_pickle=True)
+    assert False not in load_calls
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
+    text = tmp_path / "notes.pth"
+    text.write_text("these are my notes\n")
+    listing = tmp_path / "list.pt"
+    torch.save([1, 2, 3], listing)
+    mapping = tmp_path / "dict.pt"
+    torch.save({"epoch": 3, "lr": 0.1}, mapping)
+    release = save_pretrained(simla.create_model("simla_tiny", queue_size=16), tmp_path / "release")
+    for path, message in ((text, "not a PyTorch checkpoint"), (listing, "holds a list"),
+                          (mapping, "without a 'model' entry"), (release / "model.safetensors", "safetensors file")):
+        with pytest.raises(NotACheckpointError, match=message):
+            read_checkpoint(path, trust_pickle=True)
+
+
+def test_untrusted_pickle_is_told_apart_from_damage(tmp_path, tiny_config, load_calls):
+    path = pickled_reference(tmp_path / "ref.pth", tiny_config)
+    with pytest.raises(UntrustedCheckpointError, match=r"argparse\.Namespace.*trust_pickle=True"):
+        read_checkpoint(path)
+    assert load_calls == [True]
+    assert set(read_checkpoint(path, trust_pickle=True)) == {"model", "config"}
+    assert load_calls == [True, True, False]
+
+
+# ------------------------------------------------------------------------------ strict=False
+def test_strict_false_loads_the_rest_and_keeps_fresh_weights_for_mismatched_shapes(tmp_path, tiny_config):
+    torch.manual_seed(0)
+    model = simla.build_model(simla.get_config("simla_tiny", queue_size=16))
+    fresh_proj = model.vision_proj.weight.detach().clone()
+    state = reference_pretrain_state(tiny_config)
+    state["vision_proj.weight"] = torch.zeros(3, 3)
+    del state["itm_head.bias"]
+    with pytest.raises(CheckpointError, match=r"vision_proj\.weight.*\(3, 3\)"):
+        simla.checkpoint.load_state_into(model, state, source="ref")
+    report = simla.checkpoint.load_state_into(model, state, source="ref", strict=False)
+    assert [line.split(" ")[0] for line in report.mismatched] == ["vision_proj.weight"]
+    assert report.missing == ["itm_head.bias"] and not report.ok
+    assert torch.equal(model.vision_proj.weight, fresh_proj)  # fresh, not zeros and not dropped silently
+    assert torch.equal(model.itm_head.weight, state["itm_head.weight"])  # everything else loaded
+
+    # The same for our own format (e.g. a checkpoint of another width for one head).
+    ours = simla.create_model("simla_tiny", queue_size=16).state_dict()
+    ours["itm_head.weight"] = torch.zeros(2, 5)
+    target = simla.build_model(simla.get_config("simla_tiny", queue_size=16))
+    fresh_itm = target.itm_head.weight.detach().clone()
+    with pytest.raises(CheckpointError, match="itm_head.weight"):
+        simla.checkpoint.load_state_into(target, ours, source="ours")
+    report = simla.checkpoint.load_state_into(target, ours, source="ours", strict=False)
+    assert report.mismatched == ["itm_head.weight: checkpoint (2, 5) vs model (2, 128)"]
+    assert torch.equal(target.itm_head.weight, fresh_itm)
+    assert torch.equal(target.vision_proj.weight, ours["vision_proj.weight"])
+
+
+def test_convert_task_retrieval_keeps_teachers_and_queues(tmp_path, tiny_config):
+    state = {k.replace("text_encoder.bert.", "text_encoder.").replace("text_encoder_m.bert.", "text_encoder_m."): v
+             for k, v in reference_pretrain_state(tiny_config).items()
+             if ".cls." not in k and "mim_head" not in k and "concept_head" not in k and "mask_token" not in k}
+    state["idx_queue"] = torch.arange(16)[None]
+    source = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": state}, source)
+    assert main(["convert", str(source), str(tmp_path / "plain.pt")]) == 0
+    plain = load_checkpoint(tmp_path / "plain.pt")
+    assert not hasattr(plain, "visual_encoder_m")  # the default for such a file keeps the online weights only
+    assert main(["convert", str(source), str(tmp_path / "ret.pt"), "--task", "retrieval"]) == 0
+    model = load_checkpoint(tmp_path / "ret.pt")
+    assert isinstance(model, simla.SimlaForRetrieval)
+    for key in ("visual_encoder_m.blocks.0.attn.qkv.weight", "text_encoder_m.encoder.layer.0.output.dense.weight",
+                "vision_proj_m.weight", "image_queue", "text_queue", "queue_ptr", "idx_queue"):
+        assert torch.equal(model.state_dict()[key], state[key]), key

@@ -15,7 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import pickletools
 import re
+import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,14 +53,17 @@ class ImportReport:
     # Training state absent from the file and rebuilt instead: momentum copies from the online weights,
     # queues freshly initialised (e.g. a safetensors release loaded for further pretraining).
     rebuilt: list[str] = field(default_factory=list)
+    # "key: checkpoint (shape) vs model (shape)" for tensors whose shape differs from the model's; a
+    # non-strict load keeps the model's own (fresh) tensor for each of them.
+    mismatched: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.unexpected
+        return not self.missing and not self.unexpected and not self.mismatched
 
     def __str__(self) -> str:
         lines = [f"import of {self.source}:"]
-        for name in ("missing", "unexpected", "resampled", "zero_filled", "ignored", "rebuilt"):
+        for name in ("missing", "unexpected", "mismatched", "resampled", "zero_filled", "ignored", "rebuilt"):
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
@@ -70,18 +78,150 @@ class CheckpointError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------- reading files
+class CorruptCheckpointError(CheckpointError):
+    """The file is a checkpoint that was cut short or damaged (an interrupted download, copy or write)."""
+
+
+class NotACheckpointError(CheckpointError):
+    """The file is not a PyTorch checkpoint at all (e.g. a text file, a safetensors file, another zip)."""
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """The file is intact but needs arbitrary unpickling, which the caller has not allowed."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL_2_PLUS = b"\x80"  # every pickle protocol >= 2 starts with the PROTO opcode
+# What torch.load raises on damaged bytes (miniz reader errors, pickle streams that end early or make no
+# sense). Permission errors are not among them: they surface, unchanged, when the file is first opened.
+_LOAD_ERRORS = (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, pickle.UnpicklingError,
+                struct.error, zipfile.BadZipFile, zlib.error)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _corrupt(path: Path, what: str, err: BaseException | None = None) -> CorruptCheckpointError:
+    cause = f" ({_first_line(err)})" if err is not None else ""
+    return CorruptCheckpointError(f"{path} is truncated or corrupt: {what}{cause}. It was probably cut short by an "
+                                  "interrupted download, copy or write; fetch or copy it again.")
+
+
+def _checkpoint_format(path: Path) -> str:
+    """'zip' (torch >= 1.6) or 'legacy' (an older torch.save pickle stream), judged from the first bytes."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if not head:
+        raise _corrupt(path, "the file is empty (0 bytes)")
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head.startswith(_PICKLE_PROTOCOL_2_PLUS):
+        return "legacy"
+    if len(head) >= 9 and head[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
+        raise NotACheckpointError(f"{path} is a safetensors file, not a torch checkpoint: pass the directory that "
+                                  "holds it as model.safetensors together with its config.json")
+    raise NotACheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {head[:8]!r}, neither a zip "
+                              "archive nor a pickle)")
+
+
+def _data_member(path: Path, archive: zipfile.ZipFile) -> zipfile.ZipInfo:
+    members = [m for m in archive.infolist() if m.filename == "data.pkl" or m.filename.endswith("/data.pkl")]
+    if not members:
+        raise NotACheckpointError(f"{path} is a zip archive but not a PyTorch checkpoint (it has no data.pkl)")
+    return members[0]
+
+
+def _check_zip(path: Path, everything: bool) -> None:
+    """Check the archive's structure and the CRC of its pickle (of every member when `everything`).
+
+    Nothing is unpickled here. The full check reads the whole file; it runs only before full unpickling,
+    so that a damaged file never gets that far.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist() if everything else [_data_member(path, archive)]
+            for member in members:
+                with archive.open(member) as stream:
+                    while stream.read(1 << 24):  # reading to the end verifies the member's CRC-32
+                        pass
+    except zipfile.BadZipFile as err:
+        raise _corrupt(path, "the zip archive is incomplete or damaged", err) from err
+    except (EOFError, zlib.error, OSError) as err:
+        raise _corrupt(path, "a zip member cannot be read back", err) from err
+
+
+def _check_legacy(path: Path) -> None:
+    """Walk the pickles of an old-format file (magic, protocol, sys info, object, storage keys) without
+    executing them: a stream that ends early is caught here, before any unpickling."""
+    with open(path, "rb") as handle:
+        for part in ("magic number", "protocol version", "system info", "checkpoint object", "storage keys"):
+            start = handle.tell()
+            try:
+                for _ in pickletools.genops(handle):
+                    pass
+            except (ValueError, EOFError) as err:
+                raise _corrupt(path, f"its {part} pickle ends early", err) from err
+            if part == "magic number":
+                handle.seek(start)
+                if _plain_unpickle(handle) != torch.serialization.MAGIC_NUMBER:
+                    raise NotACheckpointError(f"{path} is a pickle file but not a PyTorch checkpoint")
+
+
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing to import {module}.{name}")
+
+
+def _plain_unpickle(handle: Any) -> Any:
+    """Unpickle plain data only (numbers, strings, containers); anything that needs an import is refused."""
+    try:
+        return _NoGlobalsUnpickler(handle).load()
+    except (pickle.UnpicklingError, EOFError, ValueError):
+        return None
+
+
+def _needs_trust(err: pickle.UnpicklingError) -> bool:
+    # torch's weights-only unpickler names the global it refused; the file itself was read correctly.
+    return "Unsupported global" in str(err)
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """torch.load with the failure told apart: damaged, not a checkpoint, or needing trust.
+
+    weights_only=True is always tried first. Only an intact file (CRC-checked archive, complete pickle
+    streams) whose sole problem is a refused global is unpickled fully, and only with `trust_pickle`.
+    """
+    kind = _checkpoint_format(path)
+    if kind == "zip":
+        _check_zip(path, everything=False)
+    else:
+        _check_legacy(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        if not trust_pickle:
-            raise CheckpointError(
-                f"{path} cannot be read with weights_only=True ({type(err).__name__}: {str(err).splitlines()[0]}). "
-                "Reference checkpoints pickle their training config, which requires arbitrary code execution "
-                "to unpickle. If you trust the file's source, pass trust_pickle=True (CLI: --trust-pickle)."
-            ) from err
-        logger.warning("loading %s with full unpickling (trust_pickle=True)", path)
+    except pickle.UnpicklingError as err:
+        if not _needs_trust(err):
+            raise _corrupt(path, "its pickle cannot be read", err) from err
+        refused = err
+    except _LOAD_ERRORS as err:
+        raise _corrupt(path, "torch.load failed", err) from err
+    if not trust_pickle:
+        detail = next((line.strip() for line in str(refused).splitlines() if "Unsupported global" in line), "")
+        raise UntrustedCheckpointError(
+            f"{path} is intact but cannot be read with weights_only=True ({detail.removeprefix('WeightsUnpickler error: ')}). "
+            "Reference checkpoints pickle their training config, which requires arbitrary code execution to "
+            "unpickle. If you trust the file's source, pass trust_pickle=True (CLI: --trust-pickle).") from refused
+    if kind == "zip":
+        _check_zip(path, everything=True)
+    logger.warning("loading %s with full unpickling (trust_pickle=True)", path)
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as err:
+        raise CheckpointError(f"{path} pickles objects of a module that is not installed or has changed "
+                              f"({_first_line(err)}); install it (reference checkpoints need omegaconf)") from err
+    except _LOAD_ERRORS as err:
+        raise _corrupt(path, "full unpickling failed", err) from err
 
 
 def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, Any]:
@@ -100,12 +240,16 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict
         raise FileNotFoundError(f"no such checkpoint: {path}")
     data = _torch_load(path, trust_pickle)
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(data).__name__}")
+        raise NotACheckpointError(f"{path} holds a {type(data).__name__}, not a checkpoint (a dict with a 'model' "
+                                  "state dict, or a state dict itself)")
     if "model" not in data:
-        if all(isinstance(v, Tensor) for v in data.values()):
+        if data and all(isinstance(v, Tensor) for v in data.values()):
             data = {"model": data}  # a bare state dict
         else:
-            raise CheckpointError(f"{path}: no 'model' entry; keys are {sorted(data)[:10]}")
+            raise NotACheckpointError(f"{path} is a dict without a 'model' entry and is not a state dict either; "
+                                      f"its keys are {sorted(map(str, data))[:10]}")
+    if not isinstance(data["model"], dict) or not all(isinstance(v, Tensor) for v in data["model"].values()):
+        raise NotACheckpointError(f"{path}: its 'model' entry is not a state dict (name -> tensor)")
     return data
 
 
@@ -151,12 +295,13 @@ def convert_reference_state(
     - position embeddings of the ViTs are resampled (bicubic) to the model's grid;
     - the token-type table, absent from SIMLA checkpoints, is zero-filled (SPEC A3) so type 0 adds nothing;
     - the tied MLM decoder is checked to be the word embedding, as the reference ties them;
-    - any other shape mismatch is an error, never a silent drop.
+    - any other shape mismatch is listed in `report.mismatched` and left out of the returned state, so
+      the caller decides: a strict load raises, a non-strict one keeps the model's fresh tensor.
     """
     report = ImportReport(source)
     ours = model.state_dict()
     converted: dict[str, Tensor] = {}
-    mismatched = []
+    mismatched: set[str] = set()
     for key, tensor in state.items():
         name = map_reference_key(key)
         if name is None:
@@ -171,13 +316,12 @@ def convert_reference_state(
             tensor = resample_pos_embed(tensor, grid)
             report.resampled.append(key)
         if tensor.shape != target.shape:
-            mismatched.append(f"{key} -> {name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+            report.mismatched.append(f"{key} -> {name}: checkpoint {tuple(tensor.shape)} vs model {tuple(target.shape)}")
+            mismatched.add(name)
             continue
         converted[name] = tensor
-    if mismatched:
-        raise CheckpointError(f"{source}: shape mismatches (nothing was loaded):\n  " + "\n  ".join(mismatched))
     for name in ours:
-        if name in converted:
+        if name in converted or name in mismatched:  # a mismatched tensor is reported once, not also as missing
             continue
         if name.endswith("embeddings.token_type_embeddings.weight"):
             converted[name] = torch.zeros_like(ours[name])
@@ -197,8 +341,10 @@ def load_state_into(
 ) -> ImportReport:
     """Load our-format or reference-format weights into `model`, raising on any mismatch when strict.
 
-    Tensors of other task models that this model lacks by design (e.g. the MIM head when loading a
-    pretraining checkpoint for retrieval) are reported as ignored. Training state the file lacks
+    strict=False loads every tensor that fits and keeps the model's own tensor for each missing key and
+    each shape mismatch; all of them are listed in the returned report (and logged). Tensors of other
+    task models that this model lacks by design (e.g. the MIM head when loading a pretraining checkpoint
+    for retrieval) are reported as ignored. Training state the file lacks
     (queues, momentum teachers) is rebuilt: queues stay fresh, teachers copy the loaded weights.
     """
     if is_reference_state(state):
@@ -213,21 +359,26 @@ def load_state_into(
         for key, tensor in state.items():
             if key not in ours:
                 continue
-            if key.endswith("pos_embed") and tensor.shape != ours[key].shape:
+            if key.endswith("pos_embed") and tensor.shape != ours[key].shape and tensor.dim() == 3:
                 tensor = resample_pos_embed(tensor, int(round((ours[key].shape[1] - 1) ** 0.5)))
                 report.resampled.append(key)
             if tensor.shape != ours[key].shape:
-                raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)}, model {tuple(ours[key].shape)}")
+                report.mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {tuple(ours[key].shape)}")
+                continue
             converted[key] = tensor
     report.unexpected = [key for key, name in unexpected if not _deliberately_absent(model, name)]
     report.ignored += [key for key, name in unexpected if _deliberately_absent(model, name)]
     report.rebuilt = [k for k in report.missing if _is_training_state(k)]
     report.missing = [k for k in report.missing if not _is_training_state(k)]
     if strict and not report.ok:
-        raise CheckpointError(f"strict load failed (pass strict=False to accept and keep fresh weights)\n{report}")
+        raise CheckpointError(f"strict load failed, nothing was loaded (pass strict=False to load the rest and keep "
+                              f"fresh weights for what is listed)\n{report}")
+    if report.mismatched:
+        logger.warning("%s: %d tensor(s) of another shape keep the model's fresh weights:\n  %s", source,
+                       len(report.mismatched), "\n  ".join(report.mismatched))
     model.load_state_dict(converted, strict=False)
     if any(k.split(".", 1)[0].endswith("_m") for k in report.rebuilt):
-        model.copy_params_to_momentum()  # SPEC A2: teachers start from the loaded online weights
+        model.copy_params_to_momentum()  # teachers start from the loaded online weights, not fresh ones
     logger.info("%s", report)
     return report
 

@@ -51,7 +51,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint, save_checkpoint, save_pretrained
 
-    model = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle, strict=not args.non_strict)
+    model = load_checkpoint(args.checkpoint, task=args.task, trust_pickle=args.trust_pickle,
+                            strict=not args.non_strict)
     out = save_checkpoint(model, args.output)
     print(f"wrote {out}")
     if args.export:
@@ -194,8 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--export", metavar="DIR", help="also write model.safetensors + config.json into DIR")
     convert.add_argument("--trust-pickle", action="store_true",
                          help="allow arbitrary unpickling (reference files pickle their config); trusted files only")
+    convert.add_argument("--task", choices=("pretrain", "retrieval", "base"),
+                         help="model to convert into; 'retrieval' keeps a retrieval/ALBEF checkpoint's momentum "
+                              "teachers and queues, 'base' keeps the online weights only (default: the checkpoint's "
+                              "own task; for a reference file 'pretrain' when it has MIM/PSL heads, else 'base')")
     convert.add_argument("--non-strict", action="store_true",
-                         help="accept missing/unexpected keys (they are listed) instead of failing")
+                         help="accept missing/unexpected keys and shape mismatches (all listed; mismatched tensors "
+                              "keep fresh weights) instead of failing")
     convert.set_defaults(func=cmd_convert)
     return parser
 
