@@ -317,3 +317,80 @@ def test_convert_task_retrieval_keeps_teachers_and_queues(tmp_path, tiny_config)
     for key in ("visual_encoder_m.blocks.0.attn.qkv.weight", "text_encoder_m.encoder.layer.0.output.dense.weight",
                 "vision_proj_m.weight", "image_queue", "text_queue", "queue_ptr", "idx_queue"):
         assert torch.equal(model.state_dict()[key], state[key]), key
+
+
+# ------------------------------------------------------------------ the reference key list, by hand
+# The reference pretraining layout, written out from its documented key patterns (block/layer 0 of a
+# one-layer model), each with the name it must get here (None: no counterpart by design). Nothing in
+# this table is derived from simla's own key map.
+REFERENCE_VIT = ["cls_token", "pos_embed", "mask_token", "patch_embed.proj.weight", "patch_embed.proj.bias",
+                 "blocks.0.norm1.weight", "blocks.0.norm1.bias", "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias",
+                 "blocks.0.attn.proj.weight", "blocks.0.attn.proj.bias", "blocks.0.norm2.weight", "blocks.0.norm2.bias",
+                 "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc1.bias", "blocks.0.mlp.fc2.weight", "blocks.0.mlp.fc2.bias",
+                 "norm.weight", "norm.bias"]
+REFERENCE_TEXT_LAYER = [
+    "attention.self.query.weight", "attention.self.query.bias", "attention.self.key.weight",
+    "attention.self.key.bias", "attention.self.value.weight", "attention.self.value.bias",
+    "attention.output.dense.weight", "attention.output.dense.bias", "attention.output.LayerNorm.weight",
+    "attention.output.LayerNorm.bias",
+    "crossattention.self.query.weight", "crossattention.self.query.bias", "crossattention.self.key.weight",
+    "crossattention.self.key.bias", "crossattention.self.value.weight", "crossattention.self.value.bias",
+    "crossattention.output.dense.weight", "crossattention.output.dense.bias",
+    "crossattention.output.LayerNorm.weight", "crossattention.output.LayerNorm.bias",
+    "intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight", "output.dense.bias",
+    "output.LayerNorm.weight", "output.LayerNorm.bias"]
+REFERENCE_TEXT = {  # under text_encoder / text_encoder_m, reference suffix -> ours
+    "bert.embeddings.word_embeddings.weight": "embeddings.word_embeddings.weight",
+    "bert.embeddings.position_embeddings.weight": "embeddings.position_embeddings.weight",
+    "bert.embeddings.LayerNorm.weight": "embeddings.LayerNorm.weight",
+    "bert.embeddings.LayerNorm.bias": "embeddings.LayerNorm.bias",
+    "bert.embeddings.position_ids": None,
+    **{f"bert.encoder.layer.0.{leaf}": f"encoder.layer.0.{leaf}" for leaf in REFERENCE_TEXT_LAYER},
+}
+REFERENCE_MLM_HEAD = {  # reference suffix under text_encoder{,_m}.cls.predictions -> ours under mlm_head{,_m}
+    "bias": "bias", "transform.dense.weight": "transform.dense.weight", "transform.dense.bias": "transform.dense.bias",
+    "transform.LayerNorm.weight": "transform.LayerNorm.weight", "transform.LayerNorm.bias": "transform.LayerNorm.bias",
+    "decoder.weight": None, "decoder.bias": None}  # the decoder is tied to the word embeddings / head bias
+REFERENCE_TOP = ["vision_proj.weight", "vision_proj.bias", "vision_proj_m.weight", "vision_proj_m.bias",
+                 "text_proj.weight", "text_proj.bias", "text_proj_m.weight", "text_proj_m.bias", "temp",
+                 "itm_head.weight", "itm_head.bias", "mim_head.weight", "mim_head.bias", "mim_head_m.weight",
+                 "mim_head_m.bias", "concept_head.weight", "concept_head.bias", "concept_head_m.weight",
+                 "concept_head_m.bias", "image_queue", "text_queue", "queue_ptr"]
+
+
+def reference_key_table() -> dict[str, str | None]:
+    table: dict[str, str | None] = {key: key for key in REFERENCE_TOP}
+    for owner in ("visual_encoder", "visual_encoder_m"):
+        table.update({f"{owner}.{leaf}": f"{owner}.{leaf}" for leaf in REFERENCE_VIT})
+    for owner, head in (("text_encoder", "mlm_head"), ("text_encoder_m", "mlm_head_m")):
+        table.update({f"{owner}.{ref}": (f"{owner}.{ours}" if ours else None) for ref, ours in REFERENCE_TEXT.items()})
+        table.update({f"{owner}.cls.predictions.{ref}": (f"{head}.{ours}" if ours else None)
+                      for ref, ours in REFERENCE_MLM_HEAD.items()})
+    return table
+
+
+def test_handwritten_reference_key_list_maps_onto_the_model_exactly():
+    table = reference_key_table()
+    for reference, ours in table.items():
+        assert simla.checkpoint.map_reference_key(reference) == ours, reference
+    config = simla.get_config("simla_tiny", queue_size=16,
+                              **{"vision.depth": 1, "text.num_layers": 1, "objectives.psl_layer": 0})
+    torch.manual_seed(0)
+    model = simla.build_model(config)
+    ours = model.state_dict()
+    # The reference has no token-type table (it imports as zeros); every other tensor of ours is named.
+    token_types = {f"{t}.embeddings.token_type_embeddings.weight" for t in ("text_encoder", "text_encoder_m")}
+    assert {name for name in table.values() if name} == set(ours) - token_types
+    g = torch.Generator().manual_seed(1)
+    state = {ref: torch.randn(ours[name].shape, generator=g) if ours[name].is_floating_point() else ours[name] + 1
+             for ref, name in table.items() if name}
+    for owner in ("text_encoder", "text_encoder_m"):
+        state[f"{owner}.bert.embeddings.position_ids"] = torch.arange(config.text.max_position_embeddings)[None]
+        state[f"{owner}.cls.predictions.decoder.weight"] = state[f"{owner}.bert.embeddings.word_embeddings.weight"]
+        state[f"{owner}.cls.predictions.decoder.bias"] = state[f"{owner}.cls.predictions.bias"]
+    report = simla.checkpoint.load_state_into(model, state, source="handwritten")  # strict
+    assert report.ok and sorted(report.zero_filled) == sorted(token_types)
+    loaded = model.state_dict()
+    for reference, name in table.items():
+        if name:
+            assert torch.equal(loaded[name], state[reference]), reference

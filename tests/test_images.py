@@ -48,10 +48,13 @@ def test_valid_rgb_files(tmp_path: Path, fmt: str, suffix: str) -> None:
 
 
 def test_result_is_independent_of_the_file(tmp_path: Path) -> None:
-    path = _save(_noise(), tmp_path / "img.png", "PNG")
+    original = _noise()
+    path = _save(original, tmp_path / "img.png", "PNG")
     img = load_image(path)
     path.unlink()  # the image must already be fully decoded and detached
-    assert img.load() is not None and img.getpixel((0, 0)) is not None
+    assert img.getpixel((0, 0)) == original.getpixel((0, 0))
+    assert img.getpixel((63, 47)) == original.getpixel((63, 47))
+    assert np.array_equal(np.asarray(img), np.asarray(original))  # PNG is lossless: every pixel survives
 
 
 def test_grayscale(tmp_path: Path) -> None:

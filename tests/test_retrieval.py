@@ -124,3 +124,49 @@ def test_evaluation_under_torchrun_splits_rows_and_equals_one_process(tmp_path, 
     one = json.loads((tmp_path / "one" / "results.json").read_text())
     two = json.loads((tmp_path / "two" / "results.json").read_text())
     assert two == pytest.approx(one)
+
+
+class OracleITM:
+    """Stands in for the model's ITM head: the positive logit says whether the pair truly matches.
+
+    Image i's tokens carry i and text t's ids carry t, so the scorer can tell which pair it was handed;
+    `inverted` makes it a broken head that prefers the wrong pairs.
+    """
+
+    def __init__(self, txt2img: list[int], inverted: bool = False) -> None:
+        self.txt2img, self.inverted = torch.tensor(txt2img), inverted
+
+    def itm_logits(self, image_tokens, input_ids, attention_mask):
+        match = (self.txt2img[input_ids[:, 1]] == image_tokens[:, 0, 0].long()).float()
+        positive = 1.0 - match if self.inverted else match
+        return torch.stack([1.0 - positive, positive], dim=1)
+
+
+def test_itm_rescoring_decides_the_recalls_in_both_directions():
+    from simla.eval.metrics import retrieval_metrics
+    from simla.eval.retrieval import RetrievalFeatures
+
+    txt2img = [0, 0, 1, 2, 2, 2, 3, 4, 4, 5]
+    img2txt = [[t for t, i in enumerate(txt2img) if i == image] for image in range(6)]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(6, 3, 8, generator=g)
+    tokens[:, 0, 0] = torch.arange(6).float()
+    ids = torch.randint(1000, 2000, (10, 5), generator=g)
+    ids[:, 1] = torch.arange(10)
+    # ITC features that rank every query's true match last: only the ITM re-scoring can recover it.
+    image_feat = torch.nn.functional.one_hot(torch.arange(6), 6).float()
+    text_feat = -image_feat[txt2img] + 0.01 * torch.randn(10, 6, generator=g)
+    features = RetrievalFeatures(image_feat, tokens, text_feat, ids, torch.ones_like(ids))
+
+    def metrics(scorer, **kwargs):
+        return retrieval_metrics(*score_matrices(scorer, features, **kwargs), txt2img, img2txt)
+
+    itc = metrics(OracleITM(txt2img), itc_only=True)
+    assert itc["txt_r1"] == 0.0 and itc["img_r1"] == 0.0
+    itm = metrics(OracleITM(txt2img), k=10)
+    assert itm["txt_r1"] == 100.0 and itm["img_r1"] == 100.0
+    broken = metrics(OracleITM(txt2img, inverted=True), k=10)
+    assert broken["txt_r1"] == 0.0 and broken["img_r1"] == 0.0
+    # With k=2 the true match is outside every query's candidates, so re-scoring cannot lift it to the top.
+    narrow = metrics(OracleITM(txt2img), k=2)
+    assert narrow["txt_r1"] == 0.0 and narrow["img_r1"] == 0.0

@@ -189,9 +189,23 @@ def test_bf16_accumulation_and_checkpointing_options(tmp_path, minilm_dir):
     recipe = load_recipe(None, tiny_overrides(tmp_path, minilm_dir, train_file=str(root / "pairs.json"),
                                               image_root=str(root), max_steps=2, precision="bf16",
                                               grad_accum_steps=2, grad_checkpointing=True, grad_clip=1.0))
-    result = run_pretraining(recipe)
+    # The recipe's options reach the model and the loop: after step 1, watch step 2's encoder matmuls.
+    # (tests/test_engine.py proves the numerics: accumulation, checkpointing and bf16 tolerance.)
+    dtypes: set[torch.dtype] = set()
+
+    def watch(model, step: int) -> None:
+        if step == 1:
+            assert model.visual_encoder.grad_checkpointing and model.text_encoder.gradient_checkpointing
+            for module in model.text_encoder.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.register_forward_hook(lambda mod, args, out: dtypes.add(out.dtype))
+
+    result = run_pretraining(recipe, on_step=watch)
     log = read_log(tmp_path / "run")
+    assert dtypes == {torch.bfloat16}
+    # Two micro-batches of 4 per optimizer step.
     assert result.state.step == 2 and result.state.samples_seen == 2 * 2 * 4
+    assert [r["samples_seen"] for r in log] == [8, 16]
     assert all(torch.isfinite(torch.tensor(r["loss_itc"])) for r in log)
 
 
