@@ -23,7 +23,7 @@ easy_vqa = pytest.importorskip("easy_vqa")
 
 from simla.data.captions import pre_caption  # noqa: E402
 from simla.data.readers import read_json_records  # noqa: E402
-from simla.demo_data import (  # noqa: E402
+from simla.demos.easy_vqa import (  # noqa: E402
     CAPTION_TEMPLATES,
     COLOURS,
     SHAPES,

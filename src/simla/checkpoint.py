@@ -73,8 +73,7 @@ class ImportReport:
         return "\n".join(lines)
 
 
-class CheckpointError(RuntimeError):
-    pass
+from .errors import CheckpointError  # noqa: E402 - re-exported: callers import it from here
 
 
 # --------------------------------------------------------------------------------- reading files
@@ -389,8 +388,22 @@ def load_weights_into(model: SimlaModel, path: str | os.PathLike, *, trust_pickl
     return load_state_into(model, data["model"], source=str(path), strict=strict)
 
 
+#: Paper fractions of the 16x16 pretraining grid: 75 masked patches, blocks of at least 16.
+_MIM_MASKED_FRACTION, _MIM_MIN_BLOCK_FRACTION = 75 / 256, 16 / 256
+
+
 def infer_reference_config(state: dict[str, Tensor], head_dim: int = 64) -> SimlaConfig:
-    """A config matching a reference state dict's shapes (head counts assume 64-wide heads, as BERT/ViT)."""
+    """A config matching a reference state dict's shapes.
+
+    The weights determine every width, depth and vocabulary size, the image resolution and patch size,
+    the queue size, the presence of the mask token and the MIM codebook size. They cannot tell:
+    - head counts (attention weights are (width, width) whatever the split): we assume `head_dim`-wide heads
+      (64, as ViT-B/16 and BERT-base, so 12 heads at width 768);
+    - the MIM mask budget: we keep the paper's fraction of the grid (75 of 256 patches, blocks of >= 16);
+    - the PSL layer: the last layer, as the paper.
+    These assumptions are logged; pass overrides to `load_checkpoint` (e.g. `**{"text.num_heads": 8}`) to
+    change them.
+    """
     def shape(key: str) -> tuple[int, ...]:
         return tuple(state[key].shape)
 
@@ -408,14 +421,22 @@ def infer_reference_config(state: dict[str, Tensor], head_dim: int = 64) -> Siml
     t.num_layers = len({k[len(text_prefix):].split(".")[2] for k in state if k.startswith(text_prefix + "encoder.layer.")})
     t.intermediate_size = shape(text_prefix + "encoder.layer.0.intermediate.dense.weight")[0]
     t.num_heads = max(1, t.hidden_size // head_dim)
+    types = text_prefix + "embeddings.token_type_embeddings.weight"
+    if types in state:
+        t.type_vocab_size = shape(types)[0]  # ALBEF has a table; SIMLA files have none (imported as zeros)
     o.embed_dim = shape("vision_proj.weight")[0]
     if "image_queue" in state:
         o.queue_size = shape("image_queue")[1]
     if "mim_head.weight" in state:
         o.visual_vocab_size = shape("mim_head.weight")[0]
     o.psl_layer = t.num_layers - 1
-    o.mim_num_masked = min(o.mim_num_masked, (v.image_size // v.patch_size) ** 2)
-    o.mim_min_block = min(o.mim_min_block, o.mim_num_masked)
+    patches = (v.image_size // v.patch_size) ** 2
+    o.mim_num_masked = max(1, round(_MIM_MASKED_FRACTION * patches))
+    o.mim_min_block = max(1, min(o.mim_num_masked, round(_MIM_MIN_BLOCK_FRACTION * patches)))
+    logger.warning(
+        "config inferred from the weights; assumed (not stored in the file): %d vision and %d text heads "
+        "(%d-wide), MIM masks %d of %d patches in blocks of >= %d, PSL layer %d",
+        v.num_heads, t.num_heads, head_dim, o.mim_num_masked, patches, o.mim_min_block, o.psl_layer)
     config.validate()
     return config
 

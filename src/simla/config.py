@@ -15,6 +15,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, get_args, get_origin
 
+from .errors import ConfigError
+
+#: The five pretraining objectives, in the order a step computes them.
+LOSS_NAMES = ("itc", "itm", "mlm", "mim", "psl")
+
 
 @dataclass
 class VisionConfig:
@@ -98,8 +103,18 @@ class ObjectiveConfig:
     # "simla" = SPEC A2 selection (special tokens/pads excluded, teacher on momentum image embeddings);
     # "reference" = the authors' selection exactly (for parity tests and ablations).
     psl_selection: Literal["simla", "reference"] = "simla"
-    # Momentum teachers run with dropout on, as in the reference (SPEC §7.7); False puts them in eval mode.
+    # Momentum teachers run with dropout on, as in the reference; False puts them in eval mode.
     momentum_dropout: bool = True
+    # Pairs of a batch whose captions are identical: "negatives" (the reference: each pair's own caption is
+    # its only positive) or "positives" (they are positives of each other in in-batch ITC and are never
+    # drawn as ITM hard negatives, as retrieval fine-tuning treats captions of one image). Data with many
+    # repeated captions (the easy-VQA demo, "photo"-style web captions) otherwise teaches ITM that a
+    # matching pair does not match.
+    duplicate_captions: Literal["negatives", "positives"] = "negatives"
+    # The objectives a pretraining step computes (the paper: all five). A left-out objective costs nothing:
+    # its passes, heads and teacher work are not there, so the paper's ablation rows are one override each
+    # (losses=[itc,itm]; [itc,itm,mlm]; [itc,itm,mlm,mim]; all five).
+    losses: list[str] = field(default_factory=lambda: list(LOSS_NAMES))
 
 
 @dataclass
@@ -115,34 +130,38 @@ class SimlaConfig:
         """Check cross-field constraints; raise ValueError naming the offending field."""
         v, t, o = self.vision, self.text, self.objectives
         if v.image_size % v.patch_size:
-            raise ValueError(f"vision.image_size ({v.image_size}) must be a multiple of vision.patch_size ({v.patch_size})")
+            raise ConfigError(f"vision.image_size ({v.image_size}) must be a multiple of vision.patch_size ({v.patch_size})")
         if v.width % v.num_heads:
-            raise ValueError(f"vision.width ({v.width}) must be divisible by vision.num_heads ({v.num_heads})")
+            raise ConfigError(f"vision.width ({v.width}) must be divisible by vision.num_heads ({v.num_heads})")
         if t.hidden_size % t.num_heads:
-            raise ValueError(f"text.hidden_size ({t.hidden_size}) must be divisible by text.num_heads ({t.num_heads})")
+            raise ConfigError(f"text.hidden_size ({t.hidden_size}) must be divisible by text.num_heads ({t.num_heads})")
         grid = v.image_size // v.patch_size
         # The MIM pass feeds image tokens through the text embeddings, which add text positions (SPEC §2.4).
         if 1 + grid * grid > t.max_position_embeddings:
-            raise ValueError(
+            raise ConfigError(
                 f"vision.image_size {v.image_size} gives {1 + grid * grid} image tokens, more than "
                 f"text.max_position_embeddings ({t.max_position_embeddings}) that the MIM pass can position"
             )
         if not 0 <= o.psl_layer < t.num_layers:
-            raise ValueError(f"objectives.psl_layer must lie in [0, {t.num_layers - 1}] (text.num_layers), got {o.psl_layer}")
+            raise ConfigError(f"objectives.psl_layer must lie in [0, {t.num_layers - 1}] (text.num_layers), got {o.psl_layer}")
         if o.mim_num_masked > grid * grid:
-            raise ValueError(f"objectives.mim_num_masked ({o.mim_num_masked}) exceeds the {grid * grid} patches")
+            raise ConfigError(f"objectives.mim_num_masked ({o.mim_num_masked}) exceeds the {grid * grid} patches")
         if o.mim_min_block > o.mim_num_masked:
-            raise ValueError("objectives.mim_min_block must not exceed objectives.mim_num_masked")
+            raise ConfigError("objectives.mim_min_block must not exceed objectives.mim_num_masked")
+        unknown = [name for name in o.losses if name not in LOSS_NAMES]
+        if unknown or not o.losses or len(set(o.losses)) != len(o.losses):
+            raise ConfigError(f"objectives.losses must be a non-empty list of distinct names from {list(LOSS_NAMES)}, "
+                             f"got {o.losses}")
         if o.queue_size < 1 or o.embed_dim < 1:
-            raise ValueError("objectives.queue_size and objectives.embed_dim must be positive")
+            raise ConfigError("objectives.queue_size and objectives.embed_dim must be positive")
         if not 0.0 <= o.momentum <= 1.0:
-            raise ValueError(f"objectives.momentum must lie in [0, 1], got {o.momentum}")
+            raise ConfigError(f"objectives.momentum must lie in [0, 1], got {o.momentum}")
         if not 0.0 < o.temp_min <= o.temp <= o.temp_max:
-            raise ValueError("objectives.temp must lie in [objectives.temp_min, objectives.temp_max]")
+            raise ConfigError("objectives.temp must lie in [objectives.temp_min, objectives.temp_max]")
         for name in ("alpha", "mlm_probability", "mlm_mask_ratio", "mlm_random_ratio", "tokenizer_view_ratio"):
             value = getattr(o, name)
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"objectives.{name} must lie in [0, 1], got {value}")
+                raise ConfigError(f"objectives.{name} must lie in [0, 1], got {value}")
 
     @property
     def special_token_ids(self) -> tuple[int, ...]:
@@ -179,7 +198,7 @@ def check_type(path: str, annotation: Any, value: Any) -> Any:
     if origin is Literal:
         allowed = get_args(annotation)
         if value not in allowed:
-            raise ValueError(f"{path}: {value!r} is not one of the allowed values {list(allowed)}")
+            raise ConfigError(f"{path}: {value!r} is not one of the allowed values {list(allowed)}")
         return value
     if origin in (typing.Union, types.UnionType):
         options = get_args(annotation)
@@ -308,7 +327,7 @@ def list_models() -> list[str]:
 def get_config(name: str, **overrides: Any) -> SimlaConfig:
     """The preset `name` with `overrides` applied and validated."""
     if name not in _PRESETS:
-        raise ValueError(f"unknown model {name!r}; available: {list_models()}")
+        raise ConfigError(f"unknown model {name!r}; available: {list_models()}")
     config = apply_overrides(_PRESETS[name](), overrides)
     config.validate()
     return copy.deepcopy(config)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import CheckpointError, HubError
+
 logger = logging.getLogger(__name__)
 
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -36,7 +38,7 @@ def resolve_hf_directory(name_or_path: str | os.PathLike) -> Path:
         allow = ["config.json", "*.safetensors", "pytorch_model.bin", "vocab.txt", "tokenizer*.json", "special_tokens_map.json"]
         return Path(snapshot_download(repo_id=name, allow_patterns=allow))
     except Exception as err:  # the hub client raises many types for "offline" / "not found"
-        raise OSError(
+        raise HubError(
             f"could not fetch {name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
             "If you are offline, pass a local directory that holds config.json and the weights."
         ) from err
@@ -47,7 +49,7 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
+        raise CheckpointError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}") from err
 
 
 def load_weight_file(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -90,9 +92,9 @@ def text_overrides_from_hf_config(directory: Path) -> dict[str, Any]:
     config_path = directory / "config.json"
     hf = read_json(config_path)
     if hf.get("model_type", "bert") != "bert":
-        raise ValueError(f"{config_path}: model_type {hf.get('model_type')!r} is not a BERT model")
+        raise CheckpointError(f"{config_path}: model_type {hf.get('model_type')!r} is not a BERT model")
     if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{config_path}: only exact-GELU BERTs with absolute positions are supported")
+        raise CheckpointError(f"{config_path}: only exact-GELU BERTs with absolute positions are supported")
     out = {ours: hf[theirs] for theirs, ours in _HF_TEXT_FIELDS.items() if theirs in hf}
     for key in ("layer_norm_eps", "hidden_dropout", "attention_dropout"):
         if key in out:

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
+from ..errors import DataError
+
 __all__ = [
     "CaptionRecord",
     "brace_expand",
@@ -50,7 +52,7 @@ SHARD_PATTERN_SEPARATOR = "::"
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(DataError):
     """An annotation file (or shard specification) is malformed.
 
     The message always names the file and, where there is one, the record and the field. The same

@@ -37,11 +37,16 @@ class BertEmbeddings(nn.Module):
         super().__init__()
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        # SPEC A3: we keep BERT's token-type table (type 0 is always added) so a model loaded from a Hugging
-        # Face checkpoint reproduces it exactly; reference SIMLA checkpoints import it as zeros.
+        # We keep BERT's token-type table (type 0 is always added) so that a model loaded from a Hugging Face
+        # checkpoint reproduces its hidden states exactly. The table is a constant, never trained: the paper
+        # model has no token types, so training the row would train a parameter it lacks (and make a model
+        # imported from a reference checkpoint drift from the authors' after one step). It starts at zero
+        # (adds nothing) and only a BERT checkpoint fills it; reference checkpoints import it as zeros.
         self.token_type_embeddings = (
             nn.Embedding(config.type_vocab_size, config.hidden_size) if config.type_vocab_size > 0 else None
         )
+        if self.token_type_embeddings is not None:
+            self.token_type_embeddings.weight.requires_grad_(False)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
@@ -201,6 +206,9 @@ class SharedEncoder(nn.Module):
         self.encoder = LayerStack(config, encoder_width)
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
+        if self.embeddings.token_type_embeddings is not None:
+            with torch.no_grad():
+                self.embeddings.token_type_embeddings.weight.zero_()  # a constant zero until BERT fills it
 
     def _init_weights(self, module: nn.Module) -> None:
         # Hugging Face BERT's initialisation; cross-attention weights not found in a checkpoint keep it.

@@ -19,18 +19,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import objectives
-from ..config import SimlaConfig
+from ..config import LOSS_NAMES, SimlaConfig
 from ..distributed import all_gather_no_grad
 from .bert import MLMHead, SharedEncoder
 from .momentum import copy_to_momentum, make_momentum_copy, momentum_update, write_to_queue
 from .simla import SimlaModel
 
-LOSS_NAMES = ("itc", "itm", "mlm", "mim", "psl")
 BATCH_KEYS = ("image", "text_ids", "text_mask", "patch_mask", "visual_tokens")
 
 
+__all__ = ["BATCH_KEYS", "LOSS_NAMES", "PretrainOutput", "SimlaForPretraining"]
+
+
 class PretrainOutput(dict):
-    """The five losses by name (`out["itc"]` ...), plus `out.targets`: intermediate targets to inspect."""
+    """The computed losses by name (`out["itc"]` ...), plus `out.targets`: intermediate targets to inspect."""
 
     def __init__(self, losses: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> None:
         super().__init__(losses)
@@ -48,45 +50,67 @@ class SimlaForPretraining(SimlaModel):
       image          (B, 3, R, R) normalised encoder view
       text_ids       (B, L) caption ids in the reference form ([CLS] wordpieces, no [SEP], [PAD]=0)
       text_mask      (B, L) 1 on real tokens
-      patch_mask     (B, G*G) bool block mask of the MIM patches (row-major)
-      visual_tokens  (B, G*G) long visual-tokenizer ids of the tokenizer view (row-major)
+      patch_mask     (B, G*G) bool block mask of the MIM patches (row-major)      [MIM only]
+      visual_tokens  (B, G*G) long visual-tokenizer ids of the tokenizer view     [MIM only]
+
+    `config.objectives.losses` selects the objectives. A left-out one is not computed at all: its head and
+    teacher head are not built, and the passes only it needs do not run (MIM: no masked ViT passes and no
+    mask token; ITC: no momentum text pass and no queue writes; MLM: no masked-caption passes; PSL: no
+    keyword-voting pass).
     """
 
     TASK = "pretrain"  # the name create_model/load_checkpoint use for this class
     IGNORED_SOURCE_PREFIXES = ("idx_queue",)
+    _HEADS = {"mlm": ("mlm_head",), "mim": ("mim_head", "mim_adapter", "visual_encoder.mask_token"),
+              "psl": ("concept_head",)}
 
     def __init__(self, config: SimlaConfig) -> None:
-        if not config.vision.use_mask_token:
-            raise ValueError("pretraining needs vision.use_mask_token=True (the MIM pass masks patches)")
+        o = config.objectives
+        self.losses = tuple(name for name in LOSS_NAMES if name in o.losses)
+        if "mim" in self.losses and not config.vision.use_mask_token:
+            raise ValueError("MIM needs vision.use_mask_token=True (the MIM pass masks patches)")
+        # Only MIM uses the mask token; an unused parameter would also stall DistributedDataParallel.
+        config.vision.use_mask_token = "mim" in self.losses
         super().__init__(config)
-        t, v, o = config.text, config.vision, config.objectives
-        self.mlm_head = MLMHead(t)
-        self.mim_head = nn.Linear(t.hidden_size, o.visual_vocab_size)
-        # PSL predicts keywords from the L2-normalised ITC image feature alone (SPEC §1.3).
-        self.concept_head = nn.Linear(o.embed_dim, t.vocab_size)
-        # The MIM pass feeds image tokens to the text stack and text embeddings to its cross-attention.
-        # The reference needs no adapters because both widths are 768; other widths get linear maps.
-        self.mim_adapter = MimAdapter(v.width, t.hidden_size) if v.width != t.hidden_size else None
-
-        self.visual_encoder_m = make_momentum_copy(self.visual_encoder)
-        self.vision_proj_m = make_momentum_copy(self.vision_proj)
-        self.text_encoder_m = make_momentum_copy(self.text_encoder)
-        self.mlm_head_m = make_momentum_copy(self.mlm_head)
-        self.text_proj_m = make_momentum_copy(self.text_proj)
-        self.mim_head_m = make_momentum_copy(self.mim_head)
-        self.concept_head_m = make_momentum_copy(self.concept_head)
-        self.mim_adapter_m = make_momentum_copy(self.mim_adapter) if self.mim_adapter is not None else None
+        t, v = config.text, config.vision
+        # Tensors of the heads left out: a full pretraining checkpoint loads into an ablation model.
+        self.IGNORED_SOURCE_PREFIXES = type(self).IGNORED_SOURCE_PREFIXES + tuple(
+            prefix + suffix for name, prefixes in self._HEADS.items() if name not in self.losses
+            for prefix in prefixes for suffix in ("", "_m") if not prefix.startswith("visual_encoder."))
+        if "mim" not in self.losses:
+            self.IGNORED_SOURCE_PREFIXES += ("visual_encoder.mask_token", "visual_encoder_m.mask_token")
+        if "mlm" in self.losses:
+            self.mlm_head = MLMHead(t)
+        if "mim" in self.losses:
+            self.mim_head = nn.Linear(t.hidden_size, o.visual_vocab_size)
+            # The MIM pass feeds image tokens to the text stack and text embeddings to its cross-attention.
+            # The reference needs no adapters because both widths are 768; other widths get linear maps.
+            self.mim_adapter = MimAdapter(v.width, t.hidden_size) if v.width != t.hidden_size else None
+            self.mim_adapter_m = None  # replaced by the teacher copy below when there is an adapter
+        if "psl" in self.losses:
+            # PSL predicts keywords from the L2-normalised ITC image feature alone.
+            self.concept_head = nn.Linear(o.embed_dim, t.vocab_size)
+        for online in self._momentum_names():
+            setattr(self, online + "_m", make_momentum_copy(getattr(self, online)))
 
         self.register_buffer("image_queue", F.normalize(torch.randn(o.embed_dim, o.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(o.embed_dim, o.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     # ------------------------------------------------------------------------------------ momentum
+    def _momentum_names(self) -> list[str]:
+        names = ["visual_encoder", "vision_proj", "text_encoder", "mlm_head", "text_proj", "mim_head",
+                 "concept_head", "mim_adapter"]
+        return [n for n in names if getattr(self, n, None) is not None]
+
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        names = ["visual_encoder", "vision_proj", "text_encoder", "mlm_head", "text_proj", "mim_head", "concept_head"]
-        if self.mim_adapter is not None:
-            names.append("mim_adapter")
-        return [(getattr(self, n), getattr(self, n + "_m")) for n in names]
+        return [(getattr(self, n), getattr(self, n + "_m")) for n in self._momentum_names()]
+
+    @property
+    def has_unused_parameters(self) -> bool:
+        """True when some trained parameter gets no gradient in a step (ITC off: the temperature; ITM off:
+        the ITM head), which DistributedDataParallel must be told about."""
+        return "itc" not in self.losses or "itm" not in self.losses
 
     def copy_params_to_momentum(self) -> None:
         """Make every teacher equal to its student; call after loading online weights (SPEC A2)."""
@@ -117,104 +141,133 @@ class SimlaForPretraining(SimlaModel):
                          encoder_attention_mask=text_mask)
         return hidden[:, 1:]  # drop the image [CLS] position
 
+    @staticmethod
+    def _same_caption(ids: Tensor) -> Tensor:
+        """(B, B) True where two pairs have identical captions (padded ids compare equal row for row).
+
+        A row whose every caption is identical keeps only its diagonal excluded, so that ITM can still draw
+        a negative (the reference behaviour) instead of failing on a degenerate batch.
+        """
+        same = (ids[:, None, :] == ids[None, :, :]).all(-1)
+        eye = torch.eye(ids.shape[0], dtype=torch.bool, device=ids.device)
+        return same & ~same.all(dim=1, keepdim=True) | eye & same.all(dim=1, keepdim=True)
+
     # ------------------------------------------------------------------------------------- forward
     def forward(self, batch: Mapping[str, Tensor], alpha: float | None = None) -> PretrainOutput:
-        missing = [k for k in BATCH_KEYS if k not in batch]
+        needed = BATCH_KEYS if "mim" in self.losses else BATCH_KEYS[:3]
+        missing = [k for k in needed if k not in batch]
         if missing:
-            raise KeyError(f"pretraining batch lacks {missing}; expected keys {list(BATCH_KEYS)}")
+            raise KeyError(f"pretraining batch lacks {missing}; expected keys {list(needed)}")
         o, t = self.config.objectives, self.config.text
+        on = set(self.losses)
         alpha = o.alpha if alpha is None else float(alpha)
         image, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
-        patch_mask, visual_tokens = batch["patch_mask"].bool(), batch["visual_tokens"]
-        if patch_mask.dim() == 3:
-            patch_mask = patch_mask.flatten(1)
-        if visual_tokens.dim() == 3:
-            visual_tokens = visual_tokens.flatten(1)
         batch_size = image.shape[0]
-        if batch_size < 2:
+        if batch_size < 2 and "itm" in on:
             raise ValueError("pretraining needs at least 2 pairs per batch (ITM draws in-batch negatives)")
 
         with torch.no_grad():
             self.temp.clamp_(o.temp_min, o.temp_max)
+        losses: dict[str, Tensor] = {}
+        targets: dict[str, Tensor] = {"temp": self.temp.detach(), "alpha": torch.tensor(alpha)}
 
-        # ---- ITC (SPEC §2.1)
-        image_embeds = self.visual_encoder(image)
-        image_feat = self.image_features(image_embeds)
-        text_feat = self.text_features(self.text_encoder(ids, mask, mode="text"))
+        # ---- online ViT and text-mode passes, the EMA update and the momentum passes (SPEC §2.1)
+        image_embeds = self.visual_encoder(image) if on & {"itc", "itm", "mlm", "psl"} else None
+        image_feat = self.image_features(image_embeds) if on & {"itc", "itm", "psl"} else None
+        text_feat = self.text_features(self.text_encoder(ids, mask, mode="text")) if on & {"itc", "itm"} else None
+        image_embeds_m = image_feat_m = text_feat_m = None
         with torch.no_grad():
             if self.training:
                 momentum_update(self.momentum_pairs(), o.momentum)
-            image_embeds_m = self.visual_encoder_m(image)
-            image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
-            text_hidden_m = self.text_encoder_m(ids, mask, mode="text")
-            text_feat_m = F.normalize(self.text_proj_m(text_hidden_m[:, 0]), dim=-1)
-        itc = objectives.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
-                                  self.image_queue, self.text_queue, self.temp, alpha)
+            if on & {"itc", "mlm", "psl"}:
+                image_embeds_m = self.visual_encoder_m(image)
+                image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
+            if "itc" in on:
+                text_hidden_m = self.text_encoder_m(ids, mask, mode="text")
+                text_feat_m = F.normalize(self.text_proj_m(text_hidden_m[:, 0]), dim=-1)
+
+        # ---- ITC with queues and momentum distillation
+        same_caption = self._same_caption(ids) if o.duplicate_captions == "positives" else None
+        if "itc" in on:
+            positives = None
+            if same_caption is not None:
+                positives = F.pad(same_caption, (0, self.image_queue.shape[1]))  # queue columns stay negatives
+            itc = objectives.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
+                                      self.image_queue, self.text_queue, self.temp, alpha, positive_mask=positives)
+            losses["itc"] = itc.loss
+            sim_i2t, sim_t2i = itc.sim_i2t[:, :batch_size], itc.sim_t2i[:, :batch_size]
+        elif "itm" in on:
+            # Hard negatives still follow the in-batch similarities, which need no queue and no gradient.
+            with torch.no_grad():
+                sim_i2t = image_feat @ text_feat.t() / self.temp
+                sim_t2i = sim_i2t.t()
 
         # ---- ITM with in-batch hard negatives, one batched multimodal pass (SPEC §2.2, A2)
-        neg_image, neg_text = objectives.sample_hard_negatives(itc.sim_i2t[:, :batch_size], itc.sim_t2i[:, :batch_size])
-        itm_ids = torch.cat([ids, ids, ids[neg_text]])
-        itm_mask = torch.cat([mask, mask, mask[neg_text]])
-        itm_images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
-        itm_logits = self.itm_logits(itm_images, itm_ids, itm_mask)
-        itm_labels = torch.cat([torch.ones(batch_size, dtype=torch.long, device=ids.device),
-                                torch.zeros(2 * batch_size, dtype=torch.long, device=ids.device)])
-        itm = F.cross_entropy(itm_logits, itm_labels)
+        if "itm" in on:
+            neg_image, neg_text = objectives.sample_hard_negatives(sim_i2t, sim_t2i, same_pair=same_caption)
+            itm_ids = torch.cat([ids, ids, ids[neg_text]])
+            itm_mask = torch.cat([mask, mask, mask[neg_text]])
+            itm_images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
+            itm_logits = self.itm_logits(itm_images, itm_ids, itm_mask)
+            itm_labels = torch.cat([torch.ones(batch_size, dtype=torch.long, device=ids.device),
+                                    torch.zeros(2 * batch_size, dtype=torch.long, device=ids.device)])
+            losses["itm"] = F.cross_entropy(itm_logits, itm_labels)
+            targets.update(itm_negative_images=neg_image, itm_negative_texts=neg_text)
 
         # ---- MLM: masked words predicted from the image, distilled from the teacher (SPEC §2.3, A2)
-        masked_ids, mlm_labels = objectives.mask_text_tokens(
-            ids, vocab_size=t.vocab_size, mask_token_id=t.mask_token_id,
-            protected_ids=(t.pad_token_id, t.cls_token_id), mlm_probability=o.mlm_probability,
-            mask_ratio=o.mlm_mask_ratio, random_ratio=o.mlm_random_ratio,
-        )
-        selected = mlm_labels != -100  # the vocabulary head runs on these positions only
-        student = self.fuse(image_embeds, masked_ids, mask)[selected]
-        mlm_logits = self.mlm_head(student, self.text_encoder.embeddings.word_embeddings.weight)
-        with torch.no_grad():
-            teacher = self.text_encoder_m(masked_ids, mask, mode="multimodal", encoder_hidden_states=image_embeds_m)
-            mlm_teacher = self.mlm_head_m(teacher[selected], self.text_encoder_m.embeddings.word_embeddings.weight)
-        mlm = objectives.distilled_cross_entropy(mlm_logits, mlm_labels[selected], mlm_teacher, alpha)
+        if "mlm" in on:
+            masked_ids, mlm_labels = objectives.mask_text_tokens(
+                ids, vocab_size=t.vocab_size, mask_token_id=t.mask_token_id,
+                protected_ids=(t.pad_token_id, t.cls_token_id), mlm_probability=o.mlm_probability,
+                mask_ratio=o.mlm_mask_ratio, random_ratio=o.mlm_random_ratio,
+            )
+            selected = mlm_labels != -100  # the vocabulary head runs on these positions only
+            student = self.fuse(image_embeds, masked_ids, mask)[selected]
+            mlm_logits = self.mlm_head(student, self.text_encoder.embeddings.word_embeddings.weight)
+            with torch.no_grad():
+                teacher = self.text_encoder_m(masked_ids, mask, mode="multimodal", encoder_hidden_states=image_embeds_m)
+                mlm_teacher = self.mlm_head_m(teacher[selected], self.text_encoder_m.embeddings.word_embeddings.weight)
+            losses["mlm"] = objectives.distilled_cross_entropy(mlm_logits, mlm_labels[selected], mlm_teacher, alpha)
+            targets.update(mlm_labels=mlm_labels, masked_ids=masked_ids)
 
         # ---- MIM: masked patches predicted as visual tokens from the text (SPEC §2.4, A2)
-        masked_image = self.visual_encoder(image, patch_mask=patch_mask)
-        patch_states = self._mim_pass(self.text_encoder, self.mim_adapter, masked_image,
-                                      self.text_encoder.embeddings(input_ids=ids), mask)
-        mim_logits = self.mim_head(patch_states[patch_mask])
-        with torch.no_grad():
-            masked_image_m = self.visual_encoder_m(image, patch_mask=patch_mask)
-            # SPEC A2: the teacher's keys/values are the MOMENTUM text embeddings (reference: online ones).
-            patch_states_m = self._mim_pass(self.text_encoder_m, self.mim_adapter_m, masked_image_m,
-                                            self.text_encoder_m.embeddings(input_ids=ids), mask)
-            mim_teacher = self.mim_head_m(patch_states_m[patch_mask])
-        mim = objectives.distilled_cross_entropy(mim_logits, visual_tokens[patch_mask], mim_teacher, alpha)
+        if "mim" in on:
+            patch_mask, visual_tokens = batch["patch_mask"].bool(), batch["visual_tokens"]
+            if patch_mask.dim() == 3:
+                patch_mask = patch_mask.flatten(1)
+            if visual_tokens.dim() == 3:
+                visual_tokens = visual_tokens.flatten(1)
+            masked_image = self.visual_encoder(image, patch_mask=patch_mask)
+            patch_states = self._mim_pass(self.text_encoder, self.mim_adapter, masked_image,
+                                          self.text_encoder.embeddings(input_ids=ids), mask)
+            mim_logits = self.mim_head(patch_states[patch_mask])
+            with torch.no_grad():
+                masked_image_m = self.visual_encoder_m(image, patch_mask=patch_mask)
+                # SPEC A2: the teacher's keys/values are the MOMENTUM text embeddings (reference: online ones).
+                patch_states_m = self._mim_pass(self.text_encoder_m, self.mim_adapter_m, masked_image_m,
+                                                self.text_encoder_m.embeddings(input_ids=ids), mask)
+                mim_teacher = self.mim_head_m(patch_states_m[patch_mask])
+            losses["mim"] = objectives.distilled_cross_entropy(mim_logits, visual_tokens[patch_mask], mim_teacher,
+                                                               alpha)
 
         # ---- PSL: keywords chosen by the teacher's multimodal [CLS] attention, predicted from the image
-        reference = o.psl_selection == "reference"
-        with torch.no_grad():
-            # SPEC A2 uses the momentum image tokens; the reference feeds the online ones to the teacher.
-            psl_image = image_embeds.detach() if reference else image_embeds_m
-            _, cls_attention = self.text_encoder_m.forward_with_cls_attention(
-                ids, mask, layer=o.psl_layer, mode="multimodal", encoder_hidden_states=psl_image)
-            keywords = objectives.select_psl_keywords(
-                cls_attention, ids, mask, num_keywords=o.psl_num_keywords, votes_per_head=o.psl_votes_per_head,
-                excluded_ids=self.config.special_token_ids, reference=reference)
-            hard = objectives.psl_targets(keywords, t.vocab_size, zero_ids=(t.cls_token_id,) if reference else ())
-            soft = torch.sigmoid(self.concept_head_m(image_feat_m))
-        psl = objectives.psl_loss(self.concept_head(image_feat), hard, soft, alpha)
+        if "psl" in on:
+            reference = o.psl_selection == "reference"
+            with torch.no_grad():
+                # SPEC A2 uses the momentum image tokens; the reference feeds the online ones to the teacher.
+                psl_image = image_embeds.detach() if reference else image_embeds_m
+                _, cls_attention = self.text_encoder_m.forward_with_cls_attention(
+                    ids, mask, layer=o.psl_layer, mode="multimodal", encoder_hidden_states=psl_image)
+                keywords = objectives.select_psl_keywords(
+                    cls_attention, ids, mask, num_keywords=o.psl_num_keywords, votes_per_head=o.psl_votes_per_head,
+                    excluded_ids=self.config.special_token_ids, reference=reference)
+                hard = objectives.psl_targets(keywords, t.vocab_size, zero_ids=(t.cls_token_id,) if reference else ())
+                soft = torch.sigmoid(self.concept_head_m(image_feat_m))
+            losses["psl"] = objectives.psl_loss(self.concept_head(image_feat), hard, soft, alpha)
+            targets["psl_keywords"] = keywords
 
-        if self.training:
+        if self.training and "itc" in on:
             self._enqueue(image_feat_m, text_feat_m)
-
-        losses = {"itc": itc.loss, "itm": itm, "mlm": mlm, "mim": mim, "psl": psl}
-        targets = {
-            "psl_keywords": keywords,
-            "mlm_labels": mlm_labels,
-            "masked_ids": masked_ids,
-            "itm_negative_images": neg_image,
-            "itm_negative_texts": neg_text,
-            "temp": self.temp.detach(),
-            "alpha": torch.tensor(alpha),
-        }
         return PretrainOutput(losses, targets)
 
 

@@ -29,6 +29,8 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from ..errors import CheckpointError, HubError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["VisionEncoder", "LoadReport", "resample_pos_embed", "load_vision_weights"]
@@ -321,7 +323,7 @@ def _load_local_file(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # SPEC A4: never unpickle arbitrary objects implicitly (the reference pickles its config).
-        raise ValueError(
+        raise CheckpointError(
             f"refusing to load {path}: it contains objects that need arbitrary unpickling, which "
             f"torch.load(weights_only=True) does not allow. If you trust the file, extract its state dict "
             f"yourself (torch.load(..., weights_only=False)) and save it as .safetensors. ({exc})"
@@ -336,7 +338,7 @@ def _download(source: str, timm_name: str | None) -> Any:
             return model.state_dict()
         return torch.hub.load_state_dict_from_url(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # network stacks raise many unrelated types (URLError, httpx, hub errors)
-        raise OSError(
+        raise HubError(
             f"vision weights {source!r} could not be downloaded ({type(exc).__name__}: {exc}). "
             f"Pass a local file path (.safetensors, .pth, .pt or .bin) to load offline."
         ) from exc
@@ -433,10 +435,10 @@ def load_vision_weights(encoder: VisionEncoder, source: str, *, strict: bool = T
         if k in expected and v.shape != expected[k].shape
     ]
     if mismatched:
-        raise RuntimeError(f"shape mismatch loading vision weights from {source!r}: " + "; ".join(mismatched))
+        raise CheckpointError(f"shape mismatch loading vision weights from {source!r}: " + "; ".join(mismatched))
     hard_missing = [k for k in report.missing if k not in _OPTIONAL_KEYS]
     if strict and (hard_missing or report.unexpected):
-        raise RuntimeError(
+        raise CheckpointError(
             f"vision weights from {source!r} do not match the encoder: missing keys {hard_missing}, "
             f"unexpected keys {report.unexpected} (pass strict=False to load anyway)"
         )

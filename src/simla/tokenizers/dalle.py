@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import MissingExtraError, SimlaError
 from .base import (
     FORMAT_VERSION,
     KIND_DALLE,
@@ -44,7 +45,7 @@ DALLE_GROUP_COUNT = 4
 _DALLE_INSTALL_HINT = 'the DALL-E visual tokenizer needs the optional `dall-e` package: pip install "simla[dall-e]"'
 
 
-class UntrustedPickleError(pickle.UnpicklingError):
+class UntrustedPickleError(SimlaError, pickle.UnpicklingError):
     """A checkpoint needs arbitrary unpickling and the caller did not say it trusts the file (SPEC A4)."""
 
 
@@ -58,7 +59,7 @@ def _import_dall_e() -> ModuleType:
     try:
         import dall_e.encoder as dall_e_encoder
     except ImportError as exc:  # also covers a missing dependency of dall_e itself (it imports `requests`)
-        raise ImportError(f"{_DALLE_INSTALL_HINT} (import failed: {exc})") from exc
+        raise MissingExtraError(f"{_DALLE_INSTALL_HINT} (import failed: {exc})") from exc
     return dall_e_encoder
 
 
@@ -276,7 +277,7 @@ def _torch_load(file: Path, trust_pickle: bool) -> Any:
         return torch.load(str(file), map_location="cpu", weights_only=False)
     except ModuleNotFoundError as exc:
         # A pickled Encoder imports dall_e while unpickling; say how to get it.
-        raise ImportError(f"{file}: unpickling needs module {exc.name!r}; {_DALLE_INSTALL_HINT}") from exc
+        raise MissingExtraError(f"{file}: unpickling needs module {exc.name!r}; {_DALLE_INSTALL_HINT}") from exc
 
 
 def _unpickling_reason(exc: BaseException) -> str:

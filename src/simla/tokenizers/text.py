@@ -5,7 +5,9 @@ The reference (ALBEF's modified BertTokenizer) encodes a single sequence as ``[C
 reproduce it on top of a stock Hugging Face ``BertTokenizerFast``: the wordpieces come from the fast
 tokenizer with ``add_special_tokens=False`` and we add [CLS] and the padding ourselves. Doing the special
 tokens by hand keeps the output identical across transformers versions (whose post-processors differ).
-No tokenizer file is shipped: the vocabulary comes from a local directory or the Hugging Face hub.
+The standard uncased WordPiece vocabulary (30,522 entries, the one every BERT-base uncased checkpoint
+uses) ships with simla, so the default name ``"bert-base-uncased"`` needs no network; any other name is a
+local directory or a Hugging Face hub id.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from transformers import BertTokenizerFast  # type: ignore[attr-defined]
 
 from ..data.captions import pre_caption
+from ..errors import HubError
 
 __all__ = ["TextTokenizer", "TokenizedText", "get_tokenizer"]
 
@@ -40,6 +43,10 @@ _HUB_TOKENIZER_FILES = [
     "added_tokens.json",
 ]
 _TRUE_VALUES = {"1", "on", "yes", "true"}
+#: Vocabularies shipped with simla, by the hub name they stand for. The file is the 30,522-line vocab.txt
+#: of bert-base-uncased (identical in every uncased BERT-base checkpoint), so resolving the name locally
+#: gives exactly the tokenizer the hub would, offline.
+BUNDLED_VOCABULARIES = {"bert-base-uncased": Path(__file__).parent / "vocab" / "bert-base-uncased"}
 
 
 @dataclass(frozen=True)
@@ -129,17 +136,17 @@ def _download_from_hub(repo_id: str, local_files_only: bool) -> Path:
             repo_id, allow_patterns=_HUB_TOKENIZER_FILES, local_files_only=local_files_only
         )
     except HFValidationError as err:
-        raise OSError(
+        raise HubError(
             f"Tokenizer {repo_id!r} is not a local directory and not a valid Hugging Face hub id. {hint}"
         ) from err
     except RepositoryNotFoundError as err:  # an OSError subclass, so it must come first
-        raise OSError(
+        raise HubError(
             f"Tokenizer {repo_id!r} is not a local directory and the Hugging Face hub has no such "
             f"(public) repository. {hint}"
         ) from err
     except _network_errors() as err:
         why = "offline mode is enabled" if local_files_only else "no network connection, or the hub is down"
-        raise OSError(
+        raise HubError(
             f"Could not load tokenizer {repo_id!r}: it is not a local directory and the Hugging Face "
             f"hub could not be reached ({why}), nor is it in the local cache. {hint}"
         ) from err
@@ -153,7 +160,7 @@ def _check_tokenizer_dir(directory: Path, name: str) -> None:
     otherwise surface much later as nonsense ids; failing here gives a clear message instead.
     """
     if not any((directory / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
-        raise OSError(
+        raise FileNotFoundError(
             f"Tokenizer {name!r}: {str(directory)!r} contains neither vocab.txt nor tokenizer.json."
         )
 
@@ -202,16 +209,29 @@ class TextTokenizer:
             raise TypeError(f"name_or_path must be a str or path, got {type(name_or_path).__name__}")
         name = os.fspath(name_or_path)
         local = Path(name).expanduser()
+        if name in BUNDLED_VOCABULARIES and not local.exists():
+            return cls.bundled(name)
         if local.is_dir():
             directory = local
         elif _looks_like_path(name):
-            raise OSError(f"Tokenizer path {name!r} is not an existing directory.")
+            raise FileNotFoundError(f"Tokenizer path {name!r} is not an existing directory.")
         else:
             offline = local_files_only or _offline_requested()
             logger.info("resolving tokenizer %r from the Hugging Face hub (offline=%s)", name, offline)
             directory = _download_from_hub(name, offline)
         _check_tokenizer_dir(directory, name)
         return cls(BertTokenizerFast.from_pretrained(str(directory)))
+
+    @classmethod
+    def bundled(cls, name: str = "bert-base-uncased") -> TextTokenizer:
+        """The tokenizer of a vocabulary shipped with simla (no file or network access beyond the package)."""
+        if name not in BUNDLED_VOCABULARIES:
+            raise HubError(f"no bundled vocabulary {name!r}; bundled: {sorted(BUNDLED_VOCABULARIES)}")
+        # A folder holding only vocab.txt: transformers applies BERT's uncased defaults (lower-casing,
+        # accent stripping, CJK splitting), exactly bert-base-uncased's tokenizer_config.
+        backend = BertTokenizerFast.from_pretrained(str(BUNDLED_VOCABULARIES[name]))
+        backend.name_or_path = name
+        return cls(backend)
 
     # ------------------------------------------------------------------ encoding
 

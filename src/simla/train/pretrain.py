@@ -194,14 +194,19 @@ def run_pretraining(recipe: PretrainRecipe, record_history: bool = False,
     config.text.tokenizer = tokenizer_name
     if tokenizer.vocab_size > config.text.vocab_size:
         raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) exceeds the model's ({config.text.vocab_size})")
-    visual_tokenizer = build_visual_tokenizer(recipe, builder, records, shards, config, device)
+    # Only MIM needs visual tokens: without it, no codebook is fitted and no tokenizer runs.
+    uses_mim = "mim" in config.objectives.losses
+    visual_tokenizer = build_visual_tokenizer(recipe, builder, records, shards, config, device) if uses_mim else None
 
     if rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump({"recipe": recipe.to_dict(), "model": config.to_dict()},
                                                          sort_keys=False), encoding="utf-8")
     def prepare(batch: dict[str, Any]) -> dict[str, Any]:
+        if visual_tokenizer is None:
+            batch = {k: v for k, v in batch.items() if k not in ("tokenizer_image", "patch_mask")}
         moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        moved["visual_tokens"] = visual_tokenizer(moved.pop("tokenizer_image"))
+        if visual_tokenizer is not None:
+            moved["visual_tokens"] = visual_tokenizer(moved.pop("tokenizer_image"))
         return moved
 
     engine = build_engine(model, recipe, data, out, device, prepare,

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from ..config import check_type, get_config
+from ..errors import ConfigError
 
 
 def field_(default: Any, help: str, **kw: Any) -> Any:
@@ -132,7 +133,19 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def load_recipe(path: str | os.PathLike | None, overrides: Sequence[str] = (), cls: type = PretrainRecipe) -> Any:
-    """Read the YAML recipe (if any), apply `key=value` overrides, validate. Nothing else happens."""
+    """Read the YAML recipe (if any), apply `key=value` overrides, validate. Nothing else happens.
+
+    Raises ConfigError (a ValueError) naming the file or override and the field, or FileNotFoundError.
+    """
+    try:
+        return _load_recipe(path, overrides, cls)
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(err.args[0] if isinstance(err, KeyError) and err.args else str(err)) from err
+
+
+def _load_recipe(path: str | os.PathLike | None, overrides: Sequence[str], cls: type) -> Any:
     recipe = cls()
     if path is not None:
         path = Path(path)

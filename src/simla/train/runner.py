@@ -41,8 +41,11 @@ def build_engine(model: SimlaModel, recipe: Any, data: ResumableData, output_dir
     wrapped: torch.nn.Module = model
     if is_distributed():
         # Queues are written identically on every rank from all-gathered features: no buffer broadcast.
+        # A model that leaves some trained parameter without gradient in a step (an ablation without ITC or
+        # ITM) says so; DDP then looks for unused parameters instead of waiting for their gradients.
         wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
+            model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False,
+            find_unused_parameters=bool(getattr(model, "has_unused_parameters", False)))
     config = EngineConfig(
         output_dir=output_dir, total_steps=total_steps, grad_accum_steps=recipe.grad_accum_steps,
         precision=recipe.precision, grad_clip=recipe.grad_clip, log_every=recipe.log_every,

@@ -299,7 +299,7 @@ def _as_list(items: Iterable[ShapeImage]) -> list[ShapeImage]:
 
 
 def write_pretraining_json(items: Iterable[ShapeImage], path: PathLike, captions_per_image: int = 3,
-                           seed: int = 0) -> Path:
+                           seed: int = 0, templates: Sequence[str] = CAPTION_TEMPLATES) -> Path:
     """Write the reference pretraining JSON, ``[{"image": abs_path, "caption": [captions...]}]``.
 
     Each image gets ``captions_per_image`` *different* captions (the dataset samples one per
@@ -309,8 +309,9 @@ def write_pretraining_json(items: Iterable[ShapeImage], path: PathLike, captions
     Args:
         items: labelled images, e.g. from :func:`label_easy_vqa`.
         path: the JSON file to write (parent directories are created).
-        captions_per_image: 1 to ``len(CAPTION_TEMPLATES)``.
+        captions_per_image: 1 to ``len(templates)``.
         seed: the caption seed.
+        templates: the caption templates to draw from (``{colour}`` and ``{shape}`` fields).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -318,15 +319,15 @@ def write_pretraining_json(items: Iterable[ShapeImage], path: PathLike, captions
     Raises:
         ValueError: ``captions_per_image`` out of range, or no items.
     """
-    if not 1 <= captions_per_image <= len(CAPTION_TEMPLATES):
-        raise ValueError(f"captions_per_image must be between 1 and {len(CAPTION_TEMPLATES)}, "
+    if not 1 <= captions_per_image <= len(templates):
+        raise ValueError(f"captions_per_image must be between 1 and {len(templates)}, "
                          f"got {captions_per_image}")
     records = []
     for item in _as_list(items):
         # Sampling templates without replacement keeps an image's captions distinct.
-        templates = _image_rng(item, seed).sample(CAPTION_TEMPLATES, captions_per_image)
+        chosen = _image_rng(item, seed).sample(list(templates), captions_per_image)
         records.append({"image": item.image,
-                        "caption": [t.format(colour=item.colour, shape=item.shape) for t in templates]})
+                        "caption": [t.format(colour=item.colour, shape=item.shape) for t in chosen]})
     out = _write_json(records, path)
     logger.info("wrote %d pretraining records (%d captions each) to %s", len(records), captions_per_image, out)
     return out

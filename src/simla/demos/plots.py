@@ -1,0 +1,100 @@
+"""The demo's pictures: loss curves, the zero-shot accuracy curve, a confusion matrix and example captions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(log_path: Path, png_path: Path, title: str) -> Path:
+    """One panel per logged loss, against the optimizer step."""
+    plt = _pyplot()
+    records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [k for k in records[0] if k.startswith("loss_")]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        ax.plot([r["step"] for r in records], [r[name] for r in records], color="tab:blue")
+        ax.set_title(name.removeprefix("loss_").upper())
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def plot_accuracy_curve(curve: Sequence[Mapping[str, float]], png_path: Path, chance: float) -> Path:
+    """Zero-shot accuracy in both directions against the step, with the chance level."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    steps = [point["step"] for point in curve]
+    ax.plot(steps, [point["image_to_text"] for point in curve], marker="o", label="image → text")
+    ax.plot(steps, [point["text_to_image"] for point in curve], marker="s", label="text → image")
+    ax.axhline(chance, color="gray", linestyle="--", label=f"chance ({chance:.1f}%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("zero-shot accuracy on held-out images (ITC)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def plot_confusion(matrix: Tensor, classes: Sequence[str], png_path: Path) -> Path:
+    """Row-normalised confusion matrix: true class (rows) against the best-ranked caption (columns)."""
+    plt = _pyplot()
+    rates = matrix.float() / matrix.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(8.5, 7.5))
+    image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xlabel("best-ranked caption")
+    ax.set_ylabel("true colour and shape")
+    ax.set_title("image → text confusion on held-out images (ITM)")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the row")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def plot_examples(paths: Sequence[str], probabilities: Tensor, labels: Tensor, classes: Sequence[str],
+                  png_path: Path, top: int = 3) -> Path:
+    """Each image with its `top` best captions and their ITM match probabilities (green = right class)."""
+    from PIL import Image
+
+    plt = _pyplot()
+    columns = min(4, len(paths))
+    rows = (len(paths) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, path, probs, label in zip(axes.flat, paths, probabilities, labels.tolist()):
+        with Image.open(path) as img:
+            ax.imshow(img.convert("RGB"))
+        values, order = torch.topk(probs, top)
+        lines = [f"{'✓' if int(i) == label else '✗'} a {classes[int(i)]}: {float(v):.2f}" for v, i in zip(values, order)]
+        ax.set_title("\n".join(lines), fontsize=8, loc="left",
+                     color="darkgreen" if int(order[0]) == label else "darkred")
+    fig.suptitle("held-out images: best captions and match probabilities")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,38 @@
+"""Errors a user can fix: bad paths, recipes, data files and checkpoints, hub names that cannot be reached.
+
+Each subclasses the built-in type that plain Python callers would expect (ValueError for a bad recipe,
+OSError for an unreachable hub), and `SimlaError`, which the `simla` command reports as one line
+(`simla: error: ...`, exit status 2) instead of a traceback. Anything else that escapes is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SimlaError(Exception):
+    """An error in what the user asked for, with a message that says what to change."""
+
+
+class ConfigError(SimlaError, ValueError):
+    """A recipe or model config is malformed or invalid (unknown key, wrong type, value out of range)."""
+
+
+class DataError(SimlaError, ValueError):
+    """An annotation file, shard or evaluation file is malformed or unusable."""
+
+
+class CheckpointError(SimlaError, RuntimeError):
+    """A checkpoint or weight file cannot be used: not a checkpoint, truncated, untrusted, or mismatched."""
+
+
+class HubError(SimlaError, OSError):
+    """A hub name or URL could not be resolved (offline, not cached, or no such repository)."""
+
+
+class MissingExtraError(SimlaError, ImportError):
+    """An optional dependency is needed for what was asked; the message gives the pip command."""
+
+
+#: Built-in errors that, raised at the command line, mean the user named something that is not there.
+USER_OS_ERRORS: tuple[type[BaseException], ...] = (
+    FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)

@@ -1,0 +1,105 @@
+"""The `simla` command reports user errors in one line (exit 2); -v shows the traceback; bugs keep theirs."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+import simla
+from simla import cli
+from simla.cli import main
+
+from datasets import make_pairs, write_json
+
+
+def _one_line_error(capsys, argv: list[str], *expected: str) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("simla: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    return write_json(tmp_path / "pairs.json", make_pairs(tmp_path, 8))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    return simla.save_checkpoint(simla.create_model("simla_tiny", queue_size=8, task="base"), tmp_path / "tiny.pt")
+
+
+def test_pretrain_user_errors(tmp_path, capsys, pairs):
+    _one_line_error(capsys, ["pretrain", "--config", str(tmp_path / "missing.yaml")], "missing.yaml")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("model: [simla_tiny\n")
+    _one_line_error(capsys, ["pretrain", "--config", str(bad_yaml)], "bad.yaml", "line")
+    _one_line_error(capsys, ["pretrain", f"train_file={pairs}", "batch_sise=4"], "batch_sise")
+    _one_line_error(capsys, ["pretrain", f"train_file={pairs}", "model=simla_huge"], "simla_huge")
+    _one_line_error(capsys, ["pretrain", f"train_file={pairs}", "model_config.losses=[itc,xyz]"], "losses")
+    _one_line_error(capsys, ["pretrain", f"train_file={tmp_path / 'nope.json'}", "model=simla_tiny",
+                             "text_encoder=null", "vision_encoder=null", "device=cpu",
+                             f"output_dir={tmp_path / 'run'}"], "nope.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"image": "a.png"}]')
+    _one_line_error(capsys, ["pretrain", f"train_file={broken}", "model=simla_tiny", "text_encoder=null",
+                             "vision_encoder=null", "device=cpu", f"output_dir={tmp_path / 'run'}"],
+                    "broken.json", "caption")
+
+
+def test_finetune_and_evaluate_user_errors(tmp_path, capsys, pairs, tiny_checkpoint):
+    _one_line_error(capsys, ["finetune", "retrieval", f"train_file={pairs}", f"checkpoint={tmp_path / 'no.pt'}",
+                             "device=cpu", f"output_dir={tmp_path / 'ft'}"], "no.pt")
+    _one_line_error(capsys, ["evaluate", "retrieval", "--checkpoint", str(tmp_path / "no.pt"), "--data", str(pairs),
+                             "--output", str(tmp_path / "ev")], "no.pt")
+    _one_line_error(capsys, ["evaluate", "retrieval", "--checkpoint", str(tiny_checkpoint), "--data",
+                             str(tmp_path / "no.json"), "--output", str(tmp_path / "ev"), "--device", "cpu"], "no.json")
+
+
+def test_convert_user_errors(tmp_path, capsys):
+    not_a_checkpoint = tmp_path / "notes.pth"
+    not_a_checkpoint.write_bytes(b"this is not a checkpoint")
+    _one_line_error(capsys, ["convert", str(not_a_checkpoint), str(tmp_path / "out.pt")], "notes.pth")
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "config": argparse.Namespace(lr=1)}, pickled)
+    _one_line_error(capsys, ["convert", str(pickled), str(tmp_path / "out.pt")], "pickled.pth", "trust")
+
+
+def test_demo_and_models(capsys, monkeypatch):
+    import simla.demos as demos
+
+    def missing_extra(**kwargs):
+        raise simla.errors.MissingExtraError('the demos need the easy-VQA images: pip install "simla[demo]"')
+
+    monkeypatch.setitem(demos.DEMOS, "retrieval", missing_extra)
+    _one_line_error(capsys, ["demo", "--quick"], "simla[demo]")
+    assert main(["models"]) == 0 and "simla_tiny" in capsys.readouterr().out
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        main(["-v", "pretrain", "--config", str(tmp_path / "missing.yaml")])
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+    def broken(args):
+        raise ZeroDivisionError("a bug, not a user error")
+
+    parser = cli.build_parser()
+    original = parser.parse_args
+
+    def parse(argv=None):
+        args = original(argv)
+        args.func = broken
+        return args
+
+    monkeypatch.setattr(parser, "parse_args", parse)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    with pytest.raises(ZeroDivisionError):
+        main(["models"])
