@@ -1,4 +1,4 @@
-"""Our checkpoints, safetensors exports, and reference SIMLA/ALBEF import (SPEC §6, A3, A4)."""
+"""Our checkpoints, safetensors exports, and reference SIMLA/ALBEF import (docs/reference-behaviour.md)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from conftest import make_batch
 
 
 def reference_pretrain_state(config, image_grid: int | None = None) -> dict[str, torch.Tensor]:
-    """Random tensors under the reference pretraining names and shapes of SPEC §6.2, at `config`'s size."""
+    """Random tensors under the reference pretraining names and shapes, at `config`'s size."""
     g = torch.Generator().manual_seed(0)
     v, t, o = config.vision, config.text, config.objectives
     grid = image_grid or config.grid_size
@@ -94,7 +94,7 @@ def test_reference_pretraining_checkpoint_imports_strictly(tmp_path, tiny_config
     assert torch.equal(ours["visual_encoder.mask_token"], state["visual_encoder.mask_token"])
     assert torch.equal(ours["concept_head_m.weight"], state["concept_head_m.weight"])
     assert torch.equal(ours["image_queue"], state["image_queue"]) and int(ours["queue_ptr"]) == 3
-    # SPEC A3: no token types in SIMLA checkpoints -> a zero table, so type 0 adds nothing.
+    # No token types in SIMLA checkpoints -> a zero table, so type 0 adds nothing.
     assert torch.count_nonzero(ours["text_encoder.embeddings.token_type_embeddings.weight"]) == 0
     # The momentum weights come from the file, not from the online ones.
     assert not torch.equal(ours["vision_proj_m.weight"], ours["vision_proj.weight"])
@@ -189,7 +189,7 @@ def test_convert_command(tmp_path, tiny_config, capsys):
 
 
 def test_reference_retrieval_checkpoint_imports(tmp_path, tiny_config):
-    # SPEC §6.3: no `bert.` infix, no MLM/MIM/PSL heads or mask tokens, plus an id queue.
+    # The reference retrieval layout: no `bert.` infix, no MLM/MIM/PSL heads or mask tokens, plus an id queue.
     state = {k.replace("text_encoder.bert.", "text_encoder.").replace("text_encoder_m.bert.", "text_encoder_m."): v
              for k, v in reference_pretrain_state(tiny_config).items()
              if ".cls." not in k and "mim_head" not in k and "concept_head" not in k and "mask_token" not in k}

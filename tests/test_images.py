@@ -264,3 +264,31 @@ def test_wrong_max_pixels(max_pixels: object) -> None:
 def test_wrong_name_type() -> None:
     with pytest.raises(TypeError):
         load_image(b"x", name=3)  # type: ignore[arg-type]
+
+
+def test_each_problem_is_counted_under_its_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _encode(_noise(320, 240), "JPEG", quality=95)
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "stub.jpg").write_bytes(data[:40])  # a valid start, cut inside the header
+    (tmp_path / "garbage.jpg").write_bytes(b"this is not an image at all")
+    (tmp_path / "empty.jpg").touch()
+    broken = bytearray(_encode(_noise(320, 240), "PNG"))
+    broken[200:260] = b"\0" * 60  # the compressed pixel stream is damaged, not cut short
+    (tmp_path / "broken.png").write_bytes(bytes(broken))
+    big = _save(_noise(64, 48), tmp_path / "big.png", "PNG")
+    expected = {"cut.jpg": "truncated", "stub.jpg": "truncated", "empty.jpg": "truncated",
+                "garbage.jpg": "corrupt", "broken.png": "corrupt", "nope.jpg": "missing"}
+    for name, kind in expected.items():
+        assert _bad(tmp_path / name).kind == kind, name
+    assert _bad(tmp_path).kind == "unreadable"  # a directory
+    assert _bad(b"", name="k").kind == "truncated"
+    assert _bad(big, max_pixels=100).kind == "too_large"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's own bomb check
+    assert _bad(big).kind == "too_large"
+
+
+def test_bad_sample_kind_is_checked_and_pickled() -> None:
+    with pytest.raises(ValueError, match="kind must be one of"):
+        BadSampleError("x.jpg", "odd", "weird")
+    clone = pickle.loads(pickle.dumps(BadSampleError("x.jpg", "gone", "missing")))
+    assert (clone.source, clone.reason, clone.kind) == ("x.jpg", "gone", "missing")

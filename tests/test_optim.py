@@ -1,4 +1,5 @@
-"""Optimiser parameter groups (SPEC §4, A2, §7.13) and sync-free gradient norms (SPEC §7.8)."""
+"""Optimiser parameter groups (no weight decay on biases, norms, position embeddings, special tokens and the
+temperature, unlike the reference) and gradient norms computed without a host sync per tensor."""
 
 from __future__ import annotations
 

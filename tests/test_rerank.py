@@ -1,4 +1,4 @@
-"""Top-k re-ranking, row sharding and row gathering (SPEC §5.1 evaluation protocol, steps 4-6)."""
+"""Top-k re-ranking, row sharding and row gathering (the reference's ITM re-ranking protocol)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Caption and question cleaning, exactly as the reference pipeline does it (SPEC §3.2).
+"""Caption and question cleaning, exactly as the reference pipeline does it (docs/reference-behaviour.md).
 
 The reference checkpoints were trained and evaluated on text cleaned this way, so the rules are
 reproduced literally, quirks included (e.g. a single tab survives because only runs of two or more
@@ -41,7 +41,7 @@ def _check_args(text: object, max_words: int, what: str) -> None:
 
 
 def pre_caption(caption: str, max_words: int = 30) -> str:
-    """Clean a caption as the reference ``pre_caption`` does (SPEC §3.2, steps 1-7).
+    """Clean a caption as the reference ``pre_caption`` does (steps 1-7 below).
 
     1. lower-case; 2. delete ``, . ' ! ? " ( ) * # : ; ~``; 3. replace ``-`` and ``/`` with a space;
     4. replace the literal ``<person>`` with ``person``; 5. collapse runs of >= 2 whitespace characters
@@ -64,7 +64,7 @@ def pre_caption(caption: str, max_words: int = 30) -> str:
 
 
 def pre_question(question: str, max_words: int = 50) -> str:
-    """Clean a VQA question as the reference ``pre_question`` does (SPEC §3.2, question variant).
+    """Clean a VQA question as the reference ``pre_question`` does (its question variant).
 
     Steps 1-3 of :func:`pre_caption`, then right-strip spaces and keep the first ``max_words``
     space-separated words. Unlike captions there is no whitespace collapsing and no ``<person>`` rule.

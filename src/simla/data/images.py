@@ -1,11 +1,12 @@
-"""Robust image decoding: one bad file must never crash a pretraining run (SPEC A2, "bad sample" bullet).
+"""Robust image decoding: one bad file must never crash a pretraining run.
 
 :func:`load_image` turns a path or an in-memory WebDataset member into an RGB :class:`PIL.Image.Image`.
 Every problem that lies in the *data* (missing file, unreadable or corrupt bytes, truncated image, an
 image too large to decode safely, a zero-size image, an unsupported pixel mode) raises
-:class:`BadSampleError`, which the dataset logs, counts and answers by drawing a different sample.
-Everything else (a wrong argument type, a bug in this module) propagates unchanged, because the
-reference pipeline's bare ``except:`` hid exactly such bugs (SPEC §3.5, §7.9).
+:class:`BadSampleError` with one of the :data:`BAD_SAMPLE_KINDS`; the dataset logs it, counts it by kind
+and answers it by drawing a different sample. Everything else (a wrong argument type, a bug in this
+module) propagates unchanged: the reference pipeline wraps loading in a bare ``except:``, which hid
+exactly such bugs (on a recent NumPy every one of its samples failed, silently).
 
 Unlike the reference we do not set ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` or ``Image.MAX_IMAGE_PIXELS``
 process-wide: a truncated file is a bad sample (silently grey-filled pixels would poison the MIM targets),
@@ -25,7 +26,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageFile
 
-__all__ = ["ALPHA_BACKGROUND", "BadSampleError", "DEFAULT_MAX_PIXELS", "load_image"]
+__all__ = ["ALPHA_BACKGROUND", "BAD_SAMPLE_KINDS", "BadSampleError", "DEFAULT_MAX_PIXELS", "load_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +64,34 @@ _INT16_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 _TIFF_BITS_PER_SAMPLE = 258
 
 
+# The kinds of bad sample, as counted in the training log (`skipped`):
+#   missing        the file (or the shard member) does not exist
+#   unreadable     it exists but cannot be read: a directory, no permission, an unsupported pixel mode
+#   corrupt        the bytes are not a valid image (or caption) of any supported format
+#   truncated      a valid start that ends early, including an empty (0-byte) file
+#   empty_caption  the caption is empty after cleaning
+#   too_large      the header announces more pixels than the decoding budget allows
+BAD_SAMPLE_KINDS = ("missing", "unreadable", "corrupt", "truncated", "empty_caption", "too_large")
+
+
 class BadSampleError(Exception):
     """A sample whose data cannot be used (missing, corrupt, truncated, oversized ...).
 
     Attributes:
         source: where the sample came from: a file path, or ``shard/key`` for a WebDataset member.
         reason: a short human-readable description of what is wrong with it.
+        kind: one of :data:`BAD_SAMPLE_KINDS`, the counter it is logged under.
     """
 
-    def __init__(self, source: str, reason: str) -> None:
-        # Passing both to Exception keeps the error picklable, which matters because DataLoader
+    def __init__(self, source: str, reason: str, kind: str = "unreadable") -> None:
+        if kind not in BAD_SAMPLE_KINDS:
+            raise ValueError(f"kind must be one of {BAD_SAMPLE_KINDS}, got {kind!r}")
+        # Passing every field to Exception keeps the error picklable, which matters because DataLoader
         # workers send exceptions back to the main process by pickling them.
-        super().__init__(source, reason)
+        super().__init__(source, reason, kind)
         self.source = source
         self.reason = reason
+        self.kind = kind
 
     def __str__(self) -> str:
         return f"{self.source}: {self.reason}"
@@ -119,7 +134,7 @@ def load_image(
         label = name if name is not None else "<bytes>"
         data = bytes(source)
         if not data:
-            raise BadSampleError(label, "empty image data")
+            raise BadSampleError(label, "empty image data", "truncated")
         return _decode(io.BytesIO(data), label, max_pixels)
 
     path = os.fspath(source)
@@ -127,10 +142,11 @@ def load_image(
     try:
         fp = open(path, "rb")  # noqa: SIM115 - closed in the finally below
     except OSError as exc:  # missing file, directory, permission denied ...
-        raise BadSampleError(label, f"cannot open file ({type(exc).__name__}: {exc.strerror or exc})") from exc
+        kind = "missing" if isinstance(exc, FileNotFoundError) else "unreadable"
+        raise BadSampleError(label, f"cannot open file ({type(exc).__name__}: {exc.strerror or exc})", kind) from exc
     try:
         if os.fstat(fp.fileno()).st_size == 0:
-            raise BadSampleError(label, "empty file")
+            raise BadSampleError(label, "empty file", "truncated")
         return _decode(fp, label, max_pixels)
     finally:
         fp.close()
@@ -169,16 +185,26 @@ def _decode(fp: IO[bytes], label: str, max_pixels: int) -> Image.Image:
         try:
             img = Image.open(fp, formats=_allowed_formats())
         except _DATA_ERRORS as exc:
-            raise BadSampleError(label, f"cannot identify image ({_describe(exc)})") from exc
+            raise BadSampleError(label, f"cannot identify image ({_describe(exc)})", _kind_of(exc)) from exc
         try:
             _check_size(img, label, max_pixels)
             try:
                 img.load()  # the full decode: truncated or corrupt streams fail here, not later
             except _DATA_ERRORS as exc:
-                raise BadSampleError(label, f"corrupt or truncated image data ({_describe(exc)})") from exc
+                raise BadSampleError(label, f"corrupt or truncated image data ({_describe(exc)})",
+                                     _kind_of(exc)) from exc
             return _to_rgb(img, label)
         finally:
             img.close()
+
+
+def _kind_of(exc: BaseException) -> str:
+    """The bad-sample kind of a decoding error: PIL says "truncated" (or hits EOF) when data ends early."""
+    if isinstance(exc, Image.DecompressionBombError):
+        return "too_large"
+    if isinstance(exc, EOFError) or "truncated" in str(exc).lower():
+        return "truncated"
+    return "corrupt"
 
 
 def _describe(exc: BaseException) -> str:
@@ -190,9 +216,10 @@ def _check_size(img: Image.Image, label: str, max_pixels: int) -> None:
     """Refuse zero-size and oversized images using the header size only (nothing decoded yet)."""
     width, height = img.size
     if width <= 0 or height <= 0:
-        raise BadSampleError(label, f"zero-size image ({width}x{height})")
+        raise BadSampleError(label, f"zero-size image ({width}x{height})", "corrupt")
     if width * height > max_pixels:
-        raise BadSampleError(label, f"image too large ({width}x{height} = {width * height} pixels > {max_pixels})")
+        raise BadSampleError(label, f"image too large ({width}x{height} = {width * height} pixels > {max_pixels})",
+                             "too_large")
 
 
 def _to_rgb(img: Image.Image, label: str) -> Image.Image:
@@ -209,7 +236,7 @@ def _to_rgb(img: Image.Image, label: str) -> Image.Image:
     try:
         return img.convert("RGB")  # 1, L, P, CMYK, YCbCr, LAB, HSV, RGBX ...
     except ValueError as exc:  # PIL has no conversion for this (rare) mode
-        raise BadSampleError(label, f"unsupported image mode {mode!r} ({exc})") from exc
+        raise BadSampleError(label, f"unsupported image mode {mode!r} ({exc})", "unreadable") from exc
 
 
 def _composite(rgba: Image.Image) -> Image.Image:

@@ -30,10 +30,6 @@ from .transforms import PretrainViews
 
 logger = logging.getLogger(__name__)
 
-# Bad paths already reported by this process: each is logged once, then only counted.
-_REPORTED: set[str] = set()
-
-
 def derive_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (stable across processes and Python hash seeds)."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
@@ -44,20 +40,31 @@ def sample_seed(seed: int, epoch: int, rank: int, batch: int, slot: int) -> int:
     return derive_seed(seed, epoch, rank, batch, slot)
 
 
-def _report(err: BadSampleError) -> None:
-    key = str(err.source)
-    if key not in _REPORTED:
-        _REPORTED.add(key)
-        logger.warning("skipping bad sample %s", err)
-
-
 def reason_of(err: BadSampleError) -> str:
-    """A short counter name for the kind of problem (for the skipped-sample counts in the log)."""
-    text = err.reason.lower()
-    for word in ("missing", "truncated", "caption", "large", "corrupt", "empty"):
-        if word in text:
-            return word
-    return "unreadable"
+    """The counter a bad sample is logged under (`skipped` in the training log): its kind."""
+    return err.kind
+
+
+def bad_entry(err: BadSampleError) -> tuple[str, str, str]:
+    """(source, kind, reason) of a bad sample, as batch metadata carries it to the main process."""
+    return str(err.source), err.kind, err.reason
+
+
+class BadSampleLog:
+    """Logs each bad source once per run, in the main process.
+
+    Dataloader workers only put their bad samples into the batch metadata: a worker's memory of what it
+    reported dies with it at the end of every epoch, and several workers would each report the same file.
+    """
+
+    def __init__(self) -> None:
+        self.reported: set[str] = set()
+
+    def __call__(self, meta: Mapping[str, Any]) -> None:
+        for source, kind, reason in meta.get("bad", ()):
+            if source not in self.reported:
+                self.reported.add(source)
+                logger.warning("skipping bad sample (%s) %s: %s", kind, source, reason)
 
 
 def read_caption(record: Any, rng: random.Random, max_words: int) -> str:
@@ -65,7 +72,7 @@ def read_caption(record: Any, rng: random.Random, max_words: int) -> str:
     captions = record.captions
     caption = pre_caption(captions[rng.randrange(len(captions))] if len(captions) > 1 else captions[0], max_words)
     if not caption:
-        raise BadSampleError(record.origin, "empty caption after cleaning")
+        raise BadSampleError(record.origin, "empty caption after cleaning", "empty_caption")
     return caption
 
 
@@ -133,7 +140,7 @@ class CaptionBatches(Dataset):
     def __getitem__(self, spec: BatchSpec | tuple) -> tuple[dict[str, Any], dict[str, Any]]:
         epoch, batch_index, indices, rank = BatchSpec(*spec)
         taken = set(indices)
-        samples, skipped, used = [], Counter(), []
+        samples, skipped, used, bad = [], Counter(), [], []
         for slot, index in enumerate(indices):
             rng = random.Random(sample_seed(self.seed, epoch, rank, batch_index, slot))
             for _ in range(self.max_attempts):
@@ -142,14 +149,14 @@ class CaptionBatches(Dataset):
                     used.append(index)
                     break
                 except BadSampleError as err:
-                    _report(err)
+                    bad.append(bad_entry(err))
                     skipped[reason_of(err)] += 1
                     index = self._replacement(rng, taken)
                     taken.add(index)
             else:
                 raise RuntimeError(f"{self.max_attempts} samples in a row were bad while filling batch "
                                    f"{batch_index} of epoch {epoch}; is the image_root right? counts: {dict(skipped)}")
-        meta = {"skipped": dict(skipped), "size": len(samples), "batch": batch_index, "indices": used}
+        meta = {"skipped": dict(skipped), "size": len(samples), "batch": batch_index, "indices": used, "bad": bad}
         return collate(samples, self.tokenizer, self.max_length), meta
 
     def _replacement(self, rng: random.Random, taken: set[int]) -> int:
@@ -192,6 +199,7 @@ class AnnotationData:
     def __init__(self, dataset: CaptionBatches, plan: EpochBatchPlan, num_workers: int) -> None:
         self.dataset, self.plan, self.num_workers = dataset, plan, num_workers
         self.steps_per_epoch = plan.steps_per_epoch
+        self.bad_log = BadSampleLog()
         self._epoch, self._next_batch = 0, 0
         # Record indices of every consumed batch (tests and audits; off by default to save memory).
         self.record_history = False
@@ -206,7 +214,9 @@ class AnnotationData:
         # drawing on the global RNG, whose state belongs to the model (dropout, masking) and the checkpoint.
         loader = DataLoader(self.dataset, sampler=specs, batch_size=None, num_workers=self.num_workers,
                             generator=torch.Generator().manual_seed(0), persistent_workers=False)
-        yield from loader
+        for batch, meta in loader:
+            self.bad_log(meta)
+            yield batch, meta
 
     def consumed(self, epoch: int, meta: Mapping[str, Any]) -> None:
         self._epoch, self._next_batch = epoch, int(meta["batch"]) + 1
@@ -245,7 +255,7 @@ class ShardBatches(IterableDataset):
         self.stream.set_epoch(self.epoch)
         consumed = int(self.skip.get(role, 0))
         self.stream.set_position(self.epoch, consumed, worker_role=role)
-        samples, skipped, keys = [], Counter(), []
+        samples, skipped, keys, bad = [], Counter(), [], []
         for raw in self.stream:
             rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, role, consumed))
             consumed += 1
@@ -254,14 +264,14 @@ class ShardBatches(IterableDataset):
                 samples.append(self.builder.build(CaptionRecord(image_bytes, (caption,), raw.source), rng))
                 keys.append(raw.source)
             except BadSampleError as err:
-                _report(err)
+                bad.append(bad_entry(err))
                 skipped[reason_of(err)] += 1
                 continue
             if len(samples) == self.batch_size:
                 meta = {"skipped": dict(skipped), "size": len(samples), "role": role, "consumed": consumed,
-                        "keys": keys}
+                        "keys": keys, "bad": bad}
                 yield collate(samples, self.tokenizer, self.max_length), meta
-                samples, skipped, keys = [], Counter(), []
+                samples, skipped, keys, bad = [], Counter(), [], []
         # A partial final batch is dropped (drop_last, as the reference); its bad samples still count.
 
 
@@ -271,6 +281,7 @@ class ShardData:
     def __init__(self, dataset: ShardBatches, num_workers: int, steps_per_epoch: int) -> None:
         self.dataset, self.num_workers, self.steps_per_epoch = dataset, num_workers, steps_per_epoch
         self._epoch, self._consumed, self._batches = 0, {}, 0
+        self.bad_log = BadSampleLog()
         self.record_history = False
         self.history: list[list[str]] = []
 
@@ -282,7 +293,9 @@ class ShardData:
         self.dataset.role_offset = self._batches % max(1, self.num_workers)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                             generator=torch.Generator().manual_seed(0))
-        yield from loader
+        for batch, meta in loader:
+            self.bad_log(meta)
+            yield batch, meta
 
     def consumed(self, epoch: int, meta: Mapping[str, Any]) -> None:
         self._epoch = epoch

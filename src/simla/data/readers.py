@@ -7,7 +7,7 @@ a worker hours later.
 
 Only *format* errors are raised here. Content problems that can only be seen when a sample is loaded
 (an unreadable image, a caption that is empty after cleaning) are the dataset's business: it logs,
-counts and replaces such samples (SPEC Part A, A2), so an empty caption is kept as ``""`` here.
+counts and replaces such samples, so an empty caption is kept as ``""`` here.
 
 The module also parses shard *specifications* (``is_shard_pattern``, ``split_shard_spec``,
 ``brace_expand``), which need no torch, so a CLI can tell the two kinds of data apart cheaply;

@@ -1,4 +1,4 @@
-"""Retrieval data: the reference's train/eval annotation formats and the fine-tuning image view (SPEC §5.1).
+"""Retrieval data: the reference's train/eval annotation formats and the fine-tuning image view.
 
 Train JSON: a list of {"image": path, "caption": str, "image_id": any} (ids remapped to dense ints).
 Eval JSON: a list of {"image": path, "caption": [str, ...]} (texts flattened with txt2img/img2txt maps).

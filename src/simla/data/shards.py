@@ -248,24 +248,29 @@ def sample_image_and_caption(sample: RawSample) -> tuple[bytes, str]:
 
     image = next((sample.files[ext] for ext in IMAGE_EXTENSIONS if ext in sample.files), None)
     if image is None:
-        raise BadSampleError(source=sample.source, reason=f"no image member (found: {sorted(sample.files)})")
+        raise BadSampleError(source=sample.source, reason=f"no image member (found: {sorted(sample.files)})",
+                             kind="missing")
     if "txt" in sample.files:
         try:
             return image, sample.files["txt"].decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise BadSampleError(source=sample.source, reason=f"caption .txt is not UTF-8: {exc}") from exc
+            raise BadSampleError(source=sample.source, reason=f"caption .txt is not UTF-8: {exc}",
+                                 kind="corrupt") from exc
     if "json" in sample.files:
         try:
             meta = json.loads(sample.files["json"])
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadSampleError(source=sample.source, reason=f"unreadable .json member: {exc}") from exc
+            raise BadSampleError(source=sample.source, reason=f"unreadable .json member: {exc}",
+                                 kind="corrupt") from exc
         caption = None
         if isinstance(meta, dict):
             caption = meta.get("caption") if meta.get("caption") is not None else meta.get("text")
         if isinstance(caption, str):
             return image, caption
-        raise BadSampleError(source=sample.source, reason="no string 'caption' or 'text' field in the .json member")
-    raise BadSampleError(source=sample.source, reason=f"no caption member (found: {sorted(sample.files)})")
+        raise BadSampleError(source=sample.source, reason="no string 'caption' or 'text' field in the .json member",
+                             kind="missing")
+    raise BadSampleError(source=sample.source, reason=f"no caption member (found: {sorted(sample.files)})",
+                         kind="missing")
 
 
 # (number of shards, number of global workers) pairs already warned about in this process.

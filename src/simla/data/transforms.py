@@ -1,9 +1,9 @@
-"""Image views for pretraining and evaluation (SPEC §3.3, A2 first bullet, §7.1, §7.20).
+"""Image views for pretraining and evaluation (the reference views, with shared geometry for MIM).
 
 Pretraining needs two views of one image: the *encoder view* (R x R, CLIP-normalised) that the ViT sees
 and the *tokenizer view* (R/2 x R/2, plain [0, 1]) from which the frozen visual tokenizer computes the
 MIM targets. The reference samples the two views independently, so visual token (r, c) generally depicts
-another region than ViT patch (r, c) (§7.1). By default we share one crop, one flip and the geometric part
+another region than ViT patch (r, c). By default we share one crop, one flip and the geometric part
 of RandAugment between the views; photometric ops touch the encoder view only.
 
 All randomness comes from an explicit :class:`random.Random`, never from torch's, numpy's or Python's
@@ -30,7 +30,7 @@ __all__ = [
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# The reference op list (SPEC §3.3), in its order.
+# The reference op list, in its order (docs/reference-behaviour.md).
 RANDAUGMENT_OPS = (
     "Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
     "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
@@ -69,7 +69,7 @@ class Op:
 
 
 class RandAugment:
-    """The reference RandAugment (SPEC §3.3), split into sampling and application.
+    """The reference RandAugment (2 ops with replacement, p=0.5, magnitude 7), split into sampling and application.
 
     ``num_ops`` ops are drawn *with replacement* from ``ops``; each fires with probability ``prob``.
     At magnitude m of ``max_magnitude`` M the parameters are: enhancement factor ``0.1 + 1.8 m/M``
@@ -280,7 +280,7 @@ def _check_mean_std(mean: Sequence[float], std: Sequence[float]) -> None:
 
 @dataclass
 class PretrainViewConfig:
-    """Settings of the two pretraining views (defaults: the paper's; SPEC §3.3 and A2).
+    """Settings of the two pretraining views (defaults: the paper's).
 
     Attributes:
         image_size: encoder-view side R.
@@ -290,9 +290,9 @@ class PretrainViewConfig:
         hflip_prob: probability of a horizontal flip.
         randaugment: whether to apply RandAugment.
         mean, std: encoder-view normalisation (the CLIP constants).
-        shared_geometry: True (default, SPEC A2): one crop, one flip and one set of geometric RandAugment
+        shared_geometry: True (default): one crop, one flip and one set of geometric RandAugment
             ops for both views, photometric ops on the encoder view only. False: the reference's
-            independent views, for ablations (§7.1).
+            independent views, for ablations.
     """
 
     image_size: int = 256
@@ -360,7 +360,7 @@ class PretrainViews:
         return views
 
     def _shared_views(self, img: Image.Image, rng: random.Random) -> tuple[Image.Image, Image.Image]:
-        """SPEC A2: the same crop at both resolutions, so token (r, c) depicts ViT patch (r, c)."""
+        """The same crop at both resolutions, so token (r, c) depicts ViT patch (r, c)."""
         cfg = self.config
         encoder_img, tokenizer_img = self._crop_and_flip(img, (cfg.image_size, cfg.tokenizer_size), rng)
         if self.randaugment is not None:
@@ -374,7 +374,7 @@ class PretrainViews:
         return encoder_img, tokenizer_img
 
     def _independent_view(self, img: Image.Image, size: int, rng: random.Random) -> Image.Image:
-        """The reference (§3.3): each view has its own crop, flip and full RandAugment (7 px at any size)."""
+        """The reference: each view has its own crop, flip and full RandAugment (7 px at any size)."""
         (view,) = self._crop_and_flip(img, (size,), rng)
         if self.randaugment is not None:
             view = self.randaugment(view, rng)

@@ -1,1 +1,1 @@
-"""Evaluation helpers: retrieval metrics and top-k re-ranking over similarity matrices (SPEC §5.1)."""
+"""Evaluation helpers: retrieval metrics and top-k re-ranking over similarity matrices (the reference protocol)."""

@@ -1,4 +1,4 @@
-"""Image-text retrieval metrics with the reference protocol (SPEC §5.1, "Metrics").
+"""Image-text retrieval metrics with the reference protocol (docs/reference-behaviour.md).
 
 The reference ranks every score row with ``np.argsort(row)[::-1]`` and looks up where the ground truth
 lands. An image query's rank is the best (minimum) rank among its ground-truth captions; a text query's
@@ -166,7 +166,7 @@ def _recalls(ranks: Tensor, ks: Sequence[int]) -> list[float]:
 
 def retrieval_metrics(scores_i2t: Any, scores_t2i: Any, txt2img: Sequence[int],
                       img2txt: Sequence[Sequence[int]]) -> dict[str, float]:
-    """Recall@1/5/10 in both directions, as the reference computes them (SPEC §5.1).
+    """Recall@1/5/10 in both directions, as the reference computes them (module docstring).
 
     Args:
         scores_i2t: (num_images, num_texts) scores, numpy array or tensor (any device); higher is better.

@@ -1,4 +1,4 @@
-"""Top-k re-ranking of a similarity matrix, sharded over ranks (SPEC §5.1 evaluation protocol, steps 4-6).
+"""Top-k re-ranking of a similarity matrix, sharded over ranks (the reference's ITM re-ranking).
 
 The reference evaluates retrieval in two stages: a cheap similarity ``S`` (ITC cosines) picks each
 query's top-k candidates, and an expensive pair scorer (the ITM head) re-scores only those; every other

@@ -1,4 +1,4 @@
-"""Zero-shot and fine-tuned image–text retrieval evaluation (SPEC §5.1 protocol).
+"""Zero-shot and fine-tuned image–text retrieval evaluation (the reference protocol).
 
 1. Text features (and token ids) in chunks; image features and image token states in batches.
 2. ITC cosine similarities for all pairs (a 5k x 25k matrix is 500 MB in fp32).
