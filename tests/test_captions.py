@@ -1,4 +1,4 @@
-"""Hand-worked examples for the reference caption / question cleaning rules (SPEC §3.2)."""
+"""Hand-worked examples for the reference caption / question cleaning rules."""
 
 from __future__ import annotations
 

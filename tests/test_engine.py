@@ -157,3 +157,57 @@ def test_bf16_runs_the_encoder_matmuls_in_bf16_within_a_stated_tolerance_of_fp32
         assert logs["bf16"][key] == pytest.approx(logs["fp32"][key], rel=BF16_REL, abs=BF16_ABS), key
         differs |= logs["bf16"][key] != logs["fp32"][key]
     assert differs, "bf16 gave bit-identical losses: autocast did not take effect"
+
+
+# ------------------------------------------------------------- teachers, fp32 similarities, finiteness
+def test_teachers_move_once_per_optimizer_step_and_queues_keep_every_micro_batch(tmp_path, monkeypatch):
+    import simla.models.pretrain as pretrain_module
+
+    updates = []
+    original = pretrain_module.momentum_update
+    monkeypatch.setattr(pretrain_module, "momentum_update", lambda pairs, m: (updates.append(m), original(pairs, m)))
+    model = simla.create_model("simla_tiny", queue_size=64)
+    batches = [make_batch(model, batch_size=4, seed=seed) for seed in range(4)]
+    run_engine(model, batches, tmp_path, accum=2, kwargs={"alpha": 0.4},
+               optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
+    assert len(updates) == 2  # two optimizer steps of two micro-batches each: not 0.995**2 per step
+    assert int(model.queue_ptr) == 16  # all four micro-batches of four pairs were enqueued
+
+
+@pytest.mark.parametrize("task", ["pretrain", "retrieval"])
+def test_momentum_dropout_false_puts_every_models_teachers_in_eval(task):
+    model = simla.create_model("simla_tiny", queue_size=16, task=task, momentum_dropout=False).train()
+    pairs = model.momentum_pairs()
+    assert pairs and all(online.training and not teacher.training for online, teacher in pairs)
+    default = simla.create_model("simla_tiny", queue_size=16, task=task).train()
+    assert all(teacher.training for _, teacher in default.momentum_pairs())  # the reference keeps dropout on
+
+
+def test_itc_similarities_are_fp32_under_bf16_autocast():
+    from simla.objectives import itc_loss
+
+    g = torch.Generator().manual_seed(0)
+    feats = [torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1) for _ in range(4)]
+    queues = [torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=0) for _ in range(2)]
+    temp = torch.tensor(0.07, requires_grad=True)
+    exact = itc_loss(*feats, *queues, temp, alpha=0.4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = itc_loss(*feats, *queues, temp, alpha=0.4)
+        low = itc_loss(*[f.bfloat16() for f in feats], *queues, temp, alpha=0.4)
+    assert mixed.sim_i2t.dtype == torch.float32 and low.sim_i2t.dtype == torch.float32
+    torch.testing.assert_close(mixed.sim_i2t, exact.sim_i2t)  # no bf16 rounding of the logits
+    low.loss.backward()
+    assert temp.grad is not None and temp.grad.dtype == torch.float32
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    model = Regression()
+    saved = []
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    config = EngineConfig(output_dir=tmp_path, total_steps=1, log_every=10, save_every=1, progress=False)
+    batch = {"x": torch.randn(4, 5), "y": torch.randn(4, 3)}  # a finite loss, then an infinite learning rate
+    engine = Engine(model, optimizer, ListData([batch]), config, lr_at=lambda step: float("inf"),
+                    save=lambda path, extra: saved.append(path), device=torch.device("cpu"))
+    with pytest.raises(FloatingPointError, match="non-finite weights at step 1"):
+        engine.fit()
+    assert saved == []

@@ -1,4 +1,4 @@
-"""BlockMaskGenerator: BEiT-style block-wise MIM mask (SPEC §3.4)."""
+"""BlockMaskGenerator: BEiT-style block-wise MIM mask."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from simla.masking import BlockMaskGenerator
 
 
 def _spec_oracle(rng: random.Random, H: int, W: int, N: int, lo: int, hi: int, amin: float, amax: float) -> np.ndarray:
-    """Cell-by-cell transcription of the SPEC §3.4 loop, used to pin values and RNG call order."""
+    """Cell-by-cell transcription of the reference's block-mask loop, used to pin values and RNG call order."""
     mask = np.zeros((H, W), dtype=np.int64)
     count = 0
     while count < N:

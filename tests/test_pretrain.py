@@ -44,7 +44,7 @@ def test_no_gradient_reaches_momentum_and_every_online_parameter_gets_one(tiny):
     assert momentum_names
     without_grad = []
     for name, param in tiny.named_parameters():
-        if name.split(".")[0].endswith("_m"):
+        if name.split(".")[0].endswith("_m") or not param.requires_grad:  # teachers; the token-type constant
             assert not param.requires_grad and param.grad is None, name
         elif param.grad is None:
             without_grad.append(name)
@@ -144,3 +144,117 @@ def test_tiny_model_overfits_one_batch():
     for name, values in history.items():
         first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
         assert math.isfinite(last) and last < 0.75 * first, f"{name}: {first:.4f} -> {last:.4f}"
+
+
+# ------------------------------------------------------------------------------ objective switches
+def _count_calls(model) -> dict[str, int]:
+    """Forward calls of the encoders and heads, counted with hooks."""
+    counts: dict[str, int] = {}
+    names = ["visual_encoder", "visual_encoder_m", "text_encoder", "text_encoder_m", "mlm_head", "mlm_head_m",
+             "mim_head", "mim_head_m", "concept_head", "concept_head_m", "itm_head"]
+    for name in names:
+        module = getattr(model, name, None)
+        if module is not None and name.startswith("text_encoder"):
+            module = module.encoder.layer[0]  # every pass of the shared encoder runs its first layer
+        if module is not None:
+            counts[name] = 0
+            module.register_forward_hook(lambda *_, n=name: counts.__setitem__(n, counts[n] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("losses, passes", [
+    (["itc", "itm", "mlm", "mim", "psl"],
+     {"visual_encoder": 2, "visual_encoder_m": 2, "text_encoder": 4, "text_encoder_m": 4}),
+    (["itc", "itm"], {"visual_encoder": 1, "visual_encoder_m": 1, "text_encoder": 2, "text_encoder_m": 1}),
+    (["itc", "itm", "mlm"], {"visual_encoder": 1, "visual_encoder_m": 1, "text_encoder": 3, "text_encoder_m": 2}),
+    (["itc", "itm", "mlm", "mim"],
+     {"visual_encoder": 2, "visual_encoder_m": 2, "text_encoder": 4, "text_encoder_m": 3}),
+    (["mim"], {"visual_encoder": 1, "visual_encoder_m": 1, "text_encoder": 1, "text_encoder_m": 1}),
+])
+def test_a_left_out_objective_costs_nothing(losses, passes):
+    torch.manual_seed(0)
+    model = simla.create_model("simla_tiny", queue_size=16, losses=losses)
+    heads = {"mlm": "mlm_head", "mim": "mim_head", "psl": "concept_head"}
+    for objective, head in heads.items():
+        # A left-out objective has no head and no teacher head, and the mask token exists only for MIM.
+        assert hasattr(model, head) == (objective in losses), head
+        assert hasattr(model, head + "_m") == (objective in losses), head
+    assert (getattr(model.visual_encoder, "mask_token", None) is not None) == ("mim" in losses)
+    counts = _count_calls(model)
+    batch = make_batch(model)
+    if "mim" not in losses:
+        del batch["patch_mask"], batch["visual_tokens"]  # not needed at all
+    queue_before = model.image_queue.clone()
+    out = model(batch)
+    assert set(out) == set(losses)
+    assert {k: v for k, v in counts.items() if k in passes} == passes
+    assert counts.get("itm_head", 0) == ("itm" in losses)
+    assert torch.equal(model.image_queue, queue_before) != ("itc" in losses)  # only ITC writes the queue
+    out.total.backward()
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+    assert trained and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.has_unused_parameters == ("itc" not in losses or "itm" not in losses)
+
+
+def test_ablation_model_loads_a_full_pretraining_checkpoint(tmp_path):
+    full = simla.create_model("simla_tiny", queue_size=16)
+    path = simla.save_checkpoint(full, tmp_path / "full.pt")
+    ablation = simla.create_model("simla_tiny", queue_size=16, losses=["itc", "itm"])
+    report = simla.checkpoint.load_weights_into(ablation, path)
+    assert report.ok and any(k.startswith("mim_head") for k in report.ignored)
+    assert torch.equal(ablation.text_proj.weight, full.text_proj.weight)
+    assert simla.load_checkpoint(path, losses=["itc", "itm", "mlm"]).losses == ("itc", "itm", "mlm")
+
+
+def test_losses_field_is_validated():
+    for bad in (["itc", "xyz"], [], ["itc", "itc"]):
+        with pytest.raises(ValueError, match="losses"):
+            simla.get_config("simla_tiny", losses=bad)
+
+
+def test_identical_captions_are_never_itm_negatives_when_positives():
+    torch.manual_seed(0)
+    model = simla.create_model("simla_tiny", queue_size=16, duplicate_captions="positives")
+    batch = make_batch(model, batch_size=8)
+    # Four captions, each twice: the twin of a pair is never its ITM negative.
+    batch["text_ids"][4:], batch["text_mask"][4:] = batch["text_ids"][:4], batch["text_mask"][:4]
+    twin = torch.tensor([4, 5, 6, 7, 0, 1, 2, 3])
+    for seed in range(5):
+        torch.manual_seed(seed)
+        targets = model(batch).targets
+        assert not (targets["itm_negative_images"] == twin).any()
+        assert not (targets["itm_negative_texts"] == twin).any()
+    # The reference rule draws twins as negatives (the hardest ones, once ITC has learned).
+    model.config.objectives.duplicate_captions = "negatives"
+    drawn = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        drawn |= set((model(batch).targets["itm_negative_texts"] == twin).nonzero().flatten().tolist())
+    assert drawn
+
+
+def test_all_identical_captions_still_give_an_itm_negative():
+    model = simla.create_model("simla_tiny", queue_size=16, duplicate_captions="positives")
+    batch = make_batch(model, batch_size=4)
+    batch["text_ids"][:], batch["text_mask"][:] = batch["text_ids"][0], batch["text_mask"][0]
+    assert torch.isfinite(model(batch)["itm"])
+
+
+# ------------------------------------------------------------------------------ token types
+def test_token_type_table_is_a_constant_that_training_never_changes(tmp_path):
+    from simla.checkpoint import load_state_into
+
+    model = simla.create_model("simla_tiny", queue_size=16)
+    table = model.text_encoder.embeddings.token_type_embeddings.weight
+    assert not table.requires_grad and torch.count_nonzero(table) == 0
+    assert "text_encoder.embeddings.token_type_embeddings.weight" not in [
+        n for n, p in model.named_parameters() if p.requires_grad]
+    # A model that has imported a (reference-style) state keeps a zero table after optimizer steps.
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    load_state_into(model, state, source="copy")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for seed in range(2):
+        model(make_batch(model, seed=seed)).total.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.count_nonzero(model.text_encoder.embeddings.token_type_embeddings.weight) == 0

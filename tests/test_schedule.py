@@ -1,4 +1,4 @@
-"""Step-indexed learning-rate and alpha schedules (SPEC §4, §2.6, §7.12)."""
+"""Step-indexed learning-rate and alpha schedules."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_reference_epochs_are_constant_cosine_levels(reference):
 
 
 def test_reference_pretrain_config_twenty_equal_steps():
-    # configs/Pretrain.yaml: warmup 20 -> 2000 iterations in 20 equal steps of 4.5e-6 (SPEC §4).
+    # configs/Pretrain.yaml: warmup 20 -> 2000 iterations in 20 equal steps of 4.5e-6.
     s = LRSchedule(warmup_steps=2000, total_steps=30 * 5000, steps_per_epoch=5000, kind="reference")
     levels = sorted({s(i) for i in range(2001)})
     assert len(levels) == 20
@@ -89,7 +89,7 @@ def test_reference_pretrain_config_twenty_equal_steps():
 
 
 def test_reference_warmup_cut_short_by_a_short_epoch():
-    # SPEC §7.12: epoch 0 (250 iterations) ends before the 300-iteration warm-up; epoch 1 jumps to cosine(1/E).
+    # epoch 0 (250 iterations) ends before the 300-iteration warm-up; epoch 1 jumps to cosine(1/E).
     s = LRSchedule(warmup_steps=300, total_steps=1000, steps_per_epoch=250, kind="reference")
     d = (LR - WARM) / 3
     assert s(249) == pytest.approx(WARM + 2 * d)

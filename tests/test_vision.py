@@ -1,4 +1,4 @@
-"""Tests for the SIMLA image encoder, position-embedding resampling and weight loading (SPEC §1.1, A4)."""
+"""Tests for the SIMLA image encoder, position-embedding resampling and weight loading."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from simla.models.vision import LoadReport, VisionEncoder, load_vision_weights, resample_pos_embed
+from simla.errors import CheckpointError
 
 IMAGE, PATCH, WIDTH, DEPTH, HEADS = 32, 8, 64, 2, 2
 GRID = IMAGE // PATCH
@@ -323,7 +324,7 @@ class PickledConfig:
 def test_refuses_arbitrary_pickles(tmp_path: Path) -> None:
     path = tmp_path / "ckpt.pth"
     torch.save({"model": reference_vit(IMAGE).state_dict(), "config": PickledConfig()}, path)
-    with pytest.raises(ValueError, match="arbitrary unpickling"):
+    with pytest.raises(CheckpointError, match="arbitrary unpickling"):
         load_vision_weights(tiny(), str(path))
 
 

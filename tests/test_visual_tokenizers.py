@@ -1,4 +1,4 @@
-"""Tests for the visual tokenizers that produce SIMLA's MIM targets (SPEC §2.4, A4): k-means and DALL-E."""
+"""Tests for the visual tokenizers that produce SIMLA's MIM targets: k-means and DALL-E."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Our checkpoints, safetensors exports, and the import of reference SIMLA/ALBEF checkpoints (SPEC §6, A4).
+"""Our checkpoints, safetensors exports, and the import of reference SIMLA/ALBEF checkpoints.
 
 Three forms load:
 - our `.pt` file: {"format": "simla", "config": dict, "task": str, "model": state_dict}, read with
@@ -264,7 +264,7 @@ _TEXT_PREFIX = re.compile(r"^(text_encoder(?:_m)?)\.")
 
 
 def map_reference_key(key: str) -> str | None:
-    """Our name for a reference key (SPEC §6.2/6.3), or None for keys with no counterpart by design.
+    """Our name for a reference key, or None for keys with no counterpart by design.
 
     `text_encoder.bert.X` -> `text_encoder.X`; `text_encoder.cls.predictions.X` -> `mlm_head.X`;
     the tied decoder weight/bias (same tensors as the word embeddings / head bias) and the
@@ -292,7 +292,7 @@ def convert_reference_state(
     """Rename reference keys to ours and adapt shapes; returns the new state dict and the report.
 
     - position embeddings of the ViTs are resampled (bicubic) to the model's grid;
-    - the token-type table, absent from SIMLA checkpoints, is zero-filled (SPEC A3) so type 0 adds nothing;
+    - the token-type table, absent from SIMLA checkpoints, is zero-filled so type 0 adds nothing;
     - the tied MLM decoder is checked to be the word embedding, as the reference ties them;
     - any other shape mismatch is listed in `report.mismatched` and left out of the returned state, so
       the caller decides: a strict load raises, a non-strict one keeps the model's fresh tensor.
@@ -485,7 +485,7 @@ def save_checkpoint(model: SimlaModel, path: str | os.PathLike, **extra: Any) ->
 
 
 def save_pretrained(model: SimlaModel, directory: str | os.PathLike, include_momentum: bool = False) -> Path:
-    """Release form: `model.safetensors` + `config.json` (SPEC A4). Momentum copies and queues are
+    """Release form: `model.safetensors` + `config.json`. Momentum copies and queues are
     training state and are left out unless asked for."""
     from safetensors.torch import save_file
 

@@ -19,10 +19,10 @@ def _count_parameters(name: str) -> dict[str, int]:
     with torch.device("meta"):
         model = build_model(get_config(name), task="pretrain")
     online = model.num_parameters(trainable_only=True)
-    total = model.num_parameters(trainable_only=False)
+    momentum = sum(p.numel() for name, p in model.named_parameters() if name.split(".", 1)[0].endswith("_m"))
     return {
         "online": online,
-        "momentum": total - online,
+        "momentum": momentum,
         "vision_encoder": sum(p.numel() for p in model.visual_encoder.parameters()),
         "shared_encoder": sum(p.numel() for p in model.text_encoder.parameters()),
     }

@@ -1,7 +1,7 @@
 """Typed model configuration and the named presets.
 
 Every constant of the reference implementation that shapes the model or an objective is a field here
-whose default is the paper's value (SPEC A1), so a recipe can change any of them without editing code.
+whose default is the paper's value, so a recipe can change any of them without editing code.
 Overrides are validated field by field: an unknown name or an ill-typed value fails before any model is
 built, with a message naming the field and what it accepts.
 """
@@ -23,7 +23,7 @@ LOSS_NAMES = ("itc", "itm", "mlm", "mim", "psl")
 
 @dataclass
 class VisionConfig:
-    """The ViT image encoder (SPEC §1.1)."""
+    """The ViT image encoder."""
 
     image_size: int = 256
     patch_size: int = 16
@@ -34,7 +34,7 @@ class VisionConfig:
     qkv_bias: bool = True
     ln_eps: float = 1e-6
     drop_path: float = 0.0
-    # Pretraining needs the learnable mask token; downstream models are built without it (SPEC §1.1).
+    # Pretraining needs the learnable mask token; downstream models are built without it.
     use_mask_token: bool = True
     # DeiT/timm weights to start from: a local file, a timm model name or a URL. None = random init.
     init: str | None = None
@@ -46,7 +46,7 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
-    """The single shared BERT-style encoder (SPEC §1.2, A3)."""
+    """The single shared BERT-style encoder."""
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -58,7 +58,7 @@ class TextConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
-    # Special token ids of the uncased WordPiece vocabulary (SPEC Part B header).
+    # Special token ids of the uncased WordPiece vocabulary.
     pad_token_id: int = 0
     unk_token_id: int = 100
     cls_token_id: int = 101
@@ -75,7 +75,7 @@ class TextConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """Constants of the five pretraining objectives (SPEC §2, A1, A2)."""
+    """Constants of the five pretraining objectives."""
 
     embed_dim: int = 256
     queue_size: int = 65536
@@ -84,23 +84,23 @@ class ObjectiveConfig:
     temp_min: float = 0.001
     temp_max: float = 0.5
     alpha: float = 0.4
-    # Text: reference max length (SPEC §3.2) and MLM masking (SPEC §2.3).
+    # Text: reference max length and MLM masking.
     max_text_length: int = 25
     mlm_probability: float = 0.15
     mlm_mask_ratio: float = 0.8
     mlm_random_ratio: float = 0.5
-    # MIM: codebook size of the visual tokenizer and the block-mask generator (SPEC §2.4, §3.4).
+    # MIM: codebook size of the visual tokenizer and the block-mask generator.
     visual_vocab_size: int = 8192
     mim_num_masked: int = 75
     mim_min_block: int = 16
     mim_min_aspect: float = 0.3
     # Side of the tokenizer view as a fraction of the encoder view (reference: R // 2).
     tokenizer_view_ratio: float = 0.5
-    # PSL (SPEC §2.5): layer whose [CLS] self-attention votes, votes per head, keywords per caption.
+    # PSL: layer whose [CLS] self-attention votes, votes per head, keywords per caption.
     psl_layer: int = 11
     psl_votes_per_head: int = 4
     psl_num_keywords: int = 5
-    # "simla" = SPEC A2 selection (special tokens/pads excluded, teacher on momentum image embeddings);
+    # "simla" = our selection (special tokens/pads excluded, teacher on momentum image embeddings);
     # "reference" = the authors' selection exactly (for parity tests and ablations).
     psl_selection: Literal["simla", "reference"] = "simla"
     # Momentum teachers run with dropout on, as in the reference; False puts them in eval mode.
@@ -136,7 +136,7 @@ class SimlaConfig:
         if t.hidden_size % t.num_heads:
             raise ConfigError(f"text.hidden_size ({t.hidden_size}) must be divisible by text.num_heads ({t.num_heads})")
         grid = v.image_size // v.patch_size
-        # The MIM pass feeds image tokens through the text embeddings, which add text positions (SPEC §2.4).
+        # The MIM pass feeds image tokens through the text embeddings, which add text positions.
         if 1 + grid * grid > t.max_position_embeddings:
             raise ConfigError(
                 f"vision.image_size {v.image_size} gives {1 + grid * grid} image tokens, more than "

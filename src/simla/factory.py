@@ -24,7 +24,7 @@ def build_model(config: SimlaConfig, task: Task = "pretrain") -> SimlaModel:
     if task not in _TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {sorted(_TASKS)}")
     if task != "pretrain" and config.vision.use_mask_token:
-        config.vision.use_mask_token = False  # downstream models have no mask token (SPEC §1.1)
+        config.vision.use_mask_token = False  # downstream models have no mask token
     return _TASKS[task](config)
 
 
@@ -61,7 +61,7 @@ def create_model(
     model = build_model(config, task)
     _initialise(model)
     if hasattr(model, "copy_params_to_momentum"):
-        # SPEC A2: teachers copy the online weights AFTER the initial weights are loaded.
+        # teachers copy the online weights AFTER the initial weights are loaded.
         model.copy_params_to_momentum()
     if pretrained is not None:
         from .checkpoint import load_weights_into

@@ -1,9 +1,9 @@
-"""BEiT-style block-wise patch mask for masked image modelling (SPEC §3.4).
+"""BEiT-style block-wise patch mask for masked image modelling.
 
 Faithful to the reference generator, including its random-number call order, so that a given seed
 gives the same masks: per block attempt one ``uniform`` for the area, one ``uniform`` for the log aspect
 ratio and, only if the block fits, two ``randint`` calls for the corner. The one deliberate difference
-(SPEC §7 item 9) is the dtype: the reference uses ``np.int``, removed in NumPy >= 1.24, which made every
+ is the dtype: the reference uses ``np.int``, removed in NumPy >= 1.24, which made every
 sample fail on modern NumPy; we return a bool array.
 """
 

@@ -2,8 +2,8 @@
 
 Everything here is a pure function on tensors: no modules, no parameters, no I/O. The pretraining
 and retrieval modules own the networks, the queues and the temperature; they hand the tensors to
-these functions. Section numbers refer to ``SPEC.md`` (Part A is binding, Part B describes the
-reference implementation).
+these functions. Where simla differs from the reference code, the docstring says so (see also
+docs/reference-behaviour.md).
 
 Host synchronisation: none of the functions reads a tensor value on the host, with one documented
 exception (:func:`sample_hard_negatives` checks once per call that every row has a candidate).
@@ -37,7 +37,7 @@ _ELIGIBLE_WEIGHT_FLOOR = 1e-20
 
 
 # ---------------------------------------------------------------------------------------------
-# ITC (SPEC B §2.1, retrieval variant §5.1)
+# ITC
 # ---------------------------------------------------------------------------------------------
 
 
@@ -67,6 +67,11 @@ def _soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return -(targets.float() * log_probs).sum(dim=-1).mean()
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """fp16/bf16 tensors promoted to fp32; fp32 and fp64 unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def itc_loss(
     image_feat: Tensor,
     text_feat: Tensor,
@@ -78,7 +83,7 @@ def itc_loss(
     alpha: float,
     positive_mask: Tensor | None = None,
 ) -> ItcOutput:
-    """Image-text contrastive loss with a feature queue and momentum distillation (SPEC §2.1).
+    """Image-text contrastive loss with a feature queue and momentum distillation.
 
     Args:
         image_feat: (B, E) L2-normalised online image features (carry gradient).
@@ -91,7 +96,7 @@ def itc_loss(
             through the student logits only.
         alpha: weight of the momentum soft targets; 0 disables distillation (and skips the
             momentum similarity computation entirely).
-        positive_mask: optional (B, B+Q) bool. When given (retrieval, §5.1), column j is a
+        positive_mask: optional (B, B+Q) bool. When given (retrieval fine-tuning), column j is a
             positive of row b iff the mask is True, and the hard targets are the row-normalised
             mask. Column b of row b is always treated as positive (it is in any valid mask:
             a pair shares its own image id), which also keeps every row's normaliser non-zero
@@ -126,8 +131,13 @@ def itc_loss(
     image_all = torch.cat([image_feat_m.detach().t(), image_queue.detach()], dim=1)  # (E, B+Q)
     text_all = torch.cat([text_feat_m.detach().t(), text_queue.detach()], dim=1)  # (E, B+Q)
 
-    sim_i2t = image_feat @ text_all / temp
-    sim_t2i = text_feat @ image_all / temp
+    # Similarities and their division by the temperature run in fp32 even under bf16 autocast: logits near
+    # 1/0.07 = 14 would move in steps of 0.0625 in bf16, and the temperature's gradient passes through them.
+    with torch.autocast(device_type=image_feat.device.type, enabled=False):
+        temp = _at_least_fp32(temp)
+        image_all, text_all = _at_least_fp32(image_all), _at_least_fp32(text_all)
+        sim_i2t = _at_least_fp32(image_feat) @ text_all / temp
+        sim_t2i = _at_least_fp32(text_feat) @ image_all / temp
 
     if positive_mask is None:
         # eye(B, B+Q) puts the ones at (b, b): each pair's own momentum feature.
@@ -147,9 +157,9 @@ def itc_loss(
         targets_i2t = hard
         targets_t2i = hard
     else:
-        with torch.no_grad():
-            sim_i2t_m = image_feat_m @ text_all / temp
-            sim_t2i_m = text_feat_m @ image_all / temp
+        with torch.no_grad(), torch.autocast(device_type=image_feat.device.type, enabled=False):
+            sim_i2t_m = _at_least_fp32(image_feat_m) @ text_all / temp
+            sim_t2i_m = _at_least_fp32(text_feat_m) @ image_all / temp
             targets_i2t = alpha * F.softmax(sim_i2t_m.float(), dim=1) + (1 - alpha) * hard
             targets_t2i = alpha * F.softmax(sim_t2i_m.float(), dim=1) + (1 - alpha) * hard
 
@@ -158,7 +168,7 @@ def itc_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# ITM hard negatives (SPEC B §2.2, retrieval variant §5.1, A2 vectorised)
+# ITM hard negatives
 # ---------------------------------------------------------------------------------------------
 
 
@@ -168,7 +178,7 @@ def sample_hard_negatives(
     same_pair: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Draw one hard negative per batch element for ITM, vectorised (SPEC §2.2, A2).
+    """Draw one hard negative per batch element for ITM, vectorised.
 
     Row b of ``sim_t2i`` scores text b against every in-batch image, so a negative image for
     text b is drawn with probability proportional to exp(sim_t2i[b, j]) over the eligible j;
@@ -234,7 +244,7 @@ def sample_hard_negatives(
 
 
 # ---------------------------------------------------------------------------------------------
-# MLM masking (SPEC B §2.3)
+# MLM masking
 # ---------------------------------------------------------------------------------------------
 
 
@@ -249,7 +259,7 @@ def mask_text_tokens(
     random_ratio: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """BERT-style masking of a batch of token ids (SPEC §2.3).
+    """BERT-style masking of a batch of token ids.
 
     Each position is selected with probability ``mlm_probability``; positions holding a
     protected id (the caller passes [PAD] and [CLS], as the reference does; [SEP] is not
@@ -309,7 +319,7 @@ def mask_text_tokens(
 
 
 # ---------------------------------------------------------------------------------------------
-# MLM / MIM cross-entropy with momentum distillation (SPEC B §2.3, §2.4, A2)
+# MLM / MIM cross-entropy with momentum distillation
 # ---------------------------------------------------------------------------------------------
 
 
@@ -322,8 +332,8 @@ def distilled_cross_entropy(
     """(1 - alpha) * CE(logits, labels) + alpha * soft CE against the teacher's softmax.
 
     Used for MLM (rows = masked tokens, classes = vocabulary) and MIM (rows = masked patches,
-    classes = visual codes). Both softmaxes are over the last (class) axis: SPEC A2 fixes the
-    reference MLM, which normalised over the sequence axis (§7.2).
+    classes = visual codes). Both softmaxes are over the last (class) axis: simla fixes the
+    reference MLM, which normalised over the sequence axis.
 
     Args:
         logits: (M, C) student logits for the M selected rows.
@@ -359,7 +369,7 @@ def distilled_cross_entropy(
 
 
 # ---------------------------------------------------------------------------------------------
-# PSL keyword pseudo-labels (SPEC B §2.5, A2, §7.5)
+# PSL keyword pseudo-labels
 # ---------------------------------------------------------------------------------------------
 
 
@@ -381,7 +391,7 @@ def select_psl_keywords(
     excluded_ids: Sequence[int] = (0, 100, 101, 102, 103),
     reference: bool = False,
 ) -> Tensor:
-    """Pick keyword token ids from the teacher's [CLS] self-attention by head voting (SPEC §2.5).
+    """Pick keyword token ids from the teacher's [CLS] self-attention by head voting.
 
     Every head votes for the ``votes_per_head`` key positions its [CLS] query attends to most;
     the ``num_keywords`` positions with the most votes give the keywords.
@@ -392,7 +402,7 @@ def select_psl_keywords(
     L < votes_per_head or L < num_keywords, this uses min(k, L) and fills the remaining slots
     with -1. ``attention_mask`` and ``excluded_ids`` are ignored in this mode.
 
-    ``reference=False`` (default, SPEC A2 / §7.5): padded positions (attention_mask 0) and
+    ``reference=False`` (default): padded positions (attention_mask 0) and
     positions holding an ``excluded_ids`` token get no votes; zero-vote positions are never
     chosen (their slot is -1); ranking is deterministic, with ties in attention (per head) and
     in vote counts broken by the earlier position; any L works.
@@ -459,7 +469,7 @@ def select_psl_keywords(
 
 
 def psl_targets(keyword_ids: Tensor, vocab_size: int, zero_ids: Sequence[int] = ()) -> Tensor:
-    """Multi-hot PSL hard targets from keyword ids (SPEC §2.5).
+    """Multi-hot PSL hard targets from keyword ids.
 
     Args:
         keyword_ids: (B, K) ids in [0, vocab_size), with -1 (any negative) for empty slots.
@@ -486,7 +496,7 @@ def psl_targets(keyword_ids: Tensor, vocab_size: int, zero_ids: Sequence[int] = 
 
 
 def psl_loss(logits: Tensor, hard_targets: Tensor, soft_targets: Tensor | None, alpha: float) -> Tensor:
-    """PSL loss: (1 - alpha) * BCE(logits, hard) + alpha * BCE(logits, soft) (SPEC §2.5).
+    """PSL loss: (1 - alpha) * BCE(logits, hard) + alpha * BCE(logits, soft).
 
     Both BCE terms are means over all B x V elements, as in the reference (which makes the term
     numerically small; kept for faithfulness).

@@ -47,6 +47,7 @@ DEMO_MODEL: dict[str, Any] = {
     "vision.image_size": 48, "vision.patch_size": 4,
     "mim_num_masked": 42, "mim_min_block": 9,  # the paper's 29% of the grid, blocks of >= 6% of it
     "queue_size": 1024, "momentum": 0.98, "duplicate_captions": "positives",
+    "text.hidden_dropout": 0.0, "text.attention_dropout": 0.0,
 }
 
 #: The paper's ablation rows (its Table: ITC+ITM; +MLM; +MIM; +PSL).
@@ -62,7 +63,7 @@ ABLATION_ROWS: tuple[tuple[str, list[str]], ...] = (
 class DemoSettings:
     steps: int = 600
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 1e-3
     train_images: int | None = None  # None = all labelled training images
     test_images: int | None = None  # None = all labelled test images
     curve_images: int = 200  # held-out slice for the accuracy curve
@@ -90,8 +91,9 @@ def _recipe(settings: DemoSettings, train_json: Path, run_dir: Path, seed: int, 
         "batch_size": settings.batch_size, "lr": settings.lr, "warmup_lr": 1e-5, "min_lr": 1e-5,
         "warmup_steps": max(1, settings.steps // 10), "log_every": max(1, settings.steps // 30),
         "save_every": settings.steps, "num_workers": settings.num_workers,
-        # Shapes and colours are the whole content: keep crops large and colours untouched.
-        "crop_scale_min": 0.7, "randaugment": False, "kmeans_fit_images": settings.kmeans_fit_images,
+        # Shapes and colours are the whole content, and some shapes are a few pixels wide near an edge:
+        # no crop (flips only) and colours untouched, so a caption never names a shape cut out of view.
+        "crop_scale_min": 1.0, "randaugment": False, "kmeans_fit_images": settings.kmeans_fit_images,
         "seed": seed, "device": "cpu", "progress": True,
     }
     overrides.update({f"model_config.{k}": v for k, v in model.items()})

@@ -2,13 +2,13 @@
 
 Without an image (mode "text") the cross-attention sub-blocks are skipped and the stack is a plain BERT
 text encoder; with image tokens as keys/values (mode "multimodal") the same weights are the multimodal
-encoder (SPEC §1.2). The MIM pass uses it the other way round: image tokens enter as `inputs_embeds` and
-the text embeddings are the keys/values (SPEC §2.4).
+encoder. The MIM pass uses it the other way round: image tokens enter as `inputs_embeds` and
+the text embeddings are the keys/values.
 
 Sub-module names follow Hugging Face BERT (`embeddings.word_embeddings`, `encoder.layer.{i}.attention.self.
 query`, ...) so that HF checkpoints and the reference SIMLA checkpoints map onto it by renaming prefixes
 only. Attention runs through `scaled_dot_product_attention`; probabilities are materialised only when a
-caller asks for them (PSL's [CLS] row, Grad-CAM capture), per SPEC A5.
+caller asks for them (PSL's [CLS] row, Grad-CAM capture).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class AttentionProjections(nn.Module):
         self.key = nn.Linear(kv_width, hidden_size)
         self.value = nn.Linear(kv_width, hidden_size)
         self.dropout_p = dropout
-        # Grad-CAM (SPEC §5.5): when True the probabilities and their gradient are kept on the module.
+        # Grad-CAM: when True the probabilities and their gradient are kept on the module.
         self.capture = False
         self.saved_probs: Tensor | None = None
         self.saved_probs_grad: Tensor | None = None
@@ -249,7 +249,7 @@ class SharedEncoder(nn.Module):
         when `encoder_hidden_states` is given, else text. Unlike the reference, any other string is an error.
         encoder_hidden_states: one (B, Lk, W) tensor, or a sequence of them (NLVR2: two images); then
         `layer_image_index[i]` says which one layer i attends to (default: layer i -> i mod count).
-        causal: add a causal self-attention mask (the VQA answer decoder, SPEC §5.2).
+        causal: add a causal self-attention mask (an answer decoder).
         """
         hidden, _ = self._run(
             input_ids, attention_mask, inputs_embeds, mode, encoder_hidden_states, encoder_attention_mask,

@@ -1,4 +1,4 @@
-"""Momentum (EMA) teachers and the wrap-around feature queue (SPEC §1.4, A2)."""
+"""Momentum (EMA) teachers and the wrap-around feature queue."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _paired_parameters(pairs: Iterable[tuple[nn.Module, nn.Module]]) -> tuple[li
 
 @torch.no_grad()
 def copy_to_momentum(pairs: Iterable[tuple[nn.Module, nn.Module]]) -> None:
-    """Overwrite every momentum parameter with its online twin (done after any checkpoint load, SPEC A2)."""
+    """Overwrite every momentum parameter with its online twin (done after any checkpoint load)."""
     online, momentum = _paired_parameters(pairs)
     torch._foreach_copy_(momentum, online)
 
@@ -45,7 +45,7 @@ def momentum_update(pairs: Iterable[tuple[nn.Module, nn.Module]], momentum: floa
 
 @torch.no_grad()
 def write_to_queue(queue: Tensor, features: Tensor, pointer: Tensor) -> None:
-    """Write `features` (n, E) as columns of `queue` (E, Q) from `pointer` on, wrapping around (SPEC A2).
+    """Write `features` (n, E) as columns of `queue` (E, Q) from `pointer` on, wrapping around.
 
     Any n works (the reference asserted Q % n == 0); if n > Q only the newest Q columns are kept.
     `pointer` is a (1,) long tensor updated in place, so no host synchronisation happens.

@@ -1,4 +1,4 @@
-"""The SIMLA pretraining module: one forward returns the five named losses (SPEC §2).
+"""The SIMLA pretraining module: one forward returns the five named losses.
 
 Order of work in one step, reusing every encoder pass that can be reused:
   online ViT (plain) -> text mode -> [EMA update] momentum ViT (plain) + momentum text mode -> ITC
@@ -113,15 +113,8 @@ class SimlaForPretraining(SimlaModel):
         return "itc" not in self.losses or "itm" not in self.losses
 
     def copy_params_to_momentum(self) -> None:
-        """Make every teacher equal to its student; call after loading online weights (SPEC A2)."""
+        """Make every teacher equal to its student; call after loading online weights."""
         copy_to_momentum(self.momentum_pairs())
-
-    def train(self, mode: bool = True) -> "SimlaForPretraining":
-        super().train(mode)
-        if mode and not self.config.objectives.momentum_dropout:
-            for _, teacher in self.momentum_pairs():
-                teacher.eval()
-        return self
 
     @torch.no_grad()
     def _enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor) -> None:
@@ -171,13 +164,13 @@ class SimlaForPretraining(SimlaModel):
         losses: dict[str, Tensor] = {}
         targets: dict[str, Tensor] = {"temp": self.temp.detach(), "alpha": torch.tensor(alpha)}
 
-        # ---- online ViT and text-mode passes, the EMA update and the momentum passes (SPEC §2.1)
+        # ---- online ViT and text-mode passes, the EMA update and the momentum passes
         image_embeds = self.visual_encoder(image) if on & {"itc", "itm", "mlm", "psl"} else None
         image_feat = self.image_features(image_embeds) if on & {"itc", "itm", "psl"} else None
         text_feat = self.text_features(self.text_encoder(ids, mask, mode="text")) if on & {"itc", "itm"} else None
         image_embeds_m = image_feat_m = text_feat_m = None
         with torch.no_grad():
-            if self.training:
+            if self.training and self.update_momentum:
                 momentum_update(self.momentum_pairs(), o.momentum)
             if on & {"itc", "mlm", "psl"}:
                 image_embeds_m = self.visual_encoder_m(image)
@@ -202,7 +195,7 @@ class SimlaForPretraining(SimlaModel):
                 sim_i2t = image_feat @ text_feat.t() / self.temp
                 sim_t2i = sim_i2t.t()
 
-        # ---- ITM with in-batch hard negatives, one batched multimodal pass (SPEC §2.2, A2)
+        # ---- ITM with in-batch hard negatives, one batched multimodal pass
         if "itm" in on:
             neg_image, neg_text = objectives.sample_hard_negatives(sim_i2t, sim_t2i, same_pair=same_caption)
             itm_ids = torch.cat([ids, ids, ids[neg_text]])
@@ -214,7 +207,7 @@ class SimlaForPretraining(SimlaModel):
             losses["itm"] = F.cross_entropy(itm_logits, itm_labels)
             targets.update(itm_negative_images=neg_image, itm_negative_texts=neg_text)
 
-        # ---- MLM: masked words predicted from the image, distilled from the teacher (SPEC §2.3, A2)
+        # ---- MLM: masked words predicted from the image, distilled from the teacher
         if "mlm" in on:
             masked_ids, mlm_labels = objectives.mask_text_tokens(
                 ids, vocab_size=t.vocab_size, mask_token_id=t.mask_token_id,
@@ -230,7 +223,7 @@ class SimlaForPretraining(SimlaModel):
             losses["mlm"] = objectives.distilled_cross_entropy(mlm_logits, mlm_labels[selected], mlm_teacher, alpha)
             targets.update(mlm_labels=mlm_labels, masked_ids=masked_ids)
 
-        # ---- MIM: masked patches predicted as visual tokens from the text (SPEC §2.4, A2)
+        # ---- MIM: masked patches predicted as visual tokens from the text
         if "mim" in on:
             patch_mask, visual_tokens = batch["patch_mask"].bool(), batch["visual_tokens"]
             if patch_mask.dim() == 3:
@@ -243,7 +236,7 @@ class SimlaForPretraining(SimlaModel):
             mim_logits = self.mim_head(patch_states[patch_mask])
             with torch.no_grad():
                 masked_image_m = self.visual_encoder_m(image, patch_mask=patch_mask)
-                # SPEC A2: the teacher's keys/values are the MOMENTUM text embeddings (reference: online ones).
+                # the teacher's keys/values are the MOMENTUM text embeddings (reference: online ones).
                 patch_states_m = self._mim_pass(self.text_encoder_m, self.mim_adapter_m, masked_image_m,
                                                 self.text_encoder_m.embeddings(input_ids=ids), mask)
                 mim_teacher = self.mim_head_m(patch_states_m[patch_mask])
@@ -254,7 +247,7 @@ class SimlaForPretraining(SimlaModel):
         if "psl" in on:
             reference = o.psl_selection == "reference"
             with torch.no_grad():
-                # SPEC A2 uses the momentum image tokens; the reference feeds the online ones to the teacher.
+                # simla uses the momentum image tokens; the reference feeds the online ones to the teacher.
                 psl_image = image_embeds.detach() if reference else image_embeds_m
                 _, cls_attention = self.text_encoder_m.forward_with_cls_attention(
                     ids, mask, layer=o.psl_layer, mode="multimodal", encoder_hidden_states=psl_image)

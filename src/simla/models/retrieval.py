@@ -1,4 +1,4 @@
-"""Image–text retrieval fine-tuning: ITC + ITM aware of image ids (SPEC §5.1, A2).
+"""Image–text retrieval fine-tuning: ITC + ITM aware of image ids.
 
 Captions of the same image are positives for each other: the ITC hard targets are multi-positive over
 the batch AND the queue (the image ids are enqueued with the features, which the reference forgot to
@@ -73,11 +73,11 @@ class SimlaForRetrieval(SimlaModel):
         image_embeds = self.visual_encoder(image)
         image_feat = self.image_features(image_embeds)
         text_feat = self.text_features(self.text_encoder(ids, mask, mode="text"))
-        # Multi-positive targets: same image id in the batch or in the queue (SPEC §5.1 with A2's id queue).
+        # Multi-positive targets: same image id in the batch or in the queue.
         all_ids = torch.cat([image_id, self.idx_queue[0]])
         positives = image_id[:, None] == all_ids[None, :]
         with torch.no_grad():
-            if self.training:
+            if self.training and self.update_momentum:
                 momentum_update(self.momentum_pairs(), o.momentum)
             image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(image)[:, 0]), dim=-1)
             text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask, mode="text")[:, 0]), dim=-1)

@@ -21,6 +21,11 @@ TextInput = str | Sequence[str] | Tensor | Mapping[str, Tensor] | tuple[Tensor, 
 
 class SimlaModel(nn.Module):
     TASK = "base"  # the name create_model/load_checkpoint use for this class
+    # Whether the next training forward applies the EMA update to the teachers. The training engine clears it
+    # for every micro-batch but the first of an optimizer step, so that with gradient accumulation the
+    # teachers move once per optimizer step (momentum m per step, not m**k). Queues still receive every
+    # micro-batch's features.
+    update_momentum: bool = True
     # Tensors of other task models that this one deliberately lacks: loading them reports "ignored".
     IGNORED_SOURCE_PREFIXES: tuple[str, ...] = (
         "mlm_head", "mim_head", "concept_head", "mim_adapter", "visual_encoder.mask_token",
@@ -56,6 +61,19 @@ class SimlaModel(nn.Module):
         self.itm_head = nn.Linear(t.hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(o.temp))
         self._tokenizer = None
+
+    # ------------------------------------------------------------------------------------- momentum
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, teacher) module pairs; models without momentum teachers have none."""
+        return []
+
+    def train(self, mode: bool = True) -> "SimlaModel":
+        """Training mode; the teachers keep their dropout only when `objectives.momentum_dropout` (the reference)."""
+        super().train(mode)
+        if mode and not self.config.objectives.momentum_dropout:
+            for _, teacher in self.momentum_pairs():
+                teacher.eval()
+        return self
 
     # ----------------------------------------------------------------------------------------- pieces
     def image_features(self, image_tokens: Tensor) -> Tensor:

@@ -1,13 +1,13 @@
-"""SIMLA's image encoder: a ViT-B/16 (DeiT-initialised) with an optional MIM mask token (SPEC §1.1).
+"""SIMLA's image encoder: a ViT-B/16 (DeiT-initialised) with an optional MIM mask token.
 
 `VisionEncoder` subclasses timm's `VisionTransformer` so that its state-dict keys are exactly those of the
 reference implementation (`cls_token`, `pos_embed`, `mask_token`, `patch_embed.proj.*`, `blocks.{i}.*`,
-`norm.*`; SPEC §6.2) and DeiT / timm checkpoints load without renaming. Attention runs through timm's
-fused `scaled_dot_product_attention` path (SPEC A5).
+`norm.*`) and DeiT / timm checkpoints load without renaming. Attention runs through timm's
+fused `scaled_dot_product_attention` path.
 
 `resample_pos_embed` reproduces the reference's position-embedding interpolation (bicubic, no
 anti-aliasing) and `load_vision_weights` imports weights from a local file, a URL or a timm model name with
-a strict report of what did not match (SPEC A4).
+a strict report of what did not match.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ __all__ = ["VisionEncoder", "LoadReport", "resample_pos_embed", "load_vision_wei
 # ignored, never loaded.
 _HEAD_PREFIXES = ("head.", "fc_norm.", "head_drop")
 # The only parameter a checkpoint may lack without failing a strict load: DeiT has no mask token and the
-# reference leaves it at its zero initialisation (SPEC §1.1).
+# reference leaves it at its zero initialisation.
 _OPTIONAL_KEYS = frozenset({"mask_token"})
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
@@ -119,7 +119,7 @@ class VisionEncoder(VisionTransformer):
         self._ensure_fused_attention()
 
     def _ensure_fused_attention(self) -> None:
-        """Make every block use `scaled_dot_product_attention` (SPEC A5).
+        """Make every block use `scaled_dot_product_attention`.
 
         timm decides per module at construction time (it can be switched off by the TIMM_FUSED_ATTN
         environment variable or its exportable mode); our contract is SDPA, so we switch it back on.
@@ -161,7 +161,7 @@ class VisionEncoder(VisionTransformer):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Parameter names exempt from weight decay: timm's set plus the mask token (SPEC A2)."""
+        """Parameter names exempt from weight decay: timm's set plus the mask token."""
         return set(super().no_weight_decay()) | {"mask_token"}
 
     def _check_pixels(self, pixels: Tensor) -> None:
@@ -208,7 +208,7 @@ class VisionEncoder(VisionTransformer):
                     "so it has no mask token to substitute"
                 )
             m = self._flatten_patch_mask(patch_mask, x.shape[0]).to(x.dtype)
-            # SPEC §1.1: substitute before CLS is prepended and before pos_embed is added, so a masked patch
+            # substitute before CLS is prepended and before pos_embed is added, so a masked patch
             # still carries its position and CLS is never masked. The arithmetic blend (rather than a select)
             # is the reference's formula; for a 0/1 mask it is the same value.
             x = x * (1.0 - m) + self.mask_token * m
@@ -322,7 +322,7 @@ def _load_local_file(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # SPEC A4: never unpickle arbitrary objects implicitly (the reference pickles its config).
+        # never unpickle arbitrary objects implicitly (the reference pickles its config).
         raise CheckpointError(
             f"refusing to load {path}: it contains objects that need arbitrary unpickling, which "
             f"torch.load(weights_only=True) does not allow. If you trust the file, extract its state dict "
@@ -406,7 +406,7 @@ def load_vision_weights(encoder: VisionEncoder, source: str, *, strict: bool = T
         if key.startswith(_HEAD_PREFIXES):
             report.ignored.append(key)
         elif key == "mask_token" and encoder.mask_token is None:
-            # Downstream encoders have no mask token; the reference drops it on the same transfer (SPEC §6.3).
+            # Downstream encoders have no mask token; the reference drops it on the same transfer.
             report.ignored.append(key)
         else:
             kept[key] = value

@@ -1,6 +1,6 @@
 """The `VisualTokenizer` interface shared by every visual tokenizer, and helpers for reading tokenizer files.
 
-See `simla.tokenizers.visual` for the overview (SPEC §2.4, A4); the implementations live in
+See `simla.tokenizers.visual` for the overview; the implementations live in
 `simla.tokenizers.dalle` and `simla.tokenizers.kmeans`.
 """
 
@@ -91,7 +91,7 @@ class VisualTokenizer(nn.Module, abc.ABC):
     def check_images(self, images: Tensor) -> None:
         """Raise ValueError unless `images` is a float (B, 3, image_size, image_size) tensor.
 
-        The value range is not checked: that would need a host sync per batch (SPEC A5).
+        The value range is not checked: that would need a host sync per batch.
         """
         if not isinstance(images, Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch.Tensor, got {type(images).__name__}")

@@ -1,6 +1,6 @@
-"""The OpenAI DALL-E dVAE encoder as a visual tokenizer (the reference's MIM targets, SPEC §2.4).
+"""The OpenAI DALL-E dVAE encoder as a visual tokenizer (the reference's MIM targets).
 
-Needs the optional `dall-e` package and the released weights. Loading follows SPEC A4: state dicts are read
+Needs the optional `dall-e` package and the released weights. Loading follows state dicts are read
 with `torch.load(weights_only=True)` or from safetensors; a file that needs arbitrary unpickling (the
 original `encoder.pkl` is a pickled module) is refused unless the caller passes `trust_pickle=True`.
 """
@@ -46,7 +46,7 @@ _DALLE_INSTALL_HINT = 'the DALL-E visual tokenizer needs the optional `dall-e` p
 
 
 class UntrustedPickleError(SimlaError, pickle.UnpicklingError):
-    """A checkpoint needs arbitrary unpickling and the caller did not say it trusts the file (SPEC A4)."""
+    """A checkpoint needs arbitrary unpickling and the caller did not say it trusts the file."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def _unwrap_state_dict(obj: Any, source: str) -> dict[str, Tensor]:
 
 
 class DalleTokenizer(VisualTokenizer):
-    """The OpenAI DALL-E dVAE encoder as a visual tokenizer (the reference's MIM targets, SPEC §2.4).
+    """The OpenAI DALL-E dVAE encoder as a visual tokenizer (the reference's MIM targets).
 
     Pixels are mapped x -> 0.8 x + 0.1 (the package's `map_pixels`), the encoder produces logits
     (B, vocab_size, S/8, S/8) and the ids are their argmax over the codebook. With the released weights and
@@ -185,7 +185,7 @@ class DalleTokenizer(VisualTokenizer):
             image_size: side of the tokenizer view in pixels. Default: the value stored by `save`, else 128
                 (R/2 at R=256, giving the 16x16 grid of ViT-B/16).
             trust_pickle: allow arbitrary unpickling for files that are not plain state dicts. Unpickling can
-                run any code, so pass True only for files from a trusted source (SPEC A4).
+                run any code, so pass True only for files from a trusted source.
             fp16_on_cuda: keep the package's fp16 convolutions on CUDA (the reference behaviour).
         """
         dall_e_encoder = _import_dall_e()
@@ -236,7 +236,7 @@ class DalleTokenizer(VisualTokenizer):
         logger.info("saved DALL-E visual tokenizer (%d tensors) to %s", len(tensors), target)
 
     def _encode(self, images: Tensor) -> Tensor:
-        # SPEC §2.4: the encoder was trained on logit-Laplace-mapped pixels.
+        # the encoder was trained on logit-Laplace-mapped pixels.
         mapped = (1.0 - 2.0 * DALLE_PIXEL_EPS) * images + DALLE_PIXEL_EPS
         logits = self.encoder(mapped)
         expected = (images.shape[0], self.vocab_size, self.grid_size, self.grid_size)

@@ -1,6 +1,6 @@
 """The built-in k-means visual tokenizer: nearest centroid of each contrast-normalised pixel patch.
 
-It needs no download, so that MIM also works on a fresh offline install (SPEC §2.4). Fit it once with
+It needs no download, so that MIM also works on a fresh offline install. Fit it once with
 `KMeansTokenizer.fit` and keep it with `save`/`load` (safetensors).
 """
 

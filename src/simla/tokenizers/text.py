@@ -1,4 +1,4 @@
-"""BERT WordPiece text tokenizer producing the reference SIMLA sequence form (SPEC A2b, §3.2).
+"""BERT WordPiece text tokenizer producing the reference SIMLA sequence form.
 
 The reference (ALBEF's modified BertTokenizer) encodes a single sequence as ``[CLS] w1 ... wn`` with
 **no trailing [SEP]**, right-padded with [PAD]=0. Reference checkpoints only ever saw that form, so we
@@ -30,9 +30,9 @@ __all__ = ["TextTokenizer", "TokenizedText", "get_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
-#: ``pre_caption`` word cap applied when ``clean=True`` (the reference pretraining value, SPEC §3.2).
+#: ``pre_caption`` word cap applied when ``clean=True`` (the reference pretraining value).
 CAPTION_MAX_WORDS = 30
-#: Reference pretraining text length, [CLS] included (SPEC §3.2).
+#: Reference pretraining text length, [CLS] included.
 DEFAULT_MAX_LENGTH = 25
 #: Files fetched from the hub: only what a WordPiece tokenizer needs, never model weights.
 _HUB_TOKENIZER_FILES = [

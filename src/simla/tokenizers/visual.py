@@ -1,8 +1,8 @@
-"""Visual tokenizers: frozen image -> discrete-code models that produce the MIM targets (SPEC §2.4).
+"""Visual tokenizers: frozen image -> discrete-code models that produce the MIM targets.
 
 SIMLA's masked-image-modelling objective predicts, for every masked ViT patch, the id of a discrete visual
 token computed from a second "tokenizer view" of the image (the same crop at R/2 pixels, so that the token
-grid matches the ViT patch grid; SPEC A2). This module gives that computation one interface,
+grid matches the ViT patch grid). This module gives that computation one interface,
 `VisualTokenizer`, and two implementations:
 
 - `DalleTokenizer`, the OpenAI DALL-E dVAE encoder used by the reference (needs the optional `dall-e`
@@ -14,7 +14,7 @@ All tokenizers take float images in [0, 1] (no mean/std normalisation) of shape 
 (B, grid_size * grid_size) int64 ids, flattened row-major. They are frozen, always in eval mode, and run
 without autograd and without autocast, so that a surrounding bf16 autocast region cannot change the targets.
 
-Loading follows SPEC A4: state dicts are read with `torch.load(weights_only=True)` or from safetensors; a
+Loading follows state dicts are read with `torch.load(weights_only=True)` or from safetensors; a
 file that needs arbitrary unpickling (the original `encoder.pkl` is a pickled module) is refused unless the
 caller passes `trust_pickle=True`.
 
@@ -68,7 +68,7 @@ def load_visual_tokenizer(
             loaded as a DALL-E encoder.
         image_size: the tokenizer-view side in pixels; default the value stored in the file (k-means, or a
             DALL-E safetensors written by `DalleTokenizer.save`), else 128 for DALL-E.
-        trust_pickle: allow arbitrary unpickling of DALL-E files that are not plain state dicts (SPEC A4).
+        trust_pickle: allow arbitrary unpickling of DALL-E files that are not plain state dicts.
     """
     text = os.fspath(spec)
     scheme, sep, rest = text.partition(":")

@@ -165,7 +165,20 @@ class Engine:
             "ranks": ranks if ranks is not None else [self.rank_state()],
         }
 
+    def _check_finite_weights(self) -> None:
+        """Refuse to checkpoint NaN/inf weights: a resumed run would only continue the divergence."""
+        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        if is_distributed():
+            flag = finite.float().to(self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)  # every rank stops together
+            finite = flag.bool()
+        if not bool(finite):
+            raise FloatingPointError(
+                f"non-finite weights at step {self.state.step}: not writing {self.checkpoint_path} (the last "
+                "checkpoint there is still good). Lower the learning rate, set grad_clip, or use precision=fp32.")
+
     def save(self) -> None:
+        self._check_finite_weights()  # on every rank, before the collective gather below
         ranks = gather_to_rank0(self.rank_state())  # a collective: every rank takes part
         if self.rank0:
             self.save_fn(self.checkpoint_path, {"train_state": self.training_state(ranks)})
@@ -317,6 +330,8 @@ class Engine:
                 self.state.samples_seen += int(meta.get("size", cfg.samples_per_micro_batch))
                 self._check_bad_fraction()
                 inputs = self.prepare(batch)
+                if hasattr(self.model, "update_momentum"):
+                    self.model.update_momentum = micro == 0  # teachers move once per optimizer step
                 last = micro == cfg.grad_accum_steps - 1
                 sync = contextlib.nullcontext() if last or not hasattr(self.wrapped, "no_sync") else self.wrapped.no_sync()
                 with sync:

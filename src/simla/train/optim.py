@@ -1,10 +1,10 @@
 """AdamW with SIMLA's two parameter groups, and gradient norms without host synchronisation.
 
-Weight decay (SPEC §4, A2): the reference decays everything with more than one dimension whose name does
+Weight decay: the reference decays everything with more than one dimension whose name does
 not end in ``.bias``, which includes ``pos_embed``, ``cls_token``, ``mask_token`` and the ITC temperature
-(SPEC §7.13). We exempt those as well as biases and norm weights, by default and without a switch.
+. We exempt those as well as biases and norm weights, by default and without a switch.
 
-Gradient norms (SPEC §7.8, A5): the reference calls ``.item()`` once per parameter tensor every step; here
+Gradient norms: the reference calls ``.item()`` once per parameter tensor every step; here
 the total norm stays a device tensor so that logging it costs no synchronisation until someone reads it.
 """
 
@@ -62,7 +62,7 @@ def _no_decay_names(model: nn.Module) -> set[str]:
         prefix = f"{module_name}." if module_name else ""
         module_is_norm = _is_norm(module)
         # Modules may declare their own exemptions (timm's `no_weight_decay()` convention); the names are
-        # relative to the module. The reference never consults them (SPEC §7.13); we do.
+        # relative to the module. The reference never consults them; we do.
         declared: set[str] = set()
         hook = getattr(module, "no_weight_decay", None)
         if callable(hook):
@@ -87,7 +87,7 @@ def _split(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple
     # named_parameters() yields a shared (tied) tensor once, so no parameter can land in two groups.
     for name, param in model.named_parameters():
         if not param.requires_grad:
-            continue  # momentum teachers and other frozen copies are not optimised (SPEC §4)
+            continue  # momentum teachers and other frozen copies are not optimised
         if param.ndim <= 1 or name.endswith(".bias") or name in exempt:
             no_decay.append((name, param))
         else:
@@ -132,7 +132,7 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, weight_decay)` (SPEC §4: betas 0.9/0.999, eps 1e-8, wd 0.02).
+    """AdamW over `param_groups(model, weight_decay)`.
 
     Uses the fused CUDA kernel when every trainable parameter is a floating-point CUDA tensor (one launch
     per step instead of several per tensor list); otherwise torch's default (multi-tensor where supported).
@@ -201,7 +201,7 @@ def grad_norm(parameters: Iterable[Tensor] | Tensor) -> Tensor:
 def clip_gradients(parameters: Iterable[Tensor] | Tensor, max_norm: float | None) -> Tensor:
     """Clip the gradients of `parameters` to total L2 norm `max_norm` in place; return the PRE-clip norm.
 
-    ``max_norm=None`` only measures (the reference never clips, SPEC §2.6). Clipping multiplies by
+    ``max_norm=None`` only measures (the reference never clips). Clipping multiplies by
     ``min(1, max_norm / (norm + 1e-6))`` on the device, so it needs no host synchronisation either.
     """
     params = _as_list(parameters)

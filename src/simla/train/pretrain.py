@@ -7,7 +7,6 @@ CPU). Every check that can fail (recipe, annotation files, tokenizers, shapes) r
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import yaml
 
 from ..checkpoint import load_state_into, read_checkpoint
 from ..config import SimlaConfig, get_config
-from ..distributed import get_rank, get_world_size, is_distributed
+from ..distributed import finish, get_rank, get_world_size, init_from_env, is_distributed
 from ..factory import build_model, create_model
 from ..masking import BlockMaskGenerator
 from ..models.pretrain import SimlaForPretraining
@@ -35,20 +34,6 @@ from .recipe import PretrainRecipe
 from .runner import build_engine
 
 logger = logging.getLogger(__name__)
-
-
-def setup_distributed(recipe: PretrainRecipe) -> torch.device:
-    """Join the torchrun process group when launched by torchrun; pick the device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = recipe.device.startswith("cuda") or (recipe.device == "auto" and torch.cuda.is_available())
-    if world > 1 and not is_distributed():
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(recipe.device if ":" in recipe.device else f"cuda:{local}")
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
 
 
 def resolve_resume(recipe: PretrainRecipe) -> Path | None:
@@ -165,7 +150,7 @@ def run_pretraining(recipe: PretrainRecipe, record_history: bool = False,
                     on_step: Callable[[SimlaForPretraining, int], None] | None = None) -> PretrainResult:
     """Pretrain as the recipe says. `on_step(model, step)` runs after every optimizer step (e.g. an evaluation)."""
     recipe.validate()
-    device = setup_distributed(recipe)
+    device = init_from_env(recipe.device)
     rank = get_rank()
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,6 +203,5 @@ def run_pretraining(recipe: PretrainRecipe, record_history: bool = False,
     logger.info("pretraining %s for %d steps on %d process(es), device %s",
                 config.name, engine.config.total_steps, get_world_size(), device)
     state = engine.fit()
-    if is_distributed():
-        torch.distributed.destroy_process_group()
+    finish()
     return PretrainResult(state, model, data)

@@ -45,7 +45,7 @@ class PretrainRecipe:
     samples_per_epoch: int | None = field_(None, "WebDataset only: samples per epoch (counted from the shards when null)")
     shuffle_buffer: int = field_(1000, "WebDataset only: shuffle buffer size per worker")
     num_workers: int = field_(4, "dataloader worker processes")
-    shared_geometry: bool = field_(True, "MIM views share one crop/flip (SPEC A2); false = reference's independent views")
+    shared_geometry: bool = field_(True, "MIM views share one crop/flip; false = reference's independent views")
     randaugment: bool = field_(True, "RandAugment on the encoder view (reference configuration)")
     crop_scale_min: float = field_(0.2, "smallest crop area fraction of RandomResizedCrop (reference 0.2)")
     max_bad_fraction: float = field_(0.5, "stop when more than this fraction of all samples read so far were bad")

@@ -1,4 +1,4 @@
-"""Learning-rate and alpha schedules as pure functions of the global step (SPEC §4, §2.6, §7.12).
+"""Learning-rate and alpha schedules as pure functions of the global step.
 
 There are no scheduler objects with hidden state: the training loop asks for the value at its global
 step every iteration, so resuming only needs the step counter and nothing can drift out of sync.
@@ -51,7 +51,7 @@ class LRSchedule:
         total_steps: steps in the whole run (epochs × steps_per_epoch).
         steps_per_epoch: optimiser steps per epoch (per-rank batches, as the reference's ``len(loader)``).
         kind: ``"cosine"`` (default) or ``"reference"``, see below.
-        reference_step_size: the reference's warm-up update interval, 100 iterations (SPEC §7.21);
+        reference_step_size: the reference's warm-up update interval, 100 iterations;
             ``"reference"`` only.
 
     ``kind="cosine"`` (ours, the default) is smooth and per step:
@@ -61,7 +61,7 @@ class LRSchedule:
         so the peak lr is reached at step ``warmup_steps`` and ``min_lr`` at step ``total_steps`` (the last
         update, step total_steps − 1, is a hair above it) and stays there beyond.
 
-    ``kind="reference"`` reproduces SPEC §4 exactly. Write S = reference_step_size, T = warmup_steps / S
+    ``kind="reference"`` reproduces the reference's staircase exactly. Write S = reference_step_size, T = warmup_steps / S
     (timm's ``warmup_t``, the config's ``warmup``), E = total_steps / steps_per_epoch (epochs) and
     v(k) = warmup_lr + k·(lr − warmup_lr)/T for k < T, v(T) = lr (the cosine at its start). The timm
     scheduler sets warmup_lr when it is built, and in epoch 0 the loop calls ``step(i // S)`` AFTER the
@@ -75,7 +75,7 @@ class LRSchedule:
         301..999 → lr; 1000..1999 → cosine(1/E); 2000..2999 → cosine(2/E); ...
     Note the one-iteration lag (iteration 100 still uses warmup_lr) and that the warm-up staircase lives in
     epoch 0 only: if epoch 0 is shorter than ``warmup_steps`` the warm-up never completes and the rate jumps
-    from a partial warm-up value to cosine(1/E), near the peak, at the start of epoch 1 (SPEC §7.12). With
+    from a partial warm-up value to cosine(1/E), near the peak, at the start of epoch 1. With
     ``warmup_steps = 0`` timm never sets warmup_lr, so all of epoch 0 runs at ``lr``.
     """
 
@@ -152,7 +152,7 @@ class LRSchedule:
 
 
 def alpha_at(step: int, steps_per_epoch: int, alpha: float, warm_up: bool = True) -> float:
-    """Distillation weight α at global step `step` (SPEC §2.6).
+    """Distillation weight α at global step `step`.
 
     With `warm_up`, α ramps linearly over epoch 0, ``alpha · min(1, step / steps_per_epoch)`` (0 at the first
     step), and is `alpha` from epoch 1 on; without it, `alpha` throughout.
