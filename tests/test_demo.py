@@ -1,21 +1,64 @@
-"""`simla demo --quick`: the offline main job end to end (pretrain, zero-shot retrieval, report)."""
+"""`simla demo --quick`: the offline main job end to end (pretrain, zero-shot evaluation, pictures, report)."""
 
 from __future__ import annotations
 
 import json
 
+import torch
+
 from simla.cli import main
+from simla.demos.evaluation import CLASSES, confusion_matrix, hard_negative_classes, itm_pair_accuracy, zero_shot_accuracy
 
 
-def test_quick_demo_writes_a_report(tmp_path, capsys):
-    assert main(["demo", "--quick", "--output", str(tmp_path)]) == 0
+def test_quick_demo_with_ablation_writes_a_report(tmp_path, capsys):
+    assert main(["demo", "--quick", "--steps", "30", "--ablation", "--output", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
-    for key in ("txt_r1", "img_r1", "r_mean"):
-        assert 0 <= report["zero_shot_retrieval"][key] <= 100
-    for direction in ("image_to_text", "text_to_image"):
-        assert set(report["class_level_recall"][direction]) == {"r1", "r5", "r10"}
-    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
-    assert report["seconds"]["total"] > 0
-    # Pretraining on real images moves the losses: the contrastive loss falls from its start.
+    for ranking in ("zero_shot_accuracy_itm", "zero_shot_accuracy_itc"):
+        assert set(report[ranking]) == {"image_to_text", "text_to_image"}
+        assert all(0 <= v <= 100 for v in report[ranking].values())
+    assert set(report["itm_pair_accuracy"]) == {"accuracy", "positives", "colour_negatives", "shape_negatives"}
+    # Even 30 steps learn something: the best image of a caption is right far more often than chance (4.2%).
+    assert report["zero_shot_accuracy_itc"]["text_to_image"] > 12.5
+    assert [point["step"] for point in report["accuracy_curve"]] == [10, 20, 30]
+    rows = report["ablation"]
+    assert [row["row"] for row in rows] == ["ITC+ITM", "+MLM", "+MIM", "+PSL"]
+    assert rows[-1]["zero_shot_accuracy_itm"] == report["zero_shot_accuracy_itm"]  # the main run is the last row
+    assert (tmp_path / "ablation" / "itc+itm" / "log.jsonl").is_file()
+    logged = json.loads((tmp_path / "ablation" / "itc+itm" / "log.jsonl").read_text().splitlines()[-1])
+    assert {k for k in logged if k.startswith("loss_")} == {"loss_itc", "loss_itm"}  # only what the row computes
+    for picture in ("loss_curves.png", "accuracy_curve.png", "confusion.png", "examples.png"):
+        assert (tmp_path / picture).stat().st_size > 10_000, picture
     assert report["final_losses"]["loss_itc"] < report["first_losses"]["loss_itc"]
-    assert "R@1" in capsys.readouterr().out
+    assert set(report["final_losses"]) == {f"loss_{n}" for n in ("itc", "itm", "mlm", "mim", "psl")}
+    printed = capsys.readouterr().out
+    assert "ITM accuracy" in printed and "| +MLM |" in printed
+    assert "accuracy_curve.png" in (tmp_path / "report.md").read_text()
+
+
+def test_zero_shot_accuracy_and_itm_pairs_on_known_scores():
+    labels = torch.tensor([0, 1, 2, 2])
+    scores = torch.full((4, len(CLASSES)), -1.0)
+    scores[0, 0] = scores[1, 1] = scores[2, 2] = 1.0  # images 0-2 rank their own caption first
+    scores[3, 5] = 1.0  # image 3 prefers another caption ...
+    scores[3, 2] = 0.5  # ... but is the second-best image for its own caption
+    accuracy = zero_shot_accuracy(scores, labels)
+    assert accuracy["image_to_text"] == 75.0
+    # Caption 2's best image is image 2 (right class); pairs 0, 1, 2, 3 all have a right best image.
+    assert accuracy["text_to_image"] == 100.0
+    swapped = zero_shot_accuracy(scores.flip(0), labels)  # scores belong to other images now
+    assert swapped["image_to_text"] < 75.0
+
+    colour_swap, shape_swap = hard_negative_classes(labels)
+    for label, colour, shape in zip(labels.tolist(), colour_swap.tolist(), shape_swap.tolist()):
+        c, s = CLASSES[label].split()
+        assert CLASSES[colour].split()[1] == s and CLASSES[colour].split()[0] != c
+        assert CLASSES[shape].split()[0] == c and CLASSES[shape].split()[1] != s
+    probabilities = torch.full((4, len(CLASSES)), 0.1)
+    probabilities[torch.arange(4), labels] = 0.9
+    assert itm_pair_accuracy(probabilities, labels)["accuracy"] == 100.0
+    probabilities[torch.arange(4), shape_swap] = 0.8  # says yes to a wrong shape
+    result = itm_pair_accuracy(probabilities, labels)
+    assert result["shape_negatives"] == 0.0 and result["colour_negatives"] == 100.0
+    assert round(result["accuracy"], 4) == round(200 / 3, 4)
+    matrix = confusion_matrix(scores, labels)
+    assert matrix[2, 2] == 1 and matrix[2, 5] == 1 and matrix.sum() == 4

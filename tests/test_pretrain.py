@@ -258,3 +258,24 @@ def test_token_type_table_is_a_constant_that_training_never_changes(tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     assert torch.count_nonzero(model.text_encoder.embeddings.token_type_embeddings.weight) == 0
+
+
+def test_queued_copies_of_a_caption_are_itc_positives(monkeypatch):
+    import simla.objectives as objectives_module
+
+    model = simla.create_model("simla_tiny", queue_size=16, duplicate_captions="positives")
+    fingerprint = model.caption_fingerprint
+    # The fingerprint ignores padding, so one caption padded to two batch lengths agrees.
+    assert torch.equal(fingerprint(torch.tensor([[101, 7, 9, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0]])),
+                       fingerprint(torch.tensor([[101, 7, 9]]), torch.tensor([[1, 1, 1]])))
+    seen = []
+    original = objectives_module.itc_loss
+    monkeypatch.setattr(objectives_module, "itc_loss",
+                        lambda *a, **k: (seen.append(k["positive_mask"]), original(*a, **k))[1])
+    batch = make_batch(model, batch_size=4)
+    model(batch)  # fills queue columns 0-3 with this batch's captions
+    model(batch)
+    first, second = seen
+    assert not first[:, 4:].any()  # an empty queue holds no positives
+    assert torch.equal(second[:, 4:8], torch.eye(4, dtype=torch.bool))  # each caption's queued copy
+    assert not second[:, 8:].any()

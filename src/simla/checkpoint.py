@@ -503,4 +503,4 @@ def save_pretrained(model: SimlaModel, directory: str | os.PathLike, include_mom
 
 def _is_training_state(key: str) -> bool:
     head = key.split(".", 1)[0]
-    return head.endswith("_m") or head in ("image_queue", "text_queue", "queue_ptr", "idx_queue")
+    return head.endswith("_m") or head in ("image_queue", "text_queue", "queue_ptr", "idx_queue", "caption_queue")

@@ -105,9 +105,9 @@ class ObjectiveConfig:
     psl_selection: Literal["simla", "reference"] = "simla"
     # Momentum teachers run with dropout on, as in the reference; False puts them in eval mode.
     momentum_dropout: bool = True
-    # Pairs of a batch whose captions are identical: "negatives" (the reference: each pair's own caption is
-    # its only positive) or "positives" (they are positives of each other in in-batch ITC and are never
-    # drawn as ITM hard negatives, as retrieval fine-tuning treats captions of one image). Data with many
+    # Pairs whose captions are identical: "negatives" (the reference: each pair's own caption is its only
+    # positive) or "positives" (they are positives of each other in ITC, in the batch and in the queue, and
+    # are never drawn as ITM hard negatives, as retrieval fine-tuning treats the captions of one image). Data with many
     # repeated captions (the easy-VQA demo, "photo"-style web captions) otherwise teaches ITM that a
     # matching pair does not match.
     duplicate_captions: Literal["negatives", "positives"] = "negatives"

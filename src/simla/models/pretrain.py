@@ -96,6 +96,10 @@ class SimlaForPretraining(SimlaModel):
         self.register_buffer("image_queue", F.normalize(torch.randn(o.embed_dim, o.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(o.embed_dim, o.queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        if o.duplicate_captions == "positives":
+            # A fingerprint of each queued caption, so that queued copies of a pair's caption are positives too
+            # (as retrieval fine-tuning queues image ids). -1 = an entry from before any write.
+            self.register_buffer("caption_queue", torch.full((1, o.queue_size), -1, dtype=torch.long))
 
     # ------------------------------------------------------------------------------------ momentum
     def _momentum_names(self) -> list[str]:
@@ -117,9 +121,11 @@ class SimlaForPretraining(SimlaModel):
         copy_to_momentum(self.momentum_pairs())
 
     @torch.no_grad()
-    def _enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor) -> None:
+    def _enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, captions: Tensor | None) -> None:
         # Queues receive every rank's features; the write wraps around for any batch/world size.
         image_all, text_all = all_gather_no_grad(image_feat_m), all_gather_no_grad(text_feat_m)
+        if captions is not None:
+            write_to_queue(self.caption_queue, all_gather_no_grad(captions)[:, None], self.queue_ptr.clone())
         pointer = self.queue_ptr.clone()
         write_to_queue(self.image_queue, image_all, pointer)
         write_to_queue(self.text_queue, text_all, self.queue_ptr)
@@ -135,15 +141,20 @@ class SimlaForPretraining(SimlaModel):
         return hidden[:, 1:]  # drop the image [CLS] position
 
     @staticmethod
-    def _same_caption(ids: Tensor) -> Tensor:
-        """(B, B) True where two pairs have identical captions (padded ids compare equal row for row).
+    def caption_fingerprint(ids: Tensor, mask: Tensor) -> Tensor:
+        """(B,) int64 hash of each caption's real tokens (padding ignored, so any padded length agrees)."""
+        fingerprint = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+        for j in range(ids.shape[1]):  # L is ~25: a short loop of vector ops, no host sync
+            fingerprint = torch.where(mask[:, j].bool(), fingerprint * 1_000_003 + ids[:, j], fingerprint)
+        return fingerprint
 
-        A row whose every caption is identical keeps only its diagonal excluded, so that ITM can still draw
-        a negative (the reference behaviour) instead of failing on a degenerate batch.
-        """
-        same = (ids[:, None, :] == ids[None, :, :]).all(-1)
-        eye = torch.eye(ids.shape[0], dtype=torch.bool, device=ids.device)
-        return same & ~same.all(dim=1, keepdim=True) | eye & same.all(dim=1, keepdim=True)
+    @staticmethod
+    def _itm_exclusions(same: Tensor) -> Tensor:
+        """ITM may not draw a pair with the same caption as a negative, unless no other caption is left in
+        the row: then only the diagonal is excluded (the reference rule) rather than failing on the batch."""
+        eye = torch.eye(same.shape[0], dtype=torch.bool, device=same.device)
+        stuck = same.all(dim=1, keepdim=True)
+        return same & ~stuck | eye & stuck
 
     # ------------------------------------------------------------------------------------- forward
     def forward(self, batch: Mapping[str, Tensor], alpha: float | None = None) -> PretrainOutput:
@@ -180,11 +191,13 @@ class SimlaForPretraining(SimlaModel):
                 text_feat_m = F.normalize(self.text_proj_m(text_hidden_m[:, 0]), dim=-1)
 
         # ---- ITC with queues and momentum distillation
-        same_caption = self._same_caption(ids) if o.duplicate_captions == "positives" else None
+        # Pairs with identical captions are positives of each other when asked (in the batch and the queue).
+        captions = self.caption_fingerprint(ids, mask) if o.duplicate_captions == "positives" else None
+        same_caption = captions[:, None] == captions[None, :] if captions is not None else None
         if "itc" in on:
             positives = None
-            if same_caption is not None:
-                positives = F.pad(same_caption, (0, self.image_queue.shape[1]))  # queue columns stay negatives
+            if captions is not None:
+                positives = torch.cat([same_caption, captions[:, None] == self.caption_queue], dim=1)
             itc = objectives.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
                                       self.image_queue, self.text_queue, self.temp, alpha, positive_mask=positives)
             losses["itc"] = itc.loss
@@ -197,7 +210,8 @@ class SimlaForPretraining(SimlaModel):
 
         # ---- ITM with in-batch hard negatives, one batched multimodal pass
         if "itm" in on:
-            neg_image, neg_text = objectives.sample_hard_negatives(sim_i2t, sim_t2i, same_pair=same_caption)
+            excluded = self._itm_exclusions(same_caption) if same_caption is not None else None
+            neg_image, neg_text = objectives.sample_hard_negatives(sim_i2t, sim_t2i, same_pair=excluded)
             itm_ids = torch.cat([ids, ids, ids[neg_text]])
             itm_mask = torch.cat([mask, mask, mask[neg_text]])
             itm_images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
@@ -260,7 +274,7 @@ class SimlaForPretraining(SimlaModel):
             targets["psl_keywords"] = keywords
 
         if self.training and "itc" in on:
-            self._enqueue(image_feat_m, text_feat_m)
+            self._enqueue(image_feat_m, text_feat_m, captions)
         return PretrainOutput(losses, targets)
 
 

@@ -29,7 +29,7 @@ class SimlaModel(nn.Module):
     # Tensors of other task models that this one deliberately lacks: loading them reports "ignored".
     IGNORED_SOURCE_PREFIXES: tuple[str, ...] = (
         "mlm_head", "mim_head", "concept_head", "mim_adapter", "visual_encoder.mask_token",
-        "image_queue", "text_queue", "idx_queue", "queue_ptr",
+        "image_queue", "text_queue", "idx_queue", "queue_ptr", "caption_queue",
         "visual_encoder_m", "vision_proj_m", "text_encoder_m", "text_proj_m",
     )
 
