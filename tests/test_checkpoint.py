@@ -394,3 +394,19 @@ def test_handwritten_reference_key_list_maps_onto_the_model_exactly():
     for reference, name in table.items():
         if name:
             assert torch.equal(loaded[name], state[reference]), reference
+
+
+def test_reference_config_inference_keeps_the_paper_fractions_and_says_what_it_assumes(tiny_config, caplog):
+    from simla.checkpoint import infer_reference_config
+
+    state = reference_pretrain_state(tiny_config)  # an 8x8 grid at 64 px
+    with caplog.at_level("WARNING", logger="simla.checkpoint"):
+        config = infer_reference_config(state)
+    o = config.objectives
+    # 75 of 256 patches in blocks of >= 16 in the paper: 19 of 64 in blocks of >= 4 here (not all 64).
+    assert (o.mim_num_masked, o.mim_min_block) == (19, 4)
+    assert (config.vision.image_size, config.vision.patch_size, config.grid_size) == (64, 8, 8)
+    assert config.text.num_layers == tiny_config.text.num_layers and o.psl_layer == tiny_config.text.num_layers - 1
+    assert "heads" in caplog.text and "assumed" in caplog.text  # what the weights cannot tell is said
+    wide = infer_reference_config(state, head_dim=32)
+    assert wide.text.num_heads == tiny_config.text.hidden_size // 32

@@ -13,14 +13,17 @@ their table.
 Why the demo model is set up as it is (DEMO_MODEL below; measured on a 2-core CPU):
 - The 8x8 patch grid of simla_tiny (64 px, 8 px patches) barely learns SHAPE: even a supervised 24-class
   probe of that ViT reaches only ~70% after 300 steps, while colour is learned at once; a 12x12 grid reaches
-  ~84% and 16x16 ~90%. The demo model sees 48 px images in 4 px patches (12x12) at about the same cost.
+  ~84% and 16x16 ~90%. The demo model sees 48 px images in 4 px patches (12x12).
 - Every easy-VQA caption names one of only 24 classes, so a batch of 32 holds many pairs with the same
-  caption. Treated as negatives (the reference rule), they teach ITM that matching pairs do not match: its
-  loss stays near that of a constant guess. The demo captions each image once ("a red circle") and sets
-  `duplicate_captions: positives`, so pairs with identical captions count as positives of each other in
-  in-batch ITC and are never drawn as ITM negatives.
-- The run is a few hundred steps long, so the momentum teachers use 0.98 instead of the paper's 0.995
-  (whose ~200-step memory spans the whole run and slows distillation).
+  caption and the queue holds ~40 copies of each. Treated as negatives (the reference rule), they teach ITM
+  that matching pairs do not match (its loss stays near that of a constant guess) and make ITC push an
+  image away from its own caption. The demo captions each image once ("a red circle") and sets
+  `duplicate_captions: positives`: identical captions are positives of each other in ITC, in the batch and
+  in the queue, and are never drawn as ITM negatives. Treating the queued copies as positives too (on top
+  of the in-batch ones) took image-to-text accuracy (ITC) from 33% to 93% at 600 steps.
+- The run is a few hundred steps long: momentum 0.98 instead of the paper's 0.995 (whose ~200-step memory
+  spans the whole run), no dropout (the model underfits; dropout also cost ~10% of the step time) and a
+  learning rate of 1e-3.
 """
 
 from __future__ import annotations
