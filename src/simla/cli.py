@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="offline end-to-end demo on easy-VQA shapes (pretrain, evaluate, report)",
                           description="simla demo [TASK]: 'retrieval' (the default) pretrains a small SIMLA on the "
-                          "easy-VQA images for about five minutes, evaluates zero-shot accuracy and retrieval on "
-                          "held-out images and writes report.md with its pictures.")
+                          "easy-VQA images for five minutes (about six with evaluation), evaluates zero-shot "
+                          "accuracy and retrieval on held-out images and writes report.md with its pictures.")
     demo.add_argument("task", nargs="?", default="retrieval", choices=sorted(DEMOS), help="which demo (default retrieval)")
     demo.add_argument("--output", default="runs/demo", help="report folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a reduced run of about a minute (for CI)")

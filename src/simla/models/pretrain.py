@@ -61,8 +61,7 @@ class SimlaForPretraining(SimlaModel):
 
     TASK = "pretrain"  # the name create_model/load_checkpoint use for this class
     IGNORED_SOURCE_PREFIXES = ("idx_queue",)
-    _HEADS = {"mlm": ("mlm_head",), "mim": ("mim_head", "mim_adapter", "visual_encoder.mask_token"),
-              "psl": ("concept_head",)}
+    _HEADS = {"mlm": ("mlm_head",), "mim": ("mim_head", "mim_adapter"), "psl": ("concept_head",)}
 
     def __init__(self, config: SimlaConfig) -> None:
         o = config.objectives
@@ -76,7 +75,7 @@ class SimlaForPretraining(SimlaModel):
         # Tensors of the heads left out: a full pretraining checkpoint loads into an ablation model.
         self.IGNORED_SOURCE_PREFIXES = type(self).IGNORED_SOURCE_PREFIXES + tuple(
             prefix + suffix for name, prefixes in self._HEADS.items() if name not in self.losses
-            for prefix in prefixes for suffix in ("", "_m") if not prefix.startswith("visual_encoder."))
+            for prefix in prefixes for suffix in ("", "_m"))
         if "mim" not in self.losses:
             self.IGNORED_SOURCE_PREFIXES += ("visual_encoder.mask_token", "visual_encoder_m.mask_token")
         if "mlm" in self.losses:
