@@ -365,4 +365,6 @@ class Engine:
             bar.close()
         if self._writer is not None:
             self._writer.close()
+        if hasattr(self.model, "update_momentum"):
+            self.model.update_momentum = True  # outside the engine every training forward updates the teachers
         return self.state
