@@ -72,6 +72,15 @@ def reference_pretrain_state(config, image_grid: int | None = None) -> dict[str,
     return state
 
 
+def reference_retrieval_state(config) -> dict[str, torch.Tensor]:
+    """The reference retrieval layout: no `bert.` infix, no MLM/MIM/PSL heads or mask tokens, plus an id queue."""
+    state = {k.replace("text_encoder.bert.", "text_encoder.").replace("text_encoder_m.bert.", "text_encoder_m."): v
+             for k, v in reference_pretrain_state(config).items()
+             if ".cls." not in k and "mim_head" not in k and "concept_head" not in k and "mask_token" not in k}
+    state["idx_queue"] = torch.arange(16)[None]
+    return state
+
+
 @pytest.fixture(scope="module")
 def tiny_config():
     return simla.get_config("simla_tiny", queue_size=16)
@@ -189,11 +198,7 @@ def test_convert_command(tmp_path, tiny_config, capsys):
 
 
 def test_reference_retrieval_checkpoint_imports(tmp_path, tiny_config):
-    # The reference retrieval layout: no `bert.` infix, no MLM/MIM/PSL heads or mask tokens, plus an id queue.
-    state = {k.replace("text_encoder.bert.", "text_encoder.").replace("text_encoder_m.bert.", "text_encoder_m."): v
-             for k, v in reference_pretrain_state(tiny_config).items()
-             if ".cls." not in k and "mim_head" not in k and "concept_head" not in k and "mask_token" not in k}
-    state["idx_queue"] = torch.arange(16)[None]
+    state = reference_retrieval_state(tiny_config)
     path = tmp_path / "checkpoint_best.pth"
     torch.save({"model": state}, path)
     model = load_checkpoint(path, task="retrieval")
@@ -302,10 +307,7 @@ def test_strict_false_loads_the_rest_and_keeps_fresh_weights_for_mismatched_shap
 
 
 def test_convert_task_retrieval_keeps_teachers_and_queues(tmp_path, tiny_config):
-    state = {k.replace("text_encoder.bert.", "text_encoder.").replace("text_encoder_m.bert.", "text_encoder_m."): v
-             for k, v in reference_pretrain_state(tiny_config).items()
-             if ".cls." not in k and "mim_head" not in k and "concept_head" not in k and "mask_token" not in k}
-    state["idx_queue"] = torch.arange(16)[None]
+    state = reference_retrieval_state(tiny_config)
     source = tmp_path / "checkpoint_best.pth"
     torch.save({"model": state}, source)
     assert main(["convert", str(source), str(tmp_path / "plain.pt")]) == 0

@@ -46,6 +46,12 @@ def test_pretrain_user_errors(tmp_path, capsys, pairs):
     _one_line_error(capsys, ["pretrain", f"train_file={tmp_path / 'nope.json'}", "model=simla_tiny",
                              "text_encoder=null", "vision_encoder=null", "device=cpu",
                              f"output_dir={tmp_path / 'run'}"], "nope.json")
+    _one_line_error(capsys, ["pretrain", f"train_file={pairs}", "batch_size=64", "model=simla_tiny", "text_encoder=null",
+                             "vision_encoder=null", "device=cpu", f"output_dir={tmp_path / 'run'}"], "cannot fill")
+    _one_line_error(capsys, ["pretrain", f"train_file={pairs}", f"image_root={tmp_path / 'wrong'}", "model=simla_tiny",
+                             "batch_size=4",
+                             "text_encoder=null", "vision_encoder=null", "device=cpu", "num_workers=0",
+                             f"output_dir={tmp_path / 'run'}"], "image_root")
     broken = tmp_path / "broken.json"
     broken.write_text('[{"image": "a.png"}]')
     _one_line_error(capsys, ["pretrain", f"train_file={broken}", "model=simla_tiny", "text_encoder=null",

@@ -21,6 +21,10 @@ class DataError(SimlaError, ValueError):
     """An annotation file, shard or evaluation file is malformed or unusable."""
 
 
+class UnusableDataError(SimlaError, RuntimeError):
+    """Too many samples are bad to go on (most often a wrong image_root); raised at run time, not at parsing."""
+
+
 class CheckpointError(SimlaError, RuntimeError):
     """A checkpoint or weight file cannot be used: not a checkpoint, truncated, untrusted, or mismatched."""
 

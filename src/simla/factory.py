@@ -61,7 +61,7 @@ def create_model(
     model = build_model(config, task)
     _initialise(model)
     if hasattr(model, "copy_params_to_momentum"):
-        # teachers copy the online weights AFTER the initial weights are loaded.
+        # Teachers copy the online weights AFTER the initial weights are loaded.
         model.copy_params_to_momentum()
     if pretrained is not None:
         from .checkpoint import load_weights_into

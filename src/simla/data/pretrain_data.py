@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from ..errors import DataError, UnusableDataError
 from ..masking import BlockMaskGenerator
 from ..tokenizers.text import TextTokenizer
 from .captions import pre_caption
@@ -154,14 +155,14 @@ class CaptionBatches(Dataset):
                     index = self._replacement(rng, taken)
                     taken.add(index)
             else:
-                raise RuntimeError(f"{self.max_attempts} samples in a row were bad while filling batch "
+                raise UnusableDataError(f"{self.max_attempts} samples in a row were bad while filling batch "
                                    f"{batch_index} of epoch {epoch}; is the image_root right? counts: {dict(skipped)}")
         meta = {"skipped": dict(skipped), "size": len(samples), "batch": batch_index, "indices": used, "bad": bad}
         return collate(samples, self.tokenizer, self.max_length), meta
 
     def _replacement(self, rng: random.Random, taken: set[int]) -> int:
         if len(taken) >= len(self.records):
-            raise RuntimeError("no unused sample is left to replace a bad one (dataset smaller than a batch?)")
+            raise UnusableDataError("no unused sample is left to replace a bad one (dataset smaller than a batch?)")
         while True:
             candidate = rng.randrange(len(self.records))
             if candidate not in taken:
@@ -180,7 +181,7 @@ class EpochBatchPlan:
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = num_samples // (batch_size * world_size)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{num_samples} samples cannot fill one batch of {batch_size} on each of {world_size} ranks")
+            raise DataError(f"{num_samples} samples cannot fill one batch of {batch_size} on each of {world_size} ranks")
 
     def batch(self, epoch: int, batch_index: int, order: torch.Tensor) -> BatchSpec:
         start = batch_index * self.batch_size

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import all_gather_objects, gather_to_rank0, get_rank, get_world_size, is_distributed
+from ..errors import UnusableDataError
 from .optim import clip_gradients
 
 logger = logging.getLogger(__name__)
@@ -292,7 +293,7 @@ class Engine:
                 produced += 1
                 yield epoch, batch, meta
             if produced == 0 and not resumed_mid_epoch:
-                raise RuntimeError(f"epoch {epoch} produced no batch: is every sample unreadable, or the dataset "
+                raise UnusableDataError(f"epoch {epoch} produced no batch: is every sample unreadable, or the dataset "
                                    "smaller than one batch per process?")
             self.state.epoch += 1  # the data source resets its position for a new epoch
 
@@ -300,7 +301,7 @@ class Engine:
         bad = sum(self.state.skipped.values())
         read = bad + self.state.samples_seen
         if read >= 100 and bad > self.config.max_bad_fraction * read:
-            raise RuntimeError(f"{bad} of the {read} samples read so far were bad (more than "
+            raise UnusableDataError(f"{bad} of the {read} samples read so far were bad (more than "
                                f"max_bad_fraction={self.config.max_bad_fraction}): {self.state.skipped}. "
                                "Check image_root and the annotation files.")
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ import yaml
 from ..checkpoint import load_state_into, read_checkpoint
 from ..config import SimlaConfig, get_config
 from ..distributed import finish, get_rank, get_world_size, init_from_env, is_distributed
+from ..errors import DataError, UnusableDataError
 from ..factory import build_model, create_model
 from ..masking import BlockMaskGenerator
 from ..models.pretrain import SimlaForPretraining
@@ -78,7 +79,8 @@ def _fit_kmeans(recipe: PretrainRecipe, builder: SampleBuilder, records, shards,
         except BadSampleError:
             continue
     if not views:
-        raise RuntimeError("no readable training image to fit the k-means visual tokenizer on")
+        raise UnusableDataError("no readable training image to fit the k-means visual tokenizer on; are train_file "
+                                f"and image_root right? (image_root={recipe.image_root!r})")
     patch = config.tokenizer_image_size // config.grid_size
     logger.info("fitting the k-means visual tokenizer (%d codes, %dpx patches) on %d images",
                 config.objectives.visual_vocab_size, patch, len(views))
@@ -127,7 +129,7 @@ def build_data(recipe: PretrainRecipe, config, tokenizer) -> tuple[Any, SampleBu
         total = recipe.samples_per_epoch or count_samples(shards)
         steps = total // (recipe.batch_size * world)
         if steps == 0:
-            raise ValueError(f"{total} samples per epoch cannot fill a batch of {recipe.batch_size} on {world} ranks")
+            raise DataError(f"{total} samples per epoch cannot fill a batch of {recipe.batch_size} on {world} ranks")
         stream = ShardStream(shards, rank=rank, world_size=world, seed=seed, shuffle_buffer=recipe.shuffle_buffer)
         dataset = ShardBatches(stream, builder, tokenizer, o.max_text_length, recipe.batch_size, seed, rank,
                                recipe.num_workers)
