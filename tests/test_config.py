@@ -9,6 +9,7 @@ import pytest
 import simla
 from simla.cli import main
 from simla.config import SimlaConfig, get_config
+from simla.errors import ConfigError
 
 
 def test_presets_listed_and_paper_defaults():
@@ -63,3 +64,13 @@ def test_models_command_reports_parameter_counts(capsys):
     assert rows["simla_base"]["vision_encoder"] == 85_845_504
     assert abs(rows["simla_base"]["vision_encoder"] + rows["simla_base"]["shared_encoder"] - 223e6) < 0.5e6
     assert rows["simla_tiny"]["online"] < 10_000_000
+
+
+def test_downstream_models_at_384_px_are_valid_but_a_mim_pretraining_model_is_not():
+    # The paper fine-tunes at 384 px (577 image tokens): only the MIM pass, which positions image tokens
+    # with the 512 text positions, cannot run there.
+    config = get_config("simla_base", **{"vision.image_size": 384, "vision.use_mask_token": False})
+    assert config.grid_size == 24
+    with pytest.raises(ConfigError, match="MIM pass"):
+        get_config("simla_base", **{"vision.image_size": 384})
+    get_config("simla_base", **{"vision.image_size": 384}, losses=["itc", "itm", "mlm"])  # no MIM: fine

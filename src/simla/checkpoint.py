@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .config import SimlaConfig
 from .hub import read_json
-from .models.simla import SimlaModel
+from .models.simla import SimlaBackbone
 from .models.vision import resample_pos_embed
 
 logger = logging.getLogger(__name__)
@@ -254,19 +254,22 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict
 
 def is_reference_state(state: dict[str, Tensor]) -> bool:
     """Reference layouts keep the text encoder under `.bert.` or have no `mlm_head` of ours."""
-    return any(k.startswith(("text_encoder.bert.", "text_encoder.cls.")) for k in state) or (
+    return any(k.startswith(("text_encoder.bert.", "text_encoder.cls.", "text_decoder.bert.")) for k in state) or (
         "text_encoder.embeddings.position_ids" in state
     )
 
 
 # ---------------------------------------------------------------------------- reference key map
-_TEXT_PREFIX = re.compile(r"^(text_encoder(?:_m)?)\.")
+_TEXT_PREFIX = re.compile(r"^(text_(?:en|de)coder(?:_m)?)\.")
+# The LM head of each reference text module, in our names: the encoder's MLM head, the VQA decoder's head.
+_HEAD_OF = {"text_encoder": "mlm_head", "text_decoder": "answer_head"}
 
 
 def map_reference_key(key: str) -> str | None:
     """Our name for a reference key, or None for keys with no counterpart by design.
 
-    `text_encoder.bert.X` -> `text_encoder.X`; `text_encoder.cls.predictions.X` -> `mlm_head.X`;
+    `text_encoder.bert.X` -> `text_encoder.X`; `text_encoder.cls.predictions.X` -> `mlm_head.X` (the VQA
+    decoder likewise: `text_decoder.bert.X` -> `text_decoder.X`, `text_decoder.cls.predictions.X` -> `answer_head.X`);
     the tied decoder weight/bias (same tensors as the word embeddings / head bias) and the
     `position_ids` buffer have no counterpart. Everything else keeps its name.
     """
@@ -280,14 +283,14 @@ def map_reference_key(key: str) -> str | None:
         rest = rest.removeprefix("cls.predictions.")
         if rest.startswith("decoder."):
             return None
-        return f"mlm_head{suffix}.{rest}"
+        return f"{_HEAD_OF[owner.removesuffix('_m')]}{suffix}.{rest}"
     if rest == "embeddings.position_ids":
         return None
     return f"{owner}.{rest}"
 
 
 def convert_reference_state(
-    state: dict[str, Tensor], model: SimlaModel, source: str = "reference checkpoint"
+    state: dict[str, Tensor], model: SimlaBackbone, source: str = "reference checkpoint"
 ) -> tuple[dict[str, Tensor], ImportReport]:
     """Rename reference keys to ours and adapt shapes; returns the new state dict and the report.
 
@@ -331,12 +334,12 @@ def convert_reference_state(
 
 
 # ------------------------------------------------------------------------------------ loading
-def _deliberately_absent(model: SimlaModel, name: str) -> bool:
+def _deliberately_absent(model: SimlaBackbone, name: str) -> bool:
     return name.startswith(tuple(model.IGNORED_SOURCE_PREFIXES))
 
 
 def load_state_into(
-    model: SimlaModel, state: dict[str, Tensor], *, source: str, strict: bool = True
+    model: SimlaBackbone, state: dict[str, Tensor], *, source: str, strict: bool = True
 ) -> ImportReport:
     """Load our-format or reference-format weights into `model`, raising on any mismatch when strict.
 
@@ -345,7 +348,11 @@ def load_state_into(
     task models that this model lacks by design (e.g. the MIM head when loading a pretraining checkpoint
     for retrieval) are reported as ignored. Training state the file lacks
     (queues, momentum teachers) is rebuilt: queues stay fresh, teachers copy the loaded weights.
+    A task model may derive tensors from the source first (`prepare_source_state`: the VQA decoder is
+    initialised from the pretrained encoder's top layers).
     """
+    if hasattr(model, "prepare_source_state"):
+        state = model.prepare_source_state(state)
     if is_reference_state(state):
         converted, report = convert_reference_state(state, model, source)
         unexpected = [(key, map_reference_key(key) or key) for key in report.unexpected]
@@ -382,7 +389,7 @@ def load_state_into(
     return report
 
 
-def load_weights_into(model: SimlaModel, path: str | os.PathLike, *, trust_pickle: bool = False,
+def load_weights_into(model: SimlaBackbone, path: str | os.PathLike, *, trust_pickle: bool = False,
                       strict: bool = True) -> ImportReport:
     data = read_checkpoint(path, trust_pickle=trust_pickle)
     return load_state_into(model, data["model"], source=str(path), strict=strict)
@@ -430,6 +437,9 @@ def infer_reference_config(state: dict[str, Tensor], head_dim: int = 64) -> Siml
     if "mim_head.weight" in state:
         o.visual_vocab_size = shape("mim_head.weight")[0]
     o.psl_layer = t.num_layers - 1
+    decoder_layers = {k.split(".")[4] for k in state if k.startswith("text_decoder.bert.encoder.layer.")}
+    if decoder_layers:
+        config.vqa.decoder_layers = len(decoder_layers)  # a reference VQA checkpoint
     patches = (v.image_size // v.patch_size) ** 2
     o.mim_num_masked = max(1, round(_MIM_MASKED_FRACTION * patches))
     o.mim_min_block = max(1, min(o.mim_num_masked, round(_MIM_MIN_BLOCK_FRACTION * patches)))
@@ -442,16 +452,23 @@ def infer_reference_config(state: dict[str, Tensor], head_dim: int = 64) -> Siml
 
 
 def load_checkpoint(path: str | os.PathLike, *, task: str | None = None, trust_pickle: bool = False,
-                    strict: bool = True, **overrides: Any) -> SimlaModel:
+                    strict: bool = True, **overrides: Any) -> SimlaBackbone:
     """Build and load a model from any supported checkpoint form (ours, export dir, or reference .pth).
 
-    `task` picks the model class ("pretrain", "retrieval", "base"; default: the checkpoint's own);
+    `task` picks the model class ("pretrain", "retrieval", "vqa", "base"; default: the checkpoint's own);
     `overrides` change the config first, e.g. `image_size=384` (position embeddings are resampled).
     """
+    data = read_checkpoint(path, trust_pickle=trust_pickle)
+    return model_from_checkpoint(data, source=str(path), task=task, strict=strict, **overrides)
+
+
+def model_from_checkpoint(data: dict[str, Any], *, source: str, task: str | None = None, strict: bool = True,
+                          **overrides: Any) -> SimlaBackbone:
+    """`load_checkpoint` for a file already read with `read_checkpoint` (whose other entries, e.g. the
+    training recipe, the caller may want too)."""
     from .config import apply_overrides
     from .factory import build_model
 
-    data = read_checkpoint(path, trust_pickle=trust_pickle)
     state = data["model"]
     if data.get("format") == FORMAT:
         config = SimlaConfig.from_dict(data["config"])
@@ -463,16 +480,16 @@ def load_checkpoint(path: str | os.PathLike, *, task: str | None = None, trust_p
     apply_overrides(config, overrides)
     config.validate()
     model = build_model(config, task)
-    load_state_into(model, state, source=str(path), strict=strict)
+    load_state_into(model, state, source=source, strict=strict)
     return model
 
 
 # ------------------------------------------------------------------------------------- saving
-def _task_of(model: SimlaModel) -> str:
+def _task_of(model: SimlaBackbone) -> str:
     return model.TASK
 
 
-def save_checkpoint(model: SimlaModel, path: str | os.PathLike, **extra: Any) -> Path:
+def save_checkpoint(model: SimlaBackbone, path: str | os.PathLike, **extra: Any) -> Path:
     """Write our checkpoint atomically (temporary file, then rename), loadable with weights_only=True."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -484,7 +501,7 @@ def save_checkpoint(model: SimlaModel, path: str | os.PathLike, **extra: Any) ->
     return path
 
 
-def save_pretrained(model: SimlaModel, directory: str | os.PathLike, include_momentum: bool = False) -> Path:
+def save_pretrained(model: SimlaBackbone, directory: str | os.PathLike, include_momentum: bool = False) -> Path:
     """Release form: `model.safetensors` + `config.json`. Momentum copies and queues are
     training state and are left out unless asked for."""
     from safetensors.torch import save_file

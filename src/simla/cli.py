@@ -118,6 +118,31 @@ def cmd_evaluate_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune_vqa(args: argparse.Namespace) -> int:
+    from .train.finetune_vqa import VQARecipe, run_vqa_finetune
+    from .train.recipe import load_recipe
+
+    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+    recipe = load_recipe(args.config, overrides, cls=VQARecipe)
+    results = run_vqa_finetune(recipe)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def cmd_evaluate_vqa(args: argparse.Namespace) -> int:
+    """Answer every question of --data; under torchrun the questions are split across the processes."""
+    from .train.finetune_vqa import evaluate_vqa_checkpoint
+
+    metrics, text = evaluate_vqa_checkpoint(
+        args.checkpoint, args.data, args.answers, args.output, image_root=args.image_root, k=args.k,
+        answer_scoring=args.answer_scoring, image_size=args.image_size, tokenizer=args.tokenizer,
+        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+        trust_pickle=args.trust_pickle, train_files=args.train_file, allow_overlap=args.allow_overlap)
+    if text:
+        print(text)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demos import run_demo
 
@@ -155,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     finetune = sub.add_parser("finetune", help="fine-tune a pretrained SIMLA on a downstream task")
     finetune_tasks = finetune.add_subparsers(dest="task", required=True)
     from .train.finetune_retrieval import RetrievalRecipe
+    from .train.finetune_vqa import VQARecipe
 
     retrieval = finetune_tasks.add_parser(
         "retrieval", help="image-text retrieval (ITC + ITM with image-id-aware targets)",
@@ -165,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--resume", metavar="PATH|auto", help="continue an interrupted fine-tuning run")
     retrieval.add_argument("overrides", nargs="*", metavar="key=value")
     retrieval.set_defaults(func=cmd_finetune_retrieval)
+
+    vqa = finetune_tasks.add_parser(
+        "vqa", help="visual question answering (answer decoder; ranking over an answer list)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="simla finetune vqa --config configs/vqa.yaml checkpoint=runs/pretrain/checkpoints/last.pt",
+        epilog="recipe fields (key = default):\n" + recipe_help(VQARecipe))
+    vqa.add_argument("--config", help="YAML recipe")
+    vqa.add_argument("--resume", metavar="PATH|auto", help="continue an interrupted fine-tuning run")
+    vqa.add_argument("overrides", nargs="*", metavar="key=value")
+    vqa.set_defaults(func=cmd_finetune_vqa)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint")
     evaluate_tasks = evaluate.add_subparsers(dest="task", required=True)
@@ -182,6 +218,31 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ev.add_argument("--trust-pickle", action="store_true", help="allow unpickling reference checkpoints")
     ev.set_defaults(func=cmd_evaluate_retrieval)
+
+    ev_vqa = evaluate_tasks.add_parser(
+        "vqa", help="answer questions by ranking an answer list; EvalAI results.json and, with ground truth, "
+        "the official VQA accuracy")
+    ev_vqa.add_argument("--checkpoint", required=True, help="a VQA checkpoint (ours, an export dir or a reference .pth)")
+    ev_vqa.add_argument("--data", required=True, help="eval JSON: [{image, question, question_id[, answer: [...]]}]")
+    ev_vqa.add_argument("--answers", required=True, help="JSON list of candidate answers (answer_list.json)")
+    ev_vqa.add_argument("--image-root", help="directory that relative image paths are joined to")
+    ev_vqa.add_argument("--output", required=True, help="folder for results.json and metrics.json")
+    ev_vqa.add_argument("--k", type=int, help="candidates re-scored with the whole answer (default: the model's "
+                        "vqa.k_test, paper 128)")
+    ev_vqa.add_argument("--answer-scoring", choices=("simla", "reference"),
+                        help="'reference' counts the first token's log-probability twice, as the authors' code "
+                        "(default: the model's, 'simla')")
+    ev_vqa.add_argument("--train-file", action="append",
+                        help="training JSON to check for question overlap (default: the checkpoint's recipe)")
+    ev_vqa.add_argument("--allow-overlap", action="store_true",
+                        help="evaluate even when questions of --data were trained on")
+    ev_vqa.add_argument("--image-size", type=int, help="evaluation resolution (default: the checkpoint's)")
+    ev_vqa.add_argument("--tokenizer", help="text tokenizer dir or hub name (default: the checkpoint's)")
+    ev_vqa.add_argument("--batch-size", type=int, default=32, help="questions per forward")
+    ev_vqa.add_argument("--num-workers", type=int, default=2, help="image loading workers")
+    ev_vqa.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ev_vqa.add_argument("--trust-pickle", action="store_true", help="allow unpickling reference checkpoints")
+    ev_vqa.set_defaults(func=cmd_evaluate_vqa)
 
     from .demos import DEMOS
 
@@ -203,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--export", metavar="DIR", help="also write model.safetensors + config.json into DIR")
     convert.add_argument("--trust-pickle", action="store_true",
                          help="allow arbitrary unpickling (reference files pickle their config); trusted files only")
-    convert.add_argument("--task", choices=("pretrain", "retrieval", "base"),
+    convert.add_argument("--task", choices=("pretrain", "retrieval", "vqa", "base"),
                          help="model to convert into; 'retrieval' keeps a retrieval/ALBEF checkpoint's momentum "
                               "teachers and queues, 'base' keeps the online weights only (default: the checkpoint's "
                               "own task; for a reference file 'pretrain' when it has MIM/PSL heads, else 'base')")

@@ -118,6 +118,20 @@ class ObjectiveConfig:
 
 
 @dataclass
+class VQAConfig:
+    """The VQA answer decoder and answer ranking (used only by the VQA model)."""
+
+    # Layers of the causal answer decoder; None = the top half of the shared encoder (the paper: 6 of 12,
+    # initialised from pretrained layers 6-11; the 2-layer tiny model: 1, from layer 1).
+    decoder_layers: int | None = None
+    # Candidates kept after the first-token step and re-scored with the whole answer (paper: 128).
+    k_test: int = 128
+    # "simla" scores a candidate by the log-probability of its tokens; "reference" counts the first
+    # token's log-probability twice, as the authors' ranking does (for reproducing their numbers).
+    answer_scoring: Literal["simla", "reference"] = "simla"
+
+
+@dataclass
 class SimlaConfig:
     """A whole SIMLA model: the two encoders and the objectives."""
 
@@ -125,6 +139,7 @@ class SimlaConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    vqa: VQAConfig = field(default_factory=VQAConfig)
 
     def validate(self) -> None:
         """Check cross-field constraints; raise ValueError naming the offending field."""
@@ -136,18 +151,21 @@ class SimlaConfig:
         if t.hidden_size % t.num_heads:
             raise ConfigError(f"text.hidden_size ({t.hidden_size}) must be divisible by text.num_heads ({t.num_heads})")
         grid = v.image_size // v.patch_size
-        # The MIM pass feeds image tokens through the text embeddings, which add text positions.
-        if 1 + grid * grid > t.max_position_embeddings:
-            raise ConfigError(
-                f"vision.image_size {v.image_size} gives {1 + grid * grid} image tokens, more than "
-                f"text.max_position_embeddings ({t.max_position_embeddings}) that the MIM pass can position"
-            )
-        if not 0 <= o.psl_layer < t.num_layers:
-            raise ConfigError(f"objectives.psl_layer must lie in [0, {t.num_layers - 1}] (text.num_layers), got {o.psl_layer}")
-        if o.mim_num_masked > grid * grid:
-            raise ConfigError(f"objectives.mim_num_masked ({o.mim_num_masked}) exceeds the {grid * grid} patches")
+        # MIM constraints bind only a model that pretrains with MIM (it has the mask token): downstream
+        # models (no mask token) run at 384 px, whose 577 image tokens the MIM pass could not position.
+        if v.use_mask_token and "mim" in o.losses:
+            # The MIM pass feeds image tokens through the text embeddings, which add text positions.
+            if 1 + grid * grid > t.max_position_embeddings:
+                raise ConfigError(
+                    f"vision.image_size {v.image_size} gives {1 + grid * grid} image tokens, more than "
+                    f"text.max_position_embeddings ({t.max_position_embeddings}) that the MIM pass can position"
+                )
+            if o.mim_num_masked > grid * grid:
+                raise ConfigError(f"objectives.mim_num_masked ({o.mim_num_masked}) exceeds the {grid * grid} patches")
         if o.mim_min_block > o.mim_num_masked:
             raise ConfigError("objectives.mim_min_block must not exceed objectives.mim_num_masked")
+        if not 0 <= o.psl_layer < t.num_layers:
+            raise ConfigError(f"objectives.psl_layer must lie in [0, {t.num_layers - 1}] (text.num_layers), got {o.psl_layer}")
         unknown = [name for name in o.losses if name not in LOSS_NAMES]
         if unknown or not o.losses or len(set(o.losses)) != len(o.losses):
             raise ConfigError(f"objectives.losses must be a non-empty list of distinct names from {list(LOSS_NAMES)}, "
@@ -162,6 +180,17 @@ class SimlaConfig:
             value = getattr(o, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"objectives.{name} must lie in [0, 1], got {value}")
+        layers = self.vqa.decoder_layers
+        if layers is not None and not 1 <= layers <= t.num_layers:
+            raise ConfigError(f"vqa.decoder_layers must lie in [1, {t.num_layers}] (text.num_layers: its layers are "
+                              f"initialised from the encoder's top layers), got {layers}")
+        if self.vqa.k_test < 1:
+            raise ConfigError(f"vqa.k_test must be >= 1, got {self.vqa.k_test}")
+
+    @property
+    def decoder_layers(self) -> int:
+        """Depth of the VQA answer decoder (vqa.decoder_layers, default the top half of the encoder)."""
+        return self.vqa.decoder_layers or max(1, self.text.num_layers // 2)
 
     @property
     def special_token_ids(self) -> tuple[int, ...]:
@@ -187,7 +216,7 @@ class SimlaConfig:
         return config
 
 
-_SECTIONS = ("vision", "text", "objectives")
+_SECTIONS = ("vision", "text", "objectives", "vqa")
 
 
 def check_type(path: str, annotation: Any, value: Any) -> Any:

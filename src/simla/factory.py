@@ -10,16 +10,17 @@ from .hub import find_hf_weights, load_weight_file, resolve_hf_directory, text_o
 from .models.bert import load_hf_bert_state
 from .models.pretrain import SimlaForPretraining
 from .models.retrieval import SimlaForRetrieval
-from .models.simla import SimlaModel
+from .models.simla import SimlaBackbone, SimlaModel
+from .models.vqa import SimlaForVQA
 
 logger = logging.getLogger(__name__)
 
-Task = Literal["pretrain", "retrieval", "base"]
-_TASKS: dict[str, type[SimlaModel]] = {"pretrain": SimlaForPretraining, "retrieval": SimlaForRetrieval,
-                                       "base": SimlaModel}
+Task = Literal["pretrain", "retrieval", "vqa", "base"]
+_TASKS: dict[str, type[SimlaBackbone]] = {"pretrain": SimlaForPretraining, "retrieval": SimlaForRetrieval,
+                                          "vqa": SimlaForVQA, "base": SimlaModel}
 
 
-def build_model(config: SimlaConfig, task: Task = "pretrain") -> SimlaModel:
+def build_model(config: SimlaConfig, task: Task = "pretrain") -> SimlaBackbone:
     """Instantiate the model class for `task` with random weights (no file or network access)."""
     if task not in _TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {sorted(_TASKS)}")
@@ -37,7 +38,7 @@ def create_model(
     task: Task = "pretrain",
     trust_pickle: bool = False,
     **overrides: Any,
-) -> SimlaModel:
+) -> SimlaBackbone:
     """Build the preset `name` (see `list_models()`).
 
     pretrained: one of our checkpoints (`.pt`), an exported directory (safetensors + config.json) or a
@@ -71,7 +72,7 @@ def create_model(
     return model
 
 
-def _initialise(model: SimlaModel) -> None:
+def _initialise(model: SimlaBackbone) -> None:
     """Load the DeiT and BERT initial weights named in the config (network only if they are hub names)."""
     config = model.config
     if config.vision.init:

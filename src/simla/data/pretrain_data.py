@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -127,13 +127,15 @@ class CaptionBatches(Dataset):
     """
 
     def __init__(self, records: Sequence[CaptionRecord], builder: SampleBuilder, tokenizer: TextTokenizer,
-                 max_length: int, seed: int, max_attempts_per_sample: int = 50) -> None:
+                 max_length: int, seed: int, max_attempts_per_sample: int = 50,
+                 collate_fn: Callable[..., dict[str, Any]] = collate) -> None:
         self.records = records
         self.builder = builder
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.seed = seed
         self.max_attempts = max_attempts_per_sample
+        self.collate_fn = collate_fn  # (samples, tokenizer, max_length) -> batch; tasks bring their own
 
     def __len__(self) -> int:
         return len(self.records)
@@ -158,7 +160,7 @@ class CaptionBatches(Dataset):
                 raise UnusableDataError(f"{self.max_attempts} samples in a row were bad while filling batch "
                                    f"{batch_index} of epoch {epoch}; is the image_root right? counts: {dict(skipped)}")
         meta = {"skipped": dict(skipped), "size": len(samples), "batch": batch_index, "indices": used, "bad": bad}
-        return collate(samples, self.tokenizer, self.max_length), meta
+        return self.collate_fn(samples, self.tokenizer, self.max_length), meta
 
     def _replacement(self, rng: random.Random, taken: set[int]) -> int:
         if len(taken) >= len(self.records):

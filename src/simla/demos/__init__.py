@@ -18,8 +18,14 @@ def _retrieval(**kwargs: Any) -> dict[str, Any]:
     return run_retrieval_demo(**kwargs)
 
 
-#: Task name -> runner(output=..., quick=..., steps=..., ablation=...) returning the report dict.
-DEMOS: dict[str, Callable[..., dict[str, Any]]] = {"retrieval": _retrieval}
+def _vqa(**kwargs: Any) -> dict[str, Any]:
+    from .vqa import run_vqa_demo
+
+    return run_vqa_demo(**kwargs)
+
+
+#: Task name -> runner(output=..., quick=..., steps=..., [ablation=... | source=...]) returning the report dict.
+DEMOS: dict[str, Callable[..., dict[str, Any]]] = {"retrieval": _retrieval, "vqa": _vqa}
 
 
 def run_demo(task: str = "retrieval", **kwargs: Any) -> dict[str, Any]:

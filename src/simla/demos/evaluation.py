@@ -68,7 +68,7 @@ def score_classes(model: SimlaModel, probe: ShapeProbe, *, with_itm: bool = True
     was_training = model.training
     model.eval()
     try:
-        device = model.temp.device
+        device = model.device
         ids, mask = model.tokenize([class_caption(c) for c in CLASSES])
         text_feat = model.text_features(model.text_encoder(ids, mask, mode="text"))
         itc, itm = [], []

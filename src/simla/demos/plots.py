@@ -57,17 +57,19 @@ def plot_accuracy_curve(curve: Sequence[Mapping[str, float]], png_path: Path, ch
     return png_path
 
 
-def plot_confusion(matrix: Tensor, classes: Sequence[str], png_path: Path) -> Path:
-    """Row-normalised confusion matrix: true class (rows) against the best-ranked caption (columns)."""
+def plot_confusion(matrix: Tensor, classes: Sequence[str], png_path: Path, *,
+                   title: str = "image → text confusion on held-out images (ITM)",
+                   xlabel: str = "best-ranked caption", ylabel: str = "true colour and shape") -> Path:
+    """Row-normalised confusion matrix of counts: true class (rows) against the prediction (columns)."""
     plt = _pyplot()
     rates = matrix.float() / matrix.sum(1, keepdim=True).clamp(min=1)
     fig, ax = plt.subplots(figsize=(8.5, 7.5))
     image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
     ax.set_yticks(range(len(classes)), classes, fontsize=7)
-    ax.set_xlabel("best-ranked caption")
-    ax.set_ylabel("true colour and shape")
-    ax.set_title("image → text confusion on held-out images (ITM)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the row")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)

@@ -53,7 +53,7 @@ class RetrievalFeatures:
 def compute_features(model: SimlaModel, data: RetrievalEvalSet, *, tokenizer=None, max_length: int = 30,
                      batch_size: int = 64, text_chunk: int = 256, num_workers: int = 2,
                      progress: bool = False) -> RetrievalFeatures:
-    device = model.temp.device
+    device = model.device
     tokenizer = tokenizer or model.tokenizer
     text = tokenizer(data.texts, max_length=max_length, padding="max_length", clean=False)
     text_feats = []

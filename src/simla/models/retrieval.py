@@ -50,6 +50,12 @@ class SimlaForRetrieval(SimlaModel):
     def copy_params_to_momentum(self) -> None:
         copy_to_momentum(self.momentum_pairs())
 
+    def prepare_source_state(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Queues of another size (a pretraining run's) are left out: this model's queues start fresh."""
+        size = self.config.objectives.queue_size
+        return {k: v for k, v in state.items()
+                if not (k in ("image_queue", "text_queue") and v.shape[1] != size)}
+
     @torch.no_grad()
     def _enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, image_id: Tensor) -> None:
         images, texts = all_gather_no_grad(image_feat_m), all_gather_no_grad(text_feat_m)

@@ -1,7 +1,9 @@
-"""SimlaModel: the two encoders, the ITC projections, the ITM head and the user-facing API.
+"""The two encoders every SIMLA model shares, and SimlaModel: + ITC projections, ITM head and the user API.
 
-This is what inference needs (embed, search, score). The pretraining module extends it with the MLM,
-MIM and PSL heads, the momentum teachers and the queues.
+`SimlaBackbone` is the ViT and the shared encoder with the config, the text tokenizer and the momentum
+plumbing; task models that need no ITC/ITM heads (VQA) build on it directly. `SimlaModel` adds what
+inference needs to embed, search and score; pretraining and retrieval extend it with their heads,
+momentum teachers and queues.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from .vision import VisionEncoder
 TextInput = str | Sequence[str] | Tensor | Mapping[str, Tensor] | tuple[Tensor, Tensor]
 
 
-class SimlaModel(nn.Module):
-    TASK = "base"  # the name create_model/load_checkpoint use for this class
+class SimlaBackbone(nn.Module):
+    """The ViT image encoder and the ONE shared text/multimodal encoder, with the config and tokenizer."""
+
+    TASK = "backbone"  # the name create_model/load_checkpoint use for a class (each task model sets its own)
     # Whether the next training forward applies the EMA update to the teachers. The training engine clears it
     # for every micro-batch but the first of an optimizer step, so that with gradient accumulation the
     # teachers move once per optimizer step (momentum m per step, not m**k). Queues still receive every
@@ -37,7 +41,7 @@ class SimlaModel(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        v, t, o = config.vision, config.text, config.objectives
+        v, t = config.vision, config.text
         self.visual_encoder = VisionEncoder(
             image_size=v.image_size,
             patch_size=v.patch_size,
@@ -56,40 +60,24 @@ class SimlaModel(nn.Module):
                     nn.init.normal_(module.weight, std=v.layer_init_std)
         # One set of weights, two roles: text encoder without an image, multimodal encoder with one.
         self.text_encoder = SharedEncoder(t, encoder_width=v.width)
-        self.vision_proj = nn.Linear(v.width, o.embed_dim)
-        self.text_proj = nn.Linear(t.hidden_size, o.embed_dim)
-        self.itm_head = nn.Linear(t.hidden_size, 2)
-        self.temp = nn.Parameter(torch.tensor(o.temp))
         self._tokenizer = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual_encoder.cls_token.device
 
     # ------------------------------------------------------------------------------------- momentum
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, teacher) module pairs; models without momentum teachers have none."""
         return []
 
-    def train(self, mode: bool = True) -> "SimlaModel":
+    def train(self, mode: bool = True) -> "SimlaBackbone":
         """Training mode; the teachers keep their dropout only when `objectives.momentum_dropout` (the reference)."""
         super().train(mode)
         if mode and not self.config.objectives.momentum_dropout:
             for _, teacher in self.momentum_pairs():
                 teacher.eval()
         return self
-
-    # ----------------------------------------------------------------------------------------- pieces
-    def image_features(self, image_tokens: Tensor) -> Tensor:
-        """L2-normalised ITC feature of the image [CLS] token."""
-        return F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
-
-    def text_features(self, text_hidden: Tensor) -> Tensor:
-        """L2-normalised ITC feature of the text [CLS] token (text-mode hidden states)."""
-        return F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)
-
-    def fuse(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Multimodal hidden states: the caption's tokens cross-attending to the image tokens."""
-        return self.text_encoder(input_ids, attention_mask, mode="multimodal", encoder_hidden_states=image_tokens)
-
-    def itm_logits(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.itm_head(self.fuse(image_tokens, input_ids, attention_mask)[:, 0])
 
     # ------------------------------------------------------------------------------------- tokenizer
     @property
@@ -108,11 +96,11 @@ class SimlaModel(nn.Module):
     def tokenizer(self, value) -> None:
         self._tokenizer = value
 
-    def tokenize(self, texts: TextInput) -> tuple[Tensor, Tensor]:
+    def tokenize(self, texts: TextInput, max_length: int | None = None) -> tuple[Tensor, Tensor]:
         """(input_ids, attention_mask) on the model's device from strings, ids, or a tokenizer output."""
-        device = self.temp.device
+        device = self.device
         if isinstance(texts, str) or (isinstance(texts, Sequence) and texts and isinstance(texts[0], str)):
-            out = self.tokenizer(texts, max_length=self.config.objectives.max_text_length)
+            out = self.tokenizer(texts, max_length=max_length or self.config.objectives.max_text_length)
             ids, mask = out.input_ids, out.attention_mask
         elif isinstance(texts, Tensor):
             ids = texts
@@ -128,6 +116,43 @@ class SimlaModel(nn.Module):
         if ids.dim() == 1:
             ids, mask = ids.unsqueeze(0), mask.unsqueeze(0)
         return ids.to(device), mask.to(device)
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        """Online parameter count (momentum copies are frozen and excluded when trainable_only)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def extra_repr(self) -> str:
+        return f"name={self.config.name!r}"
+
+
+class SimlaModel(SimlaBackbone):
+    """The backbone + ITC projections, temperature and ITM head: embed, search and score image-text pairs."""
+
+    TASK = "base"
+
+    def __init__(self, config: SimlaConfig) -> None:
+        super().__init__(config)
+        v, t, o = config.vision, config.text, config.objectives
+        self.vision_proj = nn.Linear(v.width, o.embed_dim)
+        self.text_proj = nn.Linear(t.hidden_size, o.embed_dim)
+        self.itm_head = nn.Linear(t.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(o.temp))
+
+    # ----------------------------------------------------------------------------------------- pieces
+    def image_features(self, image_tokens: Tensor) -> Tensor:
+        """L2-normalised ITC feature of the image [CLS] token."""
+        return F.normalize(self.vision_proj(image_tokens[:, 0]), dim=-1)
+
+    def text_features(self, text_hidden: Tensor) -> Tensor:
+        """L2-normalised ITC feature of the text [CLS] token (text-mode hidden states)."""
+        return F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)
+
+    def fuse(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Multimodal hidden states: the caption's tokens cross-attending to the image tokens."""
+        return self.text_encoder(input_ids, attention_mask, mode="multimodal", encoder_hidden_states=image_tokens)
+
+    def itm_logits(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.itm_head(self.fuse(image_tokens, input_ids, attention_mask)[:, 0])
 
     # ------------------------------------------------------------------------------------ user API
     def encode_image(self, pixels: Tensor) -> Tensor:
@@ -150,10 +175,3 @@ class SimlaModel(nn.Module):
     def similarity(self, pixels: Tensor, texts: TextInput) -> Tensor:
         """(num_images, num_texts) cosine similarities of the ITC features."""
         return self.encode_image(pixels) @ self.encode_text(texts).t()
-
-    def num_parameters(self, trainable_only: bool = True) -> int:
-        """Online parameter count (momentum copies are frozen and excluded when trainable_only)."""
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-    def extra_repr(self) -> str:
-        return f"name={self.config.name!r}"

@@ -66,6 +66,7 @@ class EngineConfig:
     tensorboard: bool = False
     samples_per_micro_batch: int = 1  # per rank, for samples/s
     max_bad_fraction: float = 1.0  # stop when more than this fraction of the samples read were bad
+    description: str = "train"  # the progress bar's label (the task)
 
 
 @dataclass
@@ -312,7 +313,7 @@ class Engine:
         if cfg.progress and self.rank0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.total_steps, initial=self.state.step, desc="pretrain", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=cfg.total_steps, initial=self.state.step, desc=cfg.description, unit="step", dynamic_ncols=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         stream = self._micro_batches()
         timer, steps_timed = time.perf_counter(), 0

@@ -10,26 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import torch
-import yaml
-
-from ..checkpoint import load_state_into, read_checkpoint
-from ..config import SimlaConfig, apply_overrides
 from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan, derive_seed
 from ..data.retrieval import FinetuneView, RetrievalSampleBuilder, read_retrieval_eval, read_retrieval_train
-from ..distributed import finish, get_rank, get_world_size, init_from_env
+from ..distributed import finish
 from ..eval.metrics import format_table
 from ..eval.retrieval import evaluate_retrieval
-from ..factory import build_model
-from ..models.retrieval import SimlaForRetrieval
 from ..tokenizers.text import get_tokenizer
 from .recipe import field_
-from .runner import build_engine
+from .runner import load_task_model, start_task_run, train_task, write_run_config
 
 logger = logging.getLogger(__name__)
 
@@ -86,40 +77,10 @@ class RetrievalRecipe:
         return asdict(self)
 
 
-def build_retrieval_model(recipe: RetrievalRecipe, source: str) -> SimlaForRetrieval:
-    """The retrieval model at the fine-tuning resolution, loaded from `source` with a full report."""
-    data = read_checkpoint(source, trust_pickle=recipe.trust_pickle)
-    if data.get("format") == "simla":
-        config = SimlaConfig.from_dict(data["config"])
-    else:
-        from ..checkpoint import infer_reference_config
-
-        config = infer_reference_config(data["model"])
-    apply_overrides(config, {"vision.image_size": recipe.image_size, "vision.use_mask_token": False,
-                             **recipe.model_config})
-    config.validate()
-    model = build_model(config, "retrieval")
-    state = {k: v for k, v in data["model"].items()
-             if not (k in ("image_queue", "text_queue") and v.shape[1] != config.objectives.queue_size)}
-    load_state_into(model, state, source=str(source))
-    return model
-
-
 def run_retrieval_finetune(recipe: RetrievalRecipe) -> dict[str, Any]:
     recipe.validate()
-    device = init_from_env(recipe.device)
-    rank, world = get_rank(), get_world_size()
-    out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    random.seed(recipe.seed + rank)
-    torch.manual_seed(recipe.seed + rank)
-    resume = None
-    if recipe.resume is not None:
-        resume = out / "checkpoints" / "last.pt" if recipe.resume == "auto" else Path(recipe.resume)
-        resume = resume if resume.is_file() else None
-    model = build_retrieval_model(recipe, str(resume or recipe.checkpoint))
-    if resume is None:
-        model.copy_params_to_momentum()  # teachers start from the loaded weights, not from fresh ones
+    run = start_task_run(recipe)
+    model = load_task_model(recipe, run, "retrieval")
     tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
     model.tokenizer = tokenizer
     records = read_retrieval_train(recipe.train_file, recipe.image_root)
@@ -127,22 +88,16 @@ def run_retrieval_finetune(recipe: RetrievalRecipe) -> dict[str, Any]:
     seed = derive_seed(recipe.seed, 11)
     builder = RetrievalSampleBuilder(FinetuneView(recipe.image_size, randaugment=recipe.randaugment))
     data = AnnotationData(CaptionBatches(records, builder, tokenizer, recipe.max_text_length, seed),
-                          EpochBatchPlan(len(records), recipe.batch_size, seed, rank, world), recipe.num_workers)
-    if rank == 0:
-        (out / "config.yaml").write_text(yaml.safe_dump({"recipe": recipe.to_dict(), "model": model.config.to_dict()},
-                                                         sort_keys=False), encoding="utf-8")
-    engine = build_engine(model, recipe, data, out, device,
-                          prepare=lambda batch: {k: v.to(device, non_blocking=True) for k, v in batch.items()})
-    if resume is not None:
-        engine.load_training_state(read_checkpoint(resume)["train_state"])
-    engine.fit()
+                          EpochBatchPlan(len(records), recipe.batch_size, seed, run.rank, run.world), recipe.num_workers)
+    write_run_config(run, recipe, model)
+    engine = train_task(run, model, recipe, data)
     results: dict[str, Any] = {"step": engine.state.step}
     if test is not None:
         metrics = evaluate_retrieval(model, test, k=recipe.k_test, tokenizer=tokenizer,
-                                     progress=recipe.progress and rank == 0, num_workers=recipe.num_workers)
+                                     progress=recipe.progress and run.rank0, num_workers=recipe.num_workers)
         results.update(metrics)
-        if rank == 0:
-            (out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        if run.rank0:
+            (run.output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
             logger.info("test retrieval after fine-tuning:\n%s", format_table(metrics))
     finish()
     return results

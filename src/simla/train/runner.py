@@ -1,27 +1,33 @@
-"""Wiring shared by every training command: a recipe's optimisation fields -> optimizer, schedule, engine.
+"""Wiring shared by every training command: a recipe's optimisation fields -> optimizer, schedule, engine;
+and the steps every fine-tuning task takes (`start_task_run`, `load_task_model`, `write_run_config`,
+`train_task`).
 
-Both `PretrainRecipe` and `RetrievalRecipe` carry the same optimisation and run fields (lr, warm-up,
+Every recipe (pretraining, retrieval, VQA, ...) carries the same optimisation and run fields (lr, warm-up,
 schedule kind, weight decay, precision, accumulation, checkpointing, logging cadence), so the engine is
-built from either in one place.
+built from any of them in one place.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from ..checkpoint import save_checkpoint
-from ..distributed import is_distributed
-from ..models.simla import SimlaModel
+from ..checkpoint import load_state_into, read_checkpoint, save_checkpoint
+from ..config import SimlaConfig, apply_overrides
+from ..distributed import get_rank, get_world_size, init_from_env, is_distributed
+from ..models.simla import SimlaBackbone
 from .engine import Engine, EngineConfig, ResumableData
 from .optim import build_optimizer
 from .schedule import LRSchedule, alpha_at
 
 
-def build_engine(model: SimlaModel, recipe: Any, data: ResumableData, output_dir: Path, device: torch.device,
+def build_engine(model: SimlaBackbone, recipe: Any, data: ResumableData, output_dir: Path, device: torch.device,
                  prepare: Callable[[dict[str, Any]], dict[str, Any]],
                  on_step: Callable[[int], None] | None = None) -> Engine:
     """Move the model, build AdamW, the LR and alpha schedules, DDP when distributed, and the engine."""
@@ -50,7 +56,8 @@ def build_engine(model: SimlaModel, recipe: Any, data: ResumableData, output_dir
         output_dir=output_dir, total_steps=total_steps, grad_accum_steps=recipe.grad_accum_steps,
         precision=recipe.precision, grad_clip=recipe.grad_clip, log_every=recipe.log_every,
         save_every=recipe.save_every, progress=recipe.progress, tensorboard=recipe.tensorboard,
-        samples_per_micro_batch=recipe.batch_size, max_bad_fraction=getattr(recipe, "max_bad_fraction", 1.0))
+        samples_per_micro_batch=recipe.batch_size, max_bad_fraction=getattr(recipe, "max_bad_fraction", 1.0),
+        description=model.TASK)
     return Engine(
         model, optimizer, data, config,
         lr_at=schedule,
@@ -61,3 +68,82 @@ def build_engine(model: SimlaModel, recipe: Any, data: ResumableData, output_dir
         wrapped=wrapped,
         on_step=on_step,
     )
+
+
+# ------------------------------------------------------------------------------ fine-tuning tasks
+@dataclass
+class TaskRun:
+    """Where and how a fine-tuning run happens: device, rank, run folder, and the checkpoint to resume."""
+
+    device: torch.device
+    rank: int
+    world: int
+    output_dir: Path
+    resume: Path | None
+
+    @property
+    def rank0(self) -> bool:
+        return self.rank == 0
+
+
+def start_task_run(recipe: Any) -> TaskRun:
+    """Join torchrun's group (if any), make the run folder, seed this rank, find the checkpoint to resume."""
+    device = init_from_env(recipe.device)
+    rank, world = get_rank(), get_world_size()
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(recipe.seed + rank)
+    torch.manual_seed(recipe.seed + rank)
+    resume = None
+    if recipe.resume is not None:
+        resume = out / "checkpoints" / "last.pt" if recipe.resume == "auto" else Path(recipe.resume)
+        resume = resume if resume.is_file() else None
+    return TaskRun(device, rank, world, out, resume)
+
+
+def load_task_model(recipe: Any, run: TaskRun, task: str) -> SimlaBackbone:
+    """The task's model at the recipe's resolution, from the run's checkpoint (resume) or `recipe.checkpoint`.
+
+    The source may be a pretraining checkpoint, one of the task's own, an export directory or a reference
+    .pth; position embeddings are resampled, the task model derives what it initialises from the source
+    (e.g. the VQA decoder), everything else loads strictly with a report. A fresh run's momentum teachers
+    then copy the loaded weights (never the other way round, as the reference does for some tasks).
+    """
+    from ..factory import build_model
+
+    source = str(run.resume or recipe.checkpoint)
+    data = read_checkpoint(source, trust_pickle=recipe.trust_pickle)
+    if data.get("format") == "simla":
+        config = SimlaConfig.from_dict(data["config"])
+    else:
+        from ..checkpoint import infer_reference_config
+
+        config = infer_reference_config(data["model"])
+    apply_overrides(config, {"vision.image_size": recipe.image_size, "vision.use_mask_token": False,
+                             **recipe.model_config})
+    config.validate()
+    model = build_model(config, task)
+    load_state_into(model, data["model"], source=source)
+    if run.resume is None and hasattr(model, "copy_params_to_momentum"):
+        model.copy_params_to_momentum()
+    return model
+
+
+def write_run_config(run: TaskRun, recipe: Any, model: SimlaBackbone) -> None:
+    """config.yaml in the run folder: the recipe and the resolved model config."""
+    if run.rank0:
+        (run.output_dir / "config.yaml").write_text(
+            yaml.safe_dump({"recipe": recipe.to_dict(), "model": model.config.to_dict()}, sort_keys=False),
+            encoding="utf-8")
+
+
+def train_task(run: TaskRun, model: SimlaBackbone, recipe: Any, data: ResumableData,
+               on_step: Callable[[int], None] | None = None) -> Engine:
+    """Train with the shared engine (logs, checkpoints, exact resume); batches are moved to the device."""
+    device = run.device
+    engine = build_engine(model, recipe, data, run.output_dir, device, on_step=on_step,
+                          prepare=lambda batch: {k: v.to(device, non_blocking=True) for k, v in batch.items()})
+    if run.resume is not None:
+        engine.load_training_state(read_checkpoint(run.resume)["train_state"])
+    engine.fit()
+    return engine

@@ -1,0 +1,129 @@
+"""VQA evaluation: rank the candidate answers of every question, write the EvalAI result file and, when the
+questions carry ground truth, the official VQA accuracy.
+
+Questions are split across ranks without padding (rank r takes questions r, r + W, ...) and gathered, so
+every question appears exactly once in results.json under torchrun too (a DistributedSampler would pad the
+last batch with duplicates). A question whose image cannot be read is still answered, from a blank image,
+and counted in metrics.json: the result file is always complete and no accuracy is computed over a
+silently shrunken set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.transforms import EvalView
+from ..data.vqa import VQAEvalSet, load_eval_image
+from ..distributed import all_gather_objects, get_rank, get_world_size
+from ..models.vqa import AnswerCandidates, SimlaForVQA
+from .vqa_accuracy import VQAGroundTruth, format_vqa_table, vqa_accuracy
+
+logger = logging.getLogger(__name__)
+
+
+class _Questions(Dataset):
+    def __init__(self, data: VQAEvalSet, indices: list[int], view: EvalView) -> None:
+        self.data, self.indices, self.view = data, indices, view
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, str]:
+        index = self.indices[i]
+        pixels, problem = load_eval_image(self.data.images[index], self.view)
+        return index, pixels, problem or ""
+
+
+@torch.no_grad()
+def predict_answers(model: SimlaForVQA, data: VQAEvalSet, candidates: AnswerCandidates, *, k: int | None = None,
+                    batch_size: int = 32, num_workers: int = 2, progress: bool = False,
+                    top: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(one prediction per question in file order, run facts). A prediction holds question_id, answer,
+    probability and, with top > 1, the `top` best answers with their probabilities."""
+    rank, world = get_rank(), get_world_size()
+    mine = list(range(rank, len(data), world))
+    loader = DataLoader(_Questions(data, mine, EvalView(model.config.vision.image_size)), batch_size=batch_size,
+                        num_workers=num_workers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc="questions", unit="batch")
+    was_training = model.training
+    model.eval()
+    device = model.device
+    candidates = candidates.to(device)
+    max_length = model.config.objectives.max_text_length
+    predictions, unreadable = [], []
+    started = time.perf_counter()
+    for indices, pixels, problems in loader:
+        questions = model.tokenizer([data.questions[i] for i in indices.tolist()], max_length=max_length, clean=False)
+        q_ids, q_mask = questions.input_ids.to(device), questions.attention_mask.to(device)
+        states = model.encode_question(pixels.to(device), q_ids, q_mask)
+        ranked, scores = model.rank_answers(states, q_mask, candidates, k=k)
+        probabilities = scores.softmax(-1)
+        for row, index in enumerate(indices.tolist()):
+            best = ranked[row, :top].tolist()
+            prediction = {"index": index, "question_id": data.question_ids[index],
+                          "answer": candidates.answers[best[0]], "probability": float(probabilities[row, 0])}
+            if top > 1:
+                prediction["top"] = [[candidates.answers[a], float(p)] for a, p in zip(best, probabilities[row, :top].tolist())]
+            predictions.append(prediction)
+            if problems[row]:
+                unreadable.append({"image": data.images[index], "question_id": data.question_ids[index],
+                                   "problem": problems[row]})
+    seconds = time.perf_counter() - started
+    model.train(was_training)
+    gathered = all_gather_objects((predictions, unreadable, seconds))
+    merged = sorted((p for part, _, _ in gathered for p in part), key=lambda p: p["index"])
+    bad = [u for _, part, _ in gathered for u in part]
+    for item in bad:
+        logger.warning("unreadable image %s (question %s, %s): answered from a blank image",
+                       item["image"], item["question_id"], item["problem"])
+    slowest = max(s for _, _, s in gathered)
+    facts = {"questions": len(merged), "unreadable_images": len(bad), "unreadable": bad[:20],
+             "seconds": round(slowest, 2), "questions_per_second": round(len(merged) / slowest, 1) if slowest else None}
+    return [{k: v for k, v in p.items() if k != "index"} for p in merged], facts
+
+
+def evaluate_vqa(model: SimlaForVQA, data: VQAEvalSet, answer_list: list[str], output: str | Path | None = None, *,
+                 k: int | None = None, batch_size: int = 32, num_workers: int = 2, progress: bool = False,
+                 split: str | None = None) -> dict[str, Any]:
+    """Answer every question; write OUT/results.json (EvalAI form) and OUT/metrics.json on rank 0.
+
+    Returns the metrics: the run facts, and the official accuracy overall and per answer/question type
+    when every question has ground-truth answers.
+    """
+    candidates = model.answer_candidates(answer_list)
+    predictions, facts = predict_answers(model, data, candidates, k=k, batch_size=batch_size,
+                                         num_workers=num_workers, progress=progress)
+    metrics: dict[str, Any] = {"split": split or Path(data.source).stem, **facts,
+                               "k_test": min(k or model.config.vqa.k_test, len(answer_list)),
+                               "answer_scoring": model.config.vqa.answer_scoring}
+    if data.has_answers:
+        truth = [VQAGroundTruth(q, a, t, qt) for q, a, t, qt in
+                 zip(data.question_ids, data.answers, data.answer_types, data.question_types)]
+        metrics.update(vqa_accuracy({p["question_id"]: p["answer"] for p in predictions}, truth))
+    if output is not None and get_rank() == 0:
+        out = Path(output)
+        out.mkdir(parents=True, exist_ok=True)
+        results = [{"question_id": p["question_id"], "answer": p["answer"]} for p in predictions]
+        (out / "results.json").write_text(json.dumps(results), encoding="utf-8")
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    return metrics
+
+
+def describe(metrics: dict[str, Any]) -> str:
+    """A printable summary: the accuracy table when there is ground truth, and the run facts."""
+    lines = []
+    if "accuracy" in metrics:
+        lines.append(format_vqa_table(metrics))
+    lines.append(f"{metrics['questions']} questions answered ({metrics['unreadable_images']} from unreadable "
+                 f"images), {metrics['questions_per_second']} questions/s, k_test {metrics['k_test']}")
+    return "\n".join(lines)

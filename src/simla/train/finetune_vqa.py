@@ -1,0 +1,186 @@
+"""`simla finetune vqa`: fine-tune the answer decoder (and everything below it) on VQA questions.
+
+From a pretraining checkpoint the decoder is initialised from the encoder's top layers (see
+`simla.models.vqa`); the training loop is the shared engine (run folder, log.jsonl, atomic checkpoints,
+exact resume, torchrun). With `test_file` and `answer_list` the run ends with an evaluation written to
+results.json (EvalAI form) and metrics.json (official accuracy when the file has answers).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan, derive_seed
+from ..data.retrieval import FinetuneView
+from ..data.vqa import (VQAEvalSet, VQARecord, VQASampleBuilder, collate_vqa, overlapping_questions, read_answer_list,
+                        read_vqa_eval, read_vqa_train)
+from ..distributed import finish
+from ..errors import DataError
+from ..eval.vqa import describe, evaluate_vqa
+from ..tokenizers.text import get_tokenizer
+from .recipe import field_
+from .runner import load_task_model, start_task_run, train_task, write_run_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class VQARecipe:
+    checkpoint: str = field_("", "pretraining (or VQA) checkpoint: ours, an export directory or a reference .pth")
+    trust_pickle: bool = field_(False, "allow unpickling reference checkpoints (trusted files only)")
+    model_config: dict = field_({}, "model config overrides, e.g. model_config.decoder_layers=6 or model_config.k_test=128")
+    image_size: int = field_(384, "fine-tuning resolution (position embeddings are resampled)")
+    tokenizer: str | None = field_(None, "text tokenizer (dir or hub name); default: the checkpoint's")
+    train_file: str | list[str] = field_("", "train JSON(s): [{image, question, answer: [..] | str, dataset: vqa|vg}]")
+    image_root: str | None = field_(None, "directory that relative VQA image paths are joined to")
+    vg_image_root: str | None = field_(None, "directory for records tagged dataset: vg (default: image_root)")
+    test_file: str | None = field_(None, "eval JSON [{image, question, question_id[, answer]}] answered at the end")
+    answer_list: str | None = field_(None, "JSON list of candidate answers (needed with test_file)")
+    allow_overlap: bool = field_(False, "evaluate even when test questions also occur in train_file")
+    max_question_length: int = field_(25, "question tokens incl. [CLS] (the reference truncates at 25)")
+    num_workers: int = field_(4, "dataloader worker processes")
+    randaugment: bool = field_(True, "RandAugment on the training view")
+    crop_scale_min: float = field_(0.5, "smallest crop area fraction of RandomResizedCrop (reference 0.5)")
+    batch_size: int = field_(32, "questions per process per step")
+    grad_accum_steps: int = field_(1, "micro-batches accumulated per optimizer step")
+    epochs: int = field_(8, "epochs (paper: 8)")
+    max_steps: int | None = field_(None, "stop after this many optimizer steps")
+    lr: float = field_(2e-5, "peak learning rate")
+    warmup_lr: float = field_(1e-5, "learning rate at step 0")
+    min_lr: float = field_(1e-6, "final learning rate")
+    warmup_steps: int = field_(400, "warm-up steps (reference: 4 'epochs' of 100 iterations)")
+    lr_schedule: Literal["cosine", "reference"] = field_("cosine", "'cosine' per step, or the reference staircase")
+    weight_decay: float = field_(0.02, "AdamW weight decay")
+    grad_clip: float | None = field_(None, "gradient-norm clipping (null: none)")
+    alpha_warmup: bool = field_(True, "ramp distillation alpha over the first epoch (alpha: model_config.alpha)")
+    precision: Literal["fp32", "bf16"] = field_("fp32", "fp32 or bf16 autocast")
+    grad_checkpointing: bool = field_(False, "recompute activations to save memory")
+    eval_batch_size: int = field_(16, "questions per forward at evaluation")
+    output_dir: str = field_("runs/vqa", "run folder")
+    save_every: int = field_(1000, "checkpoint every N steps (and at the end)")
+    log_every: int = field_(50, "log every N steps")
+    seed: int = field_(42, "random seed")
+    resume: str | None = field_(None, "'auto' or a checkpoint path to continue an interrupted run")
+    tensorboard: bool = field_(False, "also write TensorBoard events")
+    device: str = field_("auto", "'auto', 'cpu' or 'cuda'")
+    progress: bool = field_(True, "progress bars")
+
+    def validate(self) -> None:
+        if not self.checkpoint and self.resume is None:
+            raise ValueError("checkpoint: required (the pretraining checkpoint to fine-tune)")
+        if not self.train_file:
+            raise ValueError("train_file: required")
+        if self.test_file and not self.answer_list:
+            raise ValueError("answer_list: required with test_file (the candidates answers are ranked from)")
+        for name in ("batch_size", "grad_accum_steps", "epochs", "save_every", "log_every", "image_size",
+                     "eval_batch_size", "max_question_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1")
+        if not 0 < self.crop_scale_min <= 1:
+            raise ValueError("crop_scale_min: must lie in (0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_training_questions(recipe: VQARecipe) -> list[VQARecord]:
+    return read_vqa_train(recipe.train_file, recipe.image_root, recipe.vg_image_root or recipe.image_root)
+
+
+def check_overlap(data: VQAEvalSet, train: list[VQARecord], allow: bool) -> None:
+    """Refuse an evaluation whose questions were trained on, unless allowed (then warn)."""
+    overlap = overlapping_questions(data, train)
+    if not overlap:
+        return
+    message = (f"{data.source}: {len(overlap)} question(s) also occur in the training data (e.g. {overlap[:5]}); "
+               "accuracy on them measures memory, not answering")
+    if not allow:
+        raise DataError(message + ". Pass allow_overlap=true (--allow-overlap) to evaluate anyway.")
+    logger.warning("%s (allowed)", message)
+
+
+def evaluate_vqa_checkpoint(checkpoint: str, data_file: str, answer_file: str, output: str, *,
+                            image_root: str | None = None, k: int | None = None, answer_scoring: str | None = None,
+                            image_size: int | None = None, tokenizer: str | None = None, batch_size: int = 32,
+                            num_workers: int = 2, device: str = "auto", trust_pickle: bool = False,
+                            train_files: list[str] | None = None, allow_overlap: bool = False) -> tuple[dict, str]:
+    """`simla evaluate vqa`: every file is checked before the model is built; returns (metrics, summary text)."""
+    from ..checkpoint import model_from_checkpoint, read_checkpoint
+    from ..distributed import get_rank, init_from_env, is_distributed
+
+    data = read_vqa_eval(data_file, image_root)
+    answers = read_answer_list(answer_file)
+    stored = read_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    if not train_files and stored.get("task") == "vqa":
+        train_files = _recipe_train_files(stored.get("recipe"))
+    if train_files:
+        check_overlap(data, read_vqa_train(train_files), allow_overlap)
+    owns_group = not is_distributed()  # a caller's own process group is left alone
+    chosen = init_from_env(device)
+    try:
+        overrides: dict[str, Any] = {"image_size": image_size} if image_size else {}
+        if answer_scoring:
+            overrides["answer_scoring"] = answer_scoring
+        model = model_from_checkpoint(stored, source=checkpoint, task="vqa", **overrides)
+        if tokenizer:
+            model.tokenizer = get_tokenizer(tokenizer)
+        model.to(chosen)
+        rank0 = get_rank() == 0
+        metrics = evaluate_vqa(model, data, answers, output, k=k, batch_size=batch_size, num_workers=num_workers,
+                               progress=rank0)
+    finally:
+        if owns_group:
+            finish()
+    text = f"{describe(metrics)}\nwrote {Path(output) / 'results.json'} and metrics.json" if rank0 else ""
+    return metrics, text
+
+
+def _recipe_train_files(recipe: dict[str, Any] | None) -> list[str]:
+    """The training files a fine-tuned checkpoint names, where they still exist (for the overlap check)."""
+    if not recipe or not recipe.get("train_file"):
+        return []
+    files = recipe["train_file"] if isinstance(recipe["train_file"], list) else [recipe["train_file"]]
+    present = [f for f in files if Path(f).is_file()]
+    if len(present) < len(files):
+        logger.warning("cannot check question overlap against missing training file(s) %s",
+                       sorted(set(files) - set(present)))
+    return present
+
+
+def run_vqa_finetune(recipe: VQARecipe, on_step: Callable[[Any, int], None] | None = None) -> dict[str, Any]:
+    """Fine-tune (and evaluate, with test_file); `on_step(model, step)` runs after every optimizer step."""
+    recipe.validate()
+    # Read and check every file before any model is built.
+    records = read_training_questions(recipe)
+    test = read_vqa_eval(recipe.test_file, recipe.image_root) if recipe.test_file else None
+    answers = read_answer_list(recipe.answer_list) if recipe.answer_list else None
+    if test is not None:
+        check_overlap(test, records, recipe.allow_overlap)
+    run = start_task_run(recipe)
+    model = load_task_model(recipe, run, "vqa")
+    tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
+    model.tokenizer = tokenizer
+    seed = derive_seed(recipe.seed, 12)
+    view = FinetuneView(recipe.image_size, scale=(recipe.crop_scale_min, 1.0), randaugment=recipe.randaugment)
+    collate = functools.partial(collate_vqa, sep_token_id=model.config.text.sep_token_id)
+    batches = CaptionBatches(records, VQASampleBuilder(view), tokenizer, recipe.max_question_length, seed,
+                             collate_fn=collate)
+    data = AnnotationData(batches, EpochBatchPlan(len(records), recipe.batch_size, seed, run.rank, run.world),
+                          recipe.num_workers)
+    write_run_config(run, recipe, model)
+    engine = train_task(run, model, recipe, data,
+                        (lambda step: on_step(model, step)) if on_step is not None else None)
+    results: dict[str, Any] = {"step": engine.state.step}
+    if test is not None and answers is not None:
+        metrics = evaluate_vqa(model, test, answers, Path(recipe.output_dir), batch_size=recipe.eval_batch_size,
+                               num_workers=recipe.num_workers, progress=recipe.progress and run.rank0)
+        results["metrics"] = metrics
+        if run.rank0:
+            logger.info("VQA after fine-tuning:\n%s", describe(metrics))
+    finish()
+    return results
