@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import io
 import json
 
+import pytest
 import torch
 
 from simla.cli import main
 from simla.demos.evaluation import CLASSES, confusion_matrix, hard_negative_classes, itm_pair_accuracy, zero_shot_accuracy
 
 
-def test_quick_demo_with_ablation_writes_a_report(tmp_path, capsys):
-    assert main(["demo", "--quick", "--steps", "30", "--ablation", "--output", str(tmp_path)]) == 0
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """The quick retrieval demo with its ablation rows, run once: (folder, printed output)."""
+    folder = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as patch:
+        printed = io.StringIO()
+        patch.setattr("sys.stdout", printed)
+        assert main(["demo", "--quick", "--steps", "30", "--ablation", "--output", str(folder)]) == 0
+    return folder, printed.getvalue()
+
+
+def test_quick_demo_with_ablation_writes_a_report(quick_demo):
+    tmp_path, printed = quick_demo
     report = json.loads((tmp_path / "report.json").read_text())
     for ranking in ("zero_shot_accuracy_itm", "zero_shot_accuracy_itc"):
         assert set(report[ranking]) == {"image_to_text", "text_to_image"}
@@ -30,9 +43,24 @@ def test_quick_demo_with_ablation_writes_a_report(tmp_path, capsys):
         assert (tmp_path / picture).stat().st_size > 10_000, picture
     assert report["final_losses"]["loss_itc"] < report["first_losses"]["loss_itc"]
     assert set(report["final_losses"]) == {f"loss_{n}" for n in ("itc", "itm", "mlm", "mim", "psl")}
-    printed = capsys.readouterr().out
     assert "ITM accuracy" in printed and "| +MLM |" in printed
     assert "accuracy_curve.png" in (tmp_path / "report.md").read_text()
+
+
+def test_quick_vqa_demo_fine_tunes_the_pretrained_demo_model(quick_demo, tmp_path, capsys):
+    folder, _ = quick_demo
+    assert main(["demo", "vqa", "--quick", "--steps", "40", "--from", str(folder), "--output", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["pretrained_checkpoint"] == str(folder / "pretrain" / "checkpoints" / "last.pt")
+    assert report["questions"] == {"train": 4000, "test": 500}
+    assert set(report["per_question_type"]) == {"colour", "shape", "yes/no colour", "yes/no shape"}
+    assert sum(row["questions"] for row in report["per_question_type"].values()) == 500
+    assert report["final_loss"] < report["first_loss"] / 2  # the decoder learns the answer vocabulary fast
+    assert 0 <= report["accuracy"] <= 100 and report["questions_per_second"] > 0
+    results = json.loads((tmp_path / "evaluation" / "results.json").read_text())
+    assert len(results) == 500 and len({r["question_id"] for r in results}) == 500
+    assert (tmp_path / "confusion.png").stat().st_size > 10_000
+    assert "VQA accuracy" in capsys.readouterr().out
 
 
 def test_zero_shot_accuracy_and_itm_pairs_on_known_scores():

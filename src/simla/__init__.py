@@ -7,14 +7,16 @@ Public API:
     load_checkpoint(path, task=None, trust_pickle=False, strict=True)
     save_checkpoint(model, path) / save_pretrained(model, directory)
     get_tokenizer(name_or_path)
+    SimlaForVQA.answer(images, questions, answer_list, top=5)
 """
 
 from .checkpoint import ImportReport, load_checkpoint, save_checkpoint, save_pretrained
-from .config import ObjectiveConfig, SimlaConfig, TextConfig, VisionConfig, get_config, list_models
+from .config import ObjectiveConfig, SimlaConfig, TextConfig, VisionConfig, VQAConfig, get_config, list_models
 from .factory import build_model, create_model
 from .models.pretrain import LOSS_NAMES, PretrainOutput, SimlaForPretraining
 from .models.retrieval import SimlaForRetrieval
-from .models.simla import SimlaModel
+from .models.simla import SimlaBackbone, SimlaModel
+from .models.vqa import SimlaForVQA
 from .tokenizers import get_tokenizer
 
 __version__ = "0.1.0"
@@ -26,9 +28,12 @@ __all__ = [
     "PretrainOutput",
     "SimlaConfig",
     "SimlaForPretraining",
+    "SimlaBackbone",
     "SimlaForRetrieval",
+    "SimlaForVQA",
     "SimlaModel",
     "TextConfig",
+    "VQAConfig",
     "VisionConfig",
     "build_model",
     "create_model",

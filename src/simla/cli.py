@@ -145,8 +145,19 @@ def cmd_evaluate_vqa(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demos import run_demo
+    from .errors import ConfigError
 
-    report = run_demo(args.task, output=args.output, quick=args.quick, steps=args.steps, ablation=args.ablation)
+    options = {"output": args.output or ("runs/demo" if args.task == "retrieval" else f"runs/demo_{args.task}"),
+               "quick": args.quick, "steps": args.steps}
+    if args.ablation:
+        if args.task != "retrieval":
+            raise ConfigError("--ablation belongs to the retrieval demo (simla demo --ablation)")
+        options["ablation"] = True
+    if args.source:
+        if args.task == "retrieval":
+            raise ConfigError("--from belongs to the task demos (e.g. simla demo vqa --from runs/demo)")
+        options["source"] = args.source
+    report = run_demo(args.task, **options)
     print(report["summary"])
     return 0
 
@@ -246,16 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .demos import DEMOS
 
-    demo = sub.add_parser("demo", help="offline end-to-end demo on easy-VQA shapes (pretrain, evaluate, report)",
+    demo = sub.add_parser("demo", help="offline end-to-end demos on easy-VQA shapes (pretrain, fine-tune, evaluate, report)",
                           description="simla demo [TASK]: 'retrieval' (the default) pretrains a small SIMLA on the "
                           "easy-VQA images for five minutes (about six with evaluation), evaluates zero-shot "
-                          "accuracy and retrieval on held-out images and writes report.md with its pictures.")
+                          "accuracy and retrieval on held-out images and writes report.md with its pictures. "
+                          "'vqa' fine-tunes that pretrained model (--from a finished demo folder, or it pretrains "
+                          "one first) to answer easy-VQA's questions and reports its VQA accuracy.")
     demo.add_argument("task", nargs="?", default="retrieval", choices=sorted(DEMOS), help="which demo (default retrieval)")
-    demo.add_argument("--output", default="runs/demo", help="report folder (default runs/demo)")
+    demo.add_argument("--output", help="report folder (default runs/demo, runs/demo_vqa for vqa)")
     demo.add_argument("--quick", action="store_true", help="a reduced run of about a minute (for CI)")
-    demo.add_argument("--steps", type=int, help="pretraining steps (default: 60 quick, 600 full)")
+    demo.add_argument("--steps", type=int, help="training steps (default: the demo's; retrieval 60 quick, 600 full)")
     demo.add_argument("--ablation", action="store_true",
-                      help="also pretrain the paper's ablation rows (ITC+ITM; +MLM; +MIM; +PSL) and tabulate them")
+                      help="retrieval: also pretrain the paper's ablation rows (ITC+ITM; +MLM; +MIM; +PSL) and tabulate them")
+    demo.add_argument("--from", dest="source", metavar="DEMO_DIR",
+                      help="task demos: start from the pretrained model of this finished `simla demo` folder")
     demo.set_defaults(func=cmd_demo)
 
     convert = sub.add_parser("convert", help="import a reference SIMLA/ALBEF .pth (or re-save one of ours)")

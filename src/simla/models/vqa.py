@@ -226,13 +226,16 @@ class SimlaForVQA(SimlaBackbone):
         top_first, top_index = first_logprob.topk(k, dim=1)
         flat = top_index.reshape(-1)
         owner = torch.arange(num_questions, device=states.device).repeat_interleave(k)
-        totals = []
+        rest = []
         for start_row in range(0, flat.numel(), max_sequences):
             rows = slice(start_row, start_row + max_sequences)
             chosen, who = flat[rows], owner[rows]
-            logits = self.next_token_logits(states[who], question_mask[who], ids[chosen], mask[chosen])
-            totals.append(-answer_token_losses(logits, ids[chosen], mask[chosen]))
-        scores = torch.cat(totals).view(num_questions, k)
+            hidden = self.decode(states[who], question_mask[who], ids[chosen], mask[chosen])
+            # The decoder is causal, so position 0 ([CLS]) is step 1's state again: its prediction of the first
+            # token is `top_first` already, and the full-vocabulary head runs on positions 1.. only.
+            logits = self.lm_logits(hidden[:, 1:-1])
+            rest.append(-answer_token_losses(logits, ids[chosen, 1:], mask[chosen, 1:]))
+        scores = top_first + torch.cat(rest).view(num_questions, k)
         if self.config.vqa.answer_scoring == "reference":
             scores = scores + top_first
         order = scores.argsort(dim=1, descending=True)

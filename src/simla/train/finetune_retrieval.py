@@ -19,7 +19,7 @@ from ..distributed import finish
 from ..eval.metrics import format_table
 from ..eval.retrieval import evaluate_retrieval
 from ..tokenizers.text import get_tokenizer
-from .recipe import field_
+from .recipe import check_model_overrides, field_
 from .runner import load_task_model, start_task_run, train_task, write_run_config
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class RetrievalRecipe:
             raise ValueError("checkpoint: required (the pretraining checkpoint to fine-tune)")
         if not self.train_file:
             raise ValueError("train_file: required")
+        check_model_overrides(self.model_config)
         for name in ("batch_size", "grad_accum_steps", "epochs", "save_every", "log_every", "k_test", "image_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1")

@@ -23,7 +23,7 @@ from ..distributed import finish
 from ..errors import DataError
 from ..eval.vqa import describe, evaluate_vqa
 from ..tokenizers.text import get_tokenizer
-from .recipe import field_
+from .recipe import check_model_overrides, field_
 from .runner import load_task_model, start_task_run, train_task, write_run_config
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class VQARecipe:
             raise ValueError("checkpoint: required (the pretraining checkpoint to fine-tune)")
         if not self.train_file:
             raise ValueError("train_file: required")
+        check_model_overrides(self.model_config)
         if self.test_file and not self.answer_list:
             raise ValueError("answer_list: required with test_file (the candidates answers are ranked from)")
         for name in ("batch_size", "grad_accum_steps", "epochs", "save_every", "log_every", "image_size",

@@ -103,6 +103,17 @@ class PretrainRecipe:
         return dataclasses.asdict(self)
 
 
+def check_model_overrides(overrides: dict[str, Any]) -> None:
+    """Fail now, naming the field, when `model_config` overrides name no config field or have the wrong type
+    (a fine-tuning recipe's model comes from its checkpoint, so only names and types can be checked early)."""
+    from ..config import SimlaConfig, apply_overrides
+
+    try:
+        apply_overrides(SimlaConfig(), overrides)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"model_config: {err.args[0] if isinstance(err, KeyError) else err}") from err
+
+
 def _set(recipe: Any, key: str, value: Any, where: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(recipe)}
     name, _, sub = key.partition(".")
