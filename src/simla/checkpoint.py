@@ -56,6 +56,9 @@ class ImportReport:
     # "key: checkpoint (shape) vs model (shape)" for tensors whose shape differs from the model's; a
     # non-strict load keeps the model's own (fresh) tensor for each of them.
     mismatched: list[str] = field(default_factory=list)
+    # A task's new head (e.g. the NLVR2/SNLI-VE classifier) absent from a checkpoint of another task: it
+    # keeps its fresh initialisation, as fine-tuning from a pretraining checkpoint expects.
+    new_head: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -63,7 +66,8 @@ class ImportReport:
 
     def __str__(self) -> str:
         lines = [f"import of {self.source}:"]
-        for name in ("missing", "unexpected", "mismatched", "resampled", "zero_filled", "ignored", "rebuilt"):
+        for name in ("missing", "unexpected", "mismatched", "resampled", "zero_filled", "ignored", "rebuilt",
+                     "new_head"):
             keys = getattr(self, name)
             if keys:
                 shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
@@ -376,6 +380,10 @@ def load_state_into(
     report.ignored += [key for key, name in unexpected if _deliberately_absent(model, name)]
     report.rebuilt = [k for k in report.missing if _is_training_state(k)]
     report.missing = [k for k in report.missing if not _is_training_state(k)]
+    heads = tuple(getattr(model, "NEW_HEAD_PREFIXES", ()))
+    if heads and not any(k.startswith(heads) for k in converted):  # the file has no head of this task at all
+        report.new_head = [k for k in report.missing if k.startswith(heads)]
+        report.missing = [k for k in report.missing if not k.startswith(heads)]
     if strict and not report.ok:
         raise CheckpointError(f"strict load failed, nothing was loaded (pass strict=False to load the rest and keep "
                               f"fresh weights for what is listed)\n{report}")
@@ -511,11 +519,25 @@ def save_pretrained(model: SimlaBackbone, directory: str | os.PathLike, include_
     state = model.state_dict()
     if not include_momentum:
         state = {k: v for k, v in state.items() if not _is_training_state(k)}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in _without_aliases(state).items()}, str(directory / "model.safetensors"))
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "task": _task_of(model), "config": model.config.to_dict(),
             "includes_momentum": include_momentum}
     (directory / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return directory
+
+
+def _without_aliases(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One name per tensor: safetensors refuses aliases (NLVR2's tied cross-attention keys/values appear under
+    two layers); the model re-ties the twin on load."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    kept = {}
+    for key, tensor in state.items():
+        identity = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        kept[key] = tensor
+    return kept
 
 
 def _is_training_state(key: str) -> bool:

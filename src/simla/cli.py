@@ -129,6 +129,56 @@ def cmd_finetune_vqa(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune_task(args: argparse.Namespace) -> int:
+    """finetune nlvr-ta | nlvr | ve: load the task's recipe (every check before work) and run it."""
+    from .train.recipe import load_recipe
+
+    recipe_class, run = _task_runner(args.task)
+    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+    recipe = load_recipe(args.config, overrides, cls=recipe_class)
+    print(json.dumps(run(recipe), indent=2))
+    return 0
+
+
+def _task_runner(task: str):
+    from .train.finetune_classify import NLVRRecipe, VERecipe, run_classification_finetune
+    from .train.finetune_nlvr_ta import TextAssignmentRecipe, run_text_assignment
+
+    return {"nlvr-ta": (TextAssignmentRecipe, run_text_assignment), "nlvr": (NLVRRecipe, run_classification_finetune),
+            "ve": (VERecipe, run_classification_finetune)}[task]
+
+
+def cmd_evaluate_classifier(args: argparse.Namespace) -> int:
+    """evaluate nlvr | ve: accuracy (per class, confusion matrix); under torchrun the examples are split."""
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint
+    from .data.classification import read_nlvr, read_ve
+    from .distributed import finish, get_rank, init_from_env, is_distributed
+    from .eval.classification import describe, evaluate_classifier
+    from .tokenizers.text import get_tokenizer
+
+    records = (read_nlvr if args.task == "nlvr" else read_ve)(args.data, args.image_root)
+    owns_group = not is_distributed()
+    device = init_from_env(args.device)
+    try:
+        overrides = {"image_size": args.image_size} if args.image_size else {}
+        model = load_checkpoint(args.checkpoint, task=args.task, trust_pickle=args.trust_pickle, **overrides)
+        if args.tokenizer:
+            model.tokenizer = get_tokenizer(args.tokenizer)
+        model.to(device)
+        metrics = evaluate_classifier(model, records, args.split or Path(args.data).stem, args.output,
+                                      batch_size=args.batch_size, num_workers=args.num_workers,
+                                      max_length=args.max_text_length, progress=get_rank() == 0)
+        if get_rank() == 0:
+            print(describe(metrics))
+            print(f"wrote {Path(args.output) / 'results.json'} and metrics.json")
+    finally:
+        if owns_group:
+            finish()
+    return 0
+
+
 def cmd_evaluate_vqa(args: argparse.Namespace) -> int:
     """Answer every question of --data; under torchrun the questions are split across the processes."""
     from .train.finetune_vqa import evaluate_vqa_checkpoint
@@ -213,6 +263,24 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("overrides", nargs="*", metavar="key=value")
     vqa.set_defaults(func=cmd_finetune_vqa)
 
+    from .train.finetune_classify import NLVRRecipe, VERecipe
+    from .train.finetune_nlvr_ta import TextAssignmentRecipe
+
+    for name, recipe_class, text, example in (
+            ("nlvr-ta", TextAssignmentRecipe, "NLVR2 stage 1: text assignment on image-caption pairs",
+             "simla finetune nlvr-ta --config configs/nlvr_ta.yaml checkpoint=runs/pretrain/checkpoints/last.pt"),
+            ("nlvr", NLVRRecipe, "NLVR2: is the sentence true of the image pair (deepened, tied encoder)",
+             "simla finetune nlvr --config configs/nlvr.yaml checkpoint=runs/nlvr_ta/checkpoints/last.pt"),
+            ("ve", VERecipe, "SNLI-VE: does the image entail, contradict or not decide the sentence",
+             "simla finetune ve --config configs/ve.yaml checkpoint=runs/pretrain/checkpoints/last.pt")):
+        task = finetune_tasks.add_parser(name, help=text, description=example,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                                         epilog="recipe fields (key = default):\n" + recipe_help(recipe_class))
+        task.add_argument("--config", help="YAML recipe")
+        task.add_argument("--resume", metavar="PATH|auto", help="continue an interrupted fine-tuning run")
+        task.add_argument("overrides", nargs="*", metavar="key=value")
+        task.set_defaults(func=cmd_finetune_task)
+
     evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint")
     evaluate_tasks = evaluate.add_subparsers(dest="task", required=True)
     ev = evaluate_tasks.add_parser("retrieval", help="image-text retrieval recall (zero-shot or fine-tuned)")
@@ -229,6 +297,24 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ev.add_argument("--trust-pickle", action="store_true", help="allow unpickling reference checkpoints")
     ev.set_defaults(func=cmd_evaluate_retrieval)
+
+    for name, text, form in (("nlvr", "NLVR2 accuracy", "[{images: [left, right], sentence, label: True|False}]"),
+                             ("ve", "SNLI-VE accuracy, per class and confusion matrix",
+                              "[{image: flickr id, sentence, label: entailment|neutral|contradiction}]")):
+        ev_task = evaluate_tasks.add_parser(name, help=text)
+        ev_task.add_argument("--checkpoint", required=True, help=f"a {name} checkpoint (ours, an export dir or a reference .pth)")
+        ev_task.add_argument("--data", required=True, help=f"eval JSON: {form}")
+        ev_task.add_argument("--image-root", help="directory that relative image paths are joined to")
+        ev_task.add_argument("--output", required=True, help="folder for results.json (predictions) and metrics.json")
+        ev_task.add_argument("--split", help="the split's name in metrics.json (default: the data file's stem)")
+        ev_task.add_argument("--max-text-length", type=int, default=40, help="sentence tokens incl. [CLS]")
+        ev_task.add_argument("--image-size", type=int, help="evaluation resolution (default: the checkpoint's)")
+        ev_task.add_argument("--tokenizer", help="text tokenizer dir or hub name (default: the checkpoint's)")
+        ev_task.add_argument("--batch-size", type=int, default=32, help="examples per forward")
+        ev_task.add_argument("--num-workers", type=int, default=2, help="image loading workers")
+        ev_task.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        ev_task.add_argument("--trust-pickle", action="store_true", help="allow unpickling reference checkpoints")
+        ev_task.set_defaults(func=cmd_evaluate_classifier)
 
     ev_vqa = evaluate_tasks.add_parser(
         "vqa", help="answer questions by ranking an answer list; EvalAI results.json and, with ground truth, "
@@ -279,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--export", metavar="DIR", help="also write model.safetensors + config.json into DIR")
     convert.add_argument("--trust-pickle", action="store_true",
                          help="allow arbitrary unpickling (reference files pickle their config); trusted files only")
-    convert.add_argument("--task", choices=("pretrain", "retrieval", "vqa", "base"),
+    convert.add_argument("--task", choices=("pretrain", "retrieval", "vqa", "nlvr_ta", "nlvr", "ve", "base"),
                          help="model to convert into; 'retrieval' keeps a retrieval/ALBEF checkpoint's momentum "
                               "teachers and queues, 'base' keeps the online weights only (default: the checkpoint's "
                               "own task; for a reference file 'pretrain' when it has MIM/PSL heads, else 'base')")

@@ -132,6 +132,18 @@ class VQAConfig:
 
 
 @dataclass
+class NLVRConfig:
+    """The NLVR2 encoder, deepened so that layers alternate between the two images."""
+
+    # Pretrained layers below this one keep their place; each layer n >= it is duplicated into layers
+    # 2(n - d) + d and 2(n - d) + d + 1, which share their cross-attention keys/values. None = half the
+    # encoder (the paper: 6, so 12 layers become 18; the 2-layer tiny model: 1, giving 3).
+    duplicate_from: int | None = None
+    # Text assignment: image similarity temperature for drawing negative images (the reference's constant).
+    ta_temperature: float = 0.07
+
+
+@dataclass
 class SimlaConfig:
     """A whole SIMLA model: the two encoders and the objectives."""
 
@@ -140,6 +152,7 @@ class SimlaConfig:
     text: TextConfig = field(default_factory=TextConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     vqa: VQAConfig = field(default_factory=VQAConfig)
+    nlvr: NLVRConfig = field(default_factory=NLVRConfig)
 
     def validate(self) -> None:
         """Check cross-field constraints; raise ValueError naming the offending field."""
@@ -186,6 +199,20 @@ class SimlaConfig:
                               f"initialised from the encoder's top layers), got {layers}")
         if self.vqa.k_test < 1:
             raise ConfigError(f"vqa.k_test must be >= 1, got {self.vqa.k_test}")
+        start = self.nlvr.duplicate_from
+        if start is not None and not 0 <= start < t.num_layers:
+            raise ConfigError(f"nlvr.duplicate_from must lie in [0, {t.num_layers - 1}] (text.num_layers), got {start}")
+
+    @property
+    def nlvr_duplicate_from(self) -> int:
+        """First pretrained layer that the NLVR2 encoder duplicates (nlvr.duplicate_from, default half)."""
+        d = self.nlvr.duplicate_from
+        return d if d is not None else self.text.num_layers // 2
+
+    @property
+    def nlvr_layers(self) -> int:
+        """Depth of the NLVR2 encoder: the layers below `nlvr_duplicate_from`, then each later one twice."""
+        return 2 * self.text.num_layers - self.nlvr_duplicate_from
 
     @property
     def decoder_layers(self) -> int:
@@ -216,7 +243,7 @@ class SimlaConfig:
         return config
 
 
-_SECTIONS = ("vision", "text", "objectives", "vqa")
+_SECTIONS = ("vision", "text", "objectives", "vqa", "nlvr")
 
 
 def check_type(path: str, annotation: Any, value: Any) -> Any:

@@ -11,13 +11,16 @@ from .models.bert import load_hf_bert_state
 from .models.pretrain import SimlaForPretraining
 from .models.retrieval import SimlaForRetrieval
 from .models.simla import SimlaBackbone, SimlaModel
+from .models.classification import SimlaForVE
+from .models.nlvr import SimlaForNLVR, SimlaForNLVRPretraining
 from .models.vqa import SimlaForVQA
 
 logger = logging.getLogger(__name__)
 
-Task = Literal["pretrain", "retrieval", "vqa", "base"]
+Task = Literal["pretrain", "retrieval", "vqa", "nlvr_ta", "nlvr", "ve", "base"]
 _TASKS: dict[str, type[SimlaBackbone]] = {"pretrain": SimlaForPretraining, "retrieval": SimlaForRetrieval,
-                                          "vqa": SimlaForVQA, "base": SimlaModel}
+                                          "vqa": SimlaForVQA, "nlvr_ta": SimlaForNLVRPretraining,
+                                          "nlvr": SimlaForNLVR, "ve": SimlaForVE, "base": SimlaModel}
 
 
 def build_model(config: SimlaConfig, task: Task = "pretrain") -> SimlaBackbone:

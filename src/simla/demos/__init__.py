@@ -24,8 +24,20 @@ def _vqa(**kwargs: Any) -> dict[str, Any]:
     return run_vqa_demo(**kwargs)
 
 
+def _nlvr(**kwargs: Any) -> dict[str, Any]:
+    from .classify import run_classify_demo
+
+    return run_classify_demo("nlvr", **kwargs)
+
+
+def _ve(**kwargs: Any) -> dict[str, Any]:
+    from .classify import run_classify_demo
+
+    return run_classify_demo("ve", **kwargs)
+
+
 #: Task name -> runner(output=..., quick=..., steps=..., [ablation=... | source=...]) returning the report dict.
-DEMOS: dict[str, Callable[..., dict[str, Any]]] = {"retrieval": _retrieval, "vqa": _vqa}
+DEMOS: dict[str, Callable[..., dict[str, Any]]] = {"retrieval": _retrieval, "vqa": _vqa, "nlvr": _nlvr, "ve": _ve}
 
 
 def run_demo(task: str = "retrieval", **kwargs: Any) -> dict[str, Any]:

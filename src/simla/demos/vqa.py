@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .common import as_overrides, checkpoint_of, finetune_overrides, pretrained_demo
 from .easy_vqa import COLOURS, SHAPES
 
 logger = logging.getLogger(__name__)
@@ -83,39 +84,14 @@ def write_vqa_files(out: Path, settings: VQADemoSettings, seed: int) -> dict[str
     return counts
 
 
-def _pretrained_checkpoint(source: str | Path | None, out: Path, settings: VQADemoSettings, seed: int) -> Path:
-    """The pretrained demo model: from a finished `simla demo` folder, or pretrained now."""
-    if source is not None:
-        checkpoint = Path(source) / "pretrain" / "checkpoints" / "last.pt"
-        if not checkpoint.is_file():
-            raise FileNotFoundError(f"{source} is not a finished `simla demo` folder: {checkpoint} is missing")
-        return checkpoint
-    from .retrieval import run_retrieval_demo
-
-    logger.info("no --from folder: pretraining the demo model first (simla demo%s)",
-                " --quick" if settings.pretrain_quick else "")
-    run_retrieval_demo(out / "pretrained", quick=settings.pretrain_quick, seed=seed)
-    return out / "pretrained" / "pretrain" / "checkpoints" / "last.pt"
-
-
 def _recipe(settings: VQADemoSettings, checkpoint: Path, out: Path, seed: int):
     from ..train.finetune_vqa import VQARecipe
     from ..train.recipe import load_recipe
 
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
-    overrides = {
-        "checkpoint": str(checkpoint), "train_file": str(out / "vqa_train.json"),
-        # The demo model's own resolution (48 px): its patches were chosen so that shapes are visible.
-        "image_size": stored["vision"]["image_size"], "output_dir": str(out / "vqa"),
-        "max_steps": settings.steps, "batch_size": settings.batch_size, "lr": settings.lr, "warmup_lr": 1e-5,
-        "min_lr": 1e-5, "warmup_steps": max(1, settings.steps // 10), "log_every": max(1, settings.steps // 30),
-        "save_every": settings.steps, "num_workers": settings.num_workers,
-        # As in the pretraining demo: shapes near an edge must not be cropped away, colours must stay.
-        "crop_scale_min": 1.0, "randaugment": False,
-        # A short run: the momentum teacher of the paper (0.995) would lag behind the whole run.
-        "model_config.alpha": 0.0, "seed": seed, "device": "cpu",
-    }
-    return load_recipe(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()], cls=VQARecipe)
+    overrides = finetune_overrides(checkpoint, out / "vqa", steps=settings.steps, batch_size=settings.batch_size,
+                                   lr=settings.lr, num_workers=settings.num_workers, seed=seed)
+    overrides["train_file"] = str(out / "vqa_train.json")
+    return load_recipe(None, as_overrides(overrides), cls=VQARecipe)
 
 
 def run_vqa_demo(output: str | Path = "runs/demo_vqa", *, quick: bool = False, steps: int | None = None,
@@ -133,7 +109,7 @@ def run_vqa_demo(output: str | Path = "runs/demo_vqa", *, quick: bool = False, s
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     counts = write_vqa_files(out, settings, seed)
-    checkpoint = _pretrained_checkpoint(source, out, settings, seed)
+    checkpoint = checkpoint_of(pretrained_demo(source, out, settings.pretrain_quick, seed))
     pretrain_seconds = time.perf_counter() - started
 
     finetune_started = time.perf_counter()

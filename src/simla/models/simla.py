@@ -8,6 +8,7 @@ momentum teachers and queues.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -37,7 +38,8 @@ class SimlaBackbone(nn.Module):
         "visual_encoder_m", "vision_proj_m", "text_encoder_m", "text_proj_m",
     )
 
-    def __init__(self, config: SimlaConfig) -> None:
+    def __init__(self, config: SimlaConfig, text_layers: int | None = None) -> None:
+        """`text_layers`: depth of the shared encoder when a task deepens it (NLVR2); default the config's."""
         super().__init__()
         config.validate()
         self.config = config
@@ -59,6 +61,8 @@ class SimlaBackbone(nn.Module):
                 if isinstance(module, nn.Linear):
                     nn.init.normal_(module.weight, std=v.layer_init_std)
         # One set of weights, two roles: text encoder without an image, multimodal encoder with one.
+        if text_layers is not None:
+            t = dataclasses.replace(t, num_layers=text_layers)
         self.text_encoder = SharedEncoder(t, encoder_width=v.width)
         self._tokenizer = None
 

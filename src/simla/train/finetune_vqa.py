@@ -23,70 +23,36 @@ from ..distributed import finish
 from ..errors import DataError
 from ..eval.vqa import describe, evaluate_vqa
 from ..tokenizers.text import get_tokenizer
-from .recipe import check_model_overrides, field_
+from .recipe import field_
 from .runner import load_task_model, start_task_run, train_task, write_run_config
+from .task_recipe import FinetuneRecipe
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class VQARecipe:
+class VQARecipe(FinetuneRecipe):
     checkpoint: str = field_("", "pretraining (or VQA) checkpoint: ours, an export directory or a reference .pth")
-    trust_pickle: bool = field_(False, "allow unpickling reference checkpoints (trusted files only)")
     model_config: dict = field_({}, "model config overrides, e.g. model_config.decoder_layers=6 or model_config.k_test=128")
-    image_size: int = field_(384, "fine-tuning resolution (position embeddings are resampled)")
-    tokenizer: str | None = field_(None, "text tokenizer (dir or hub name); default: the checkpoint's")
     train_file: str | list[str] = field_("", "train JSON(s): [{image, question, answer: [..] | str, dataset: vqa|vg}]")
+    test_file: str | None = field_(None, "eval JSON [{image, question, question_id[, answer]}] answered at the end")
     image_root: str | None = field_(None, "directory that relative VQA image paths are joined to")
     vg_image_root: str | None = field_(None, "directory for records tagged dataset: vg (default: image_root)")
-    test_file: str | None = field_(None, "eval JSON [{image, question, question_id[, answer]}] answered at the end")
     answer_list: str | None = field_(None, "JSON list of candidate answers (needed with test_file)")
     allow_overlap: bool = field_(False, "evaluate even when test questions also occur in train_file")
     max_question_length: int = field_(25, "question tokens incl. [CLS] (the reference truncates at 25)")
-    num_workers: int = field_(4, "dataloader worker processes")
-    randaugment: bool = field_(True, "RandAugment on the training view")
-    crop_scale_min: float = field_(0.5, "smallest crop area fraction of RandomResizedCrop (reference 0.5)")
     batch_size: int = field_(32, "questions per process per step")
-    grad_accum_steps: int = field_(1, "micro-batches accumulated per optimizer step")
     epochs: int = field_(8, "epochs (paper: 8)")
-    max_steps: int | None = field_(None, "stop after this many optimizer steps")
-    lr: float = field_(2e-5, "peak learning rate")
-    warmup_lr: float = field_(1e-5, "learning rate at step 0")
-    min_lr: float = field_(1e-6, "final learning rate")
     warmup_steps: int = field_(400, "warm-up steps (reference: 4 'epochs' of 100 iterations)")
-    lr_schedule: Literal["cosine", "reference"] = field_("cosine", "'cosine' per step, or the reference staircase")
-    weight_decay: float = field_(0.02, "AdamW weight decay")
-    grad_clip: float | None = field_(None, "gradient-norm clipping (null: none)")
-    alpha_warmup: bool = field_(True, "ramp distillation alpha over the first epoch (alpha: model_config.alpha)")
-    precision: Literal["fp32", "bf16"] = field_("fp32", "fp32 or bf16 autocast")
-    grad_checkpointing: bool = field_(False, "recompute activations to save memory")
     eval_batch_size: int = field_(16, "questions per forward at evaluation")
     output_dir: str = field_("runs/vqa", "run folder")
-    save_every: int = field_(1000, "checkpoint every N steps (and at the end)")
-    log_every: int = field_(50, "log every N steps")
-    seed: int = field_(42, "random seed")
-    resume: str | None = field_(None, "'auto' or a checkpoint path to continue an interrupted run")
-    tensorboard: bool = field_(False, "also write TensorBoard events")
-    device: str = field_("auto", "'auto', 'cpu' or 'cuda'")
-    progress: bool = field_(True, "progress bars")
+
+    POSITIVE_FIELDS = ("max_question_length",)
 
     def validate(self) -> None:
-        if not self.checkpoint and self.resume is None:
-            raise ValueError("checkpoint: required (the pretraining checkpoint to fine-tune)")
-        if not self.train_file:
-            raise ValueError("train_file: required")
-        check_model_overrides(self.model_config)
+        super().validate()
         if self.test_file and not self.answer_list:
             raise ValueError("answer_list: required with test_file (the candidates answers are ranked from)")
-        for name in ("batch_size", "grad_accum_steps", "epochs", "save_every", "log_every", "image_size",
-                     "eval_batch_size", "max_question_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1")
-        if not 0 < self.crop_scale_min <= 1:
-            raise ValueError("crop_scale_min: must lie in (0, 1]")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def read_training_questions(recipe: VQARecipe) -> list[VQARecord]:

@@ -122,8 +122,18 @@ def build_data(recipe: PretrainRecipe, config, tokenizer) -> tuple[Any, SampleBu
     o = config.objectives
     masker = BlockMaskGenerator(config.grid_size, o.mim_num_masked, o.mim_min_block, min_aspect=o.mim_min_aspect)
     builder = SampleBuilder(_views(recipe, config), masker)
+    data, records, shards = caption_data(recipe, builder, tokenizer, o.max_text_length, derive_seed(recipe.seed, 7))
+    return data, builder, records, shards
+
+
+def caption_data(recipe: Any, builder: Any, tokenizer, max_length: int, seed: int) -> tuple[Any, Any, Any]:
+    """(data source, records, shards) over image-caption pairs from annotation files or WebDataset shards.
+
+    `recipe` supplies train_file, image_root, csv_image_key, csv_caption_key, samples_per_epoch,
+    shuffle_buffer, batch_size and num_workers; `builder.build(record, rng)` turns one pair into a sample.
+    The data seed is shared by all ranks (one permutation, split by rank).
+    """
     rank, world = get_rank(), get_world_size()
-    seed = derive_seed(recipe.seed, 7)  # the data seed is shared by all ranks (one permutation)
     if is_shard_pattern(recipe.train_file):
         shards = expand_shards(recipe.train_file)
         total = recipe.samples_per_epoch or count_samples(shards)
@@ -131,14 +141,14 @@ def build_data(recipe: PretrainRecipe, config, tokenizer) -> tuple[Any, SampleBu
         if steps == 0:
             raise DataError(f"{total} samples per epoch cannot fill a batch of {recipe.batch_size} on {world} ranks")
         stream = ShardStream(shards, rank=rank, world_size=world, seed=seed, shuffle_buffer=recipe.shuffle_buffer)
-        dataset = ShardBatches(stream, builder, tokenizer, o.max_text_length, recipe.batch_size, seed, rank,
+        dataset = ShardBatches(stream, builder, tokenizer, max_length, recipe.batch_size, seed, rank,
                                recipe.num_workers)
-        return ShardData(dataset, recipe.num_workers, steps), builder, None, shards
+        return ShardData(dataset, recipe.num_workers, steps), None, shards
     records = read_records(recipe.train_file, recipe.image_root, image_key=recipe.csv_image_key,
                            caption_key=recipe.csv_caption_key)
     plan = EpochBatchPlan(len(records), recipe.batch_size, seed, rank, world)
-    dataset = CaptionBatches(records, builder, tokenizer, o.max_text_length, seed)
-    return AnnotationData(dataset, plan, recipe.num_workers), builder, records, None
+    dataset = CaptionBatches(records, builder, tokenizer, max_length, seed)
+    return AnnotationData(dataset, plan, recipe.num_workers), records, None
 
 
 @dataclass

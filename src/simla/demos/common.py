@@ -1,0 +1,57 @@
+"""What the task demos (`simla demo vqa | nlvr | ve`) share: the pretrained demo model and the recipe settings.
+
+Each task demo fine-tunes the model that `simla demo` pretrains on the easy-VQA images: taken from a
+finished demo folder (`--from DIR`), or pretrained first (the quick demo when the task demo is quick).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def pretrained_demo(source: str | Path | None, out: Path, quick: bool, seed: int) -> Path:
+    """The folder of a finished `simla demo` (its pretrain/ checkpoint and train.json), made now if not given."""
+    if source is not None:
+        folder = Path(source)
+        if not (folder / "pretrain" / "checkpoints" / "last.pt").is_file():
+            raise FileNotFoundError(f"{source} is not a finished `simla demo` folder: "
+                                    f"{folder / 'pretrain' / 'checkpoints' / 'last.pt'} is missing")
+        return folder
+    from .retrieval import run_retrieval_demo
+
+    logger.info("no --from folder: pretraining the demo model first (simla demo%s)", " --quick" if quick else "")
+    run_retrieval_demo(out / "pretrained", quick=quick, seed=seed)
+    return out / "pretrained"
+
+
+def checkpoint_of(demo: Path) -> Path:
+    return demo / "pretrain" / "checkpoints" / "last.pt"
+
+
+def finetune_overrides(checkpoint: Path, output_dir: Path, *, steps: int, batch_size: int, lr: float,
+                       num_workers: int, seed: int) -> dict[str, Any]:
+    """Recipe settings every task demo uses (see each demo for its own)."""
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
+    return {
+        "checkpoint": str(checkpoint), "output_dir": str(output_dir),
+        # The demo model's own resolution (48 px): its patches were chosen so that shapes are visible.
+        "image_size": stored["vision"]["image_size"],
+        "max_steps": steps, "batch_size": batch_size, "lr": lr, "warmup_lr": 1e-5, "min_lr": 1e-5,
+        "warmup_steps": max(1, steps // 10), "log_every": max(1, steps // 30), "save_every": steps,
+        "num_workers": num_workers,
+        # As in the pretraining demo: shapes near an edge must not be cropped away, colours must stay.
+        "crop_scale_min": 1.0, "randaugment": False,
+        # A short run: the momentum teacher of the paper (0.995) would lag behind the whole run.
+        "model_config.alpha": 0.0, "seed": seed, "device": "cpu",
+    }
+
+
+def as_overrides(settings: dict[str, Any]) -> list[str]:
+    return [f"{key}={json.dumps(value)}" for key, value in settings.items()]
