@@ -90,3 +90,22 @@ def test_zero_shot_accuracy_and_itm_pairs_on_known_scores():
     assert round(result["accuracy"], 4) == round(200 / 3, 4)
     matrix = confusion_matrix(scores, labels)
     assert matrix[2, 2] == 1 and matrix[2, 5] == 1 and matrix.sum() == 4
+
+
+def test_quick_nlvr_and_ve_demos_fine_tune_the_pretrained_demo_model(quick_demo, tmp_path, capsys):
+    folder, _ = quick_demo
+    for task, classes in (("nlvr", {"False", "True"}), ("ve", {"contradiction", "neutral", "entailment"})):
+        out = tmp_path / task
+        assert main(["demo", task, "--quick", "--from", str(folder), "--output", str(out)]) == 0
+        report = json.loads((out / "report.json").read_text())
+        assert report["task"] == task and set(report["per_class"]) == classes
+        assert 0 <= report["accuracy"] <= 100 and report["examples"] == {"train": 1000, "dev": 100, "test": 100}
+        assert report["majority_class_accuracy"] == pytest.approx(100 / len(classes), abs=1)  # balanced classes
+        assert [(r["step"], r["split"]) for r in report["evaluations"]] == [(15, "dev"), (15, "test"), (30, "dev"),
+                                                                            (30, "test")]
+        assert (out / task / "checkpoints" / "best.pt").is_file()
+        assert (out / "confusion.png").stat().st_size > 5_000
+    assert (tmp_path / "nlvr" / "nlvr_ta" / "checkpoints" / "last.pt").is_file()  # the text-assignment stage ran
+    # Neutral statements are recognisable from their words: even 30 steps learn that much.
+    assert json.loads((tmp_path / "ve" / "report.json").read_text())["per_class"]["neutral"]["accuracy"] > 50
+    assert "test accuracy" in capsys.readouterr().out

@@ -57,47 +57,54 @@ def _slots(item: ShapeImage | None, rng: random.Random) -> Slots:
 
 
 def nlvr_examples(items: Sequence[ShapeImage], count: int, seed: int) -> list[dict]:
-    """`count` examples {images: [left, right], sentence, label: "True"|"False"}, half of them true."""
+    """`count` examples {images: [left, right], sentence, label: "True"|"False"}, half of them true.
+
+    Every template is as often true as false (a template that is usually false, such as "both shapes are
+    red", would otherwise be answerable from its words alone): for each example the truth value is fixed
+    first, then image pairs and slot values are drawn until the statement has it.
+    """
     rng = random.Random(seed)
+    items = list(items)
     examples = []
     while len(examples) < count:
-        left, right = rng.sample(list(items), 2)
-        template = rng.choice(PAIR_TEMPLATES)
-        wanted = len(examples) % 2 == 0  # alternate true and false statements
-        # Slots from the images often make a statement true, random ones usually false: try a few of each.
-        for _ in range(20):
+        template = PAIR_TEMPLATES[len(examples) % len(PAIR_TEMPLATES)]
+        wanted = (len(examples) // len(PAIR_TEMPLATES)) % 2 == 0
+        for _ in range(1000):
+            left, right = rng.sample(items, 2)
             slots = _slots(rng.choice((left, right, None)), rng)
             if template.holds(left, right, slots) == wanted:
                 examples.append({"images": [left.image, right.image], "sentence": template.text.format(**slots),
                                  "label": "True" if wanted else "False"})
                 break
+        else:
+            raise RuntimeError(f"could not make {template.text!r} {wanted} from these images")
     rng.shuffle(examples)
     return examples
 
 
 def ve_examples(items: Sequence[ShapeImage], count: int, seed: int) -> list[dict]:
-    """`count` examples {image, sentence, label}, a third each entailment, neutral and contradiction."""
+    """`count` examples {image, sentence, label}, a third each entailment, neutral and contradiction.
+
+    Entailed and contradicted statements use the same templates equally often (a contradiction changes an
+    attribute its template names), so only the image tells them apart; neutral statements name the image's
+    true colour and shape and add something no picture can decide.
+    """
     rng = random.Random(seed)
+    items = list(items)
     examples = []
-    labels = ("entailment", "neutral", "contradiction")
     for i in range(count):
-        item = rng.choice(list(items))
-        label = labels[i % 3]
+        item = rng.choice(items)
+        label = ("entailment", "neutral", "contradiction")[i % 3]
         slots = {"colour": item.colour, "shape": item.shape}
-        if label == "contradiction":  # one attribute that the image contradicts
-            if rng.random() < 0.5:
-                slots["colour"] = rng.choice([c for c in COLOURS if c != item.colour])
-            else:
-                slots["shape"] = rng.choice([s for s in SHAPES if s != item.shape])
-        template = rng.choice(NEUTRAL if label == "neutral" else ENTAILED)
+        if label == "neutral":
+            template = NEUTRAL[(i // 3) % len(NEUTRAL)]
+        else:
+            template = ENTAILED[(i // 3) % len(ENTAILED)]
         if label == "contradiction":
-            template = rng.choice([t for t in ENTAILED if _names_changed(t, slots, item)])
+            named = [a for a in ("colour", "shape") if "{" + a + "}" in template]
+            changed = rng.choice(named)
+            choices = COLOURS if changed == "colour" else SHAPES
+            slots[changed] = rng.choice([v for v in choices if v != slots[changed]])
         examples.append({"image": item.image, "sentence": template.format(**slots), "label": label})
     rng.shuffle(examples)
     return examples
-
-
-def _names_changed(template: str, slots: Slots, item: ShapeImage) -> bool:
-    """Whether the template mentions the attribute that was changed (else it would still be entailed)."""
-    changed = "{colour}" if slots["colour"] != item.colour else "{shape}"
-    return changed in template

@@ -50,7 +50,9 @@ def predict_answers(model: SimlaForVQA, data: VQAEvalSet, candidates: AnswerCand
     rank, world = get_rank(), get_world_size()
     mine = list(range(rank, len(data), world))
     loader = DataLoader(_Questions(data, mine, EvalView(model.config.vision.image_size)), batch_size=batch_size,
-                        num_workers=num_workers)
+                        num_workers=num_workers,
+                        # A private generator: evaluating mid-run must not move the global RNG (exact resume).
+                        generator=torch.Generator().manual_seed(0))
     if progress:
         from tqdm.auto import tqdm
 

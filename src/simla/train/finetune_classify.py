@@ -122,8 +122,11 @@ class _BestTracker:
                                     split=split, accuracy=metrics["accuracy"], recipe=self.recipe.to_dict())
 
 
-def run_classification_finetune(recipe: ClassificationRecipe) -> dict[str, Any]:
-    """Fine-tune NLVR2 or SNLI-VE (the recipe's class says which); returns the evaluation history and best."""
+def run_classification_finetune(recipe: ClassificationRecipe,
+                                on_step: Callable[[Any, int], None] | None = None) -> dict[str, Any]:
+    """Fine-tune NLVR2 or SNLI-VE (the recipe's class says which); returns the evaluation history and best.
+
+    `on_step(model, step)` runs after every optimizer step (after that step's evaluation, if any)."""
     recipe.validate()
     reader = type(recipe).READER
     # Read and check every file before any model is built.
@@ -149,11 +152,13 @@ def run_classification_finetune(recipe: ClassificationRecipe) -> dict[str, Any]:
 
     every = recipe.eval_every or steps_per_epoch
 
-    def on_step(step: int) -> None:
+    def after_step(step: int) -> None:
         if splits and (step % every == 0 or step == total):
             tracker(model, step, (step - 1) // steps_per_epoch)
+        if on_step is not None:
+            on_step(model, step)
 
-    engine = train_task(run, model, recipe, data, on_step)
+    engine = train_task(run, model, recipe, data, after_step)
     finish()
     first = next(iter(splits), None)
     best = max((r for r in tracker.history if r["split"] == first), key=lambda r: r["accuracy"], default=None)
