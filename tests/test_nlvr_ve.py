@@ -179,3 +179,18 @@ def test_malformed_records_name_file_record_and_field(tmp_path, reader, record, 
     with pytest.raises(DataFormatError, match=message) as err:
         reader(path)
     assert err.value.record == "1" and err.value.field == field and err.value.path == path
+
+
+def test_text_assignment_never_shows_an_image_of_the_same_caption_as_a_negative_when_asked():
+    from simla.models.nlvr import _without_same_captions
+
+    ids = torch.tensor([[101, 7, 8], [101, 7, 8], [101, 5, 0], [101, 6, 0], [101, 9, 0]])
+    weights = torch.ones(5, 5).fill_diagonal_(0)
+    kept = _without_same_captions(weights, ids)
+    assert kept[0, 1] == 0 and kept[1, 0] == 0  # captions 0 and 1 are the same text
+    assert torch.equal(kept[2:], weights[2:])
+    for _ in range(50):
+        left, right, labels = sample_text_assignment(kept)
+        assert not ((left == 1) | (right == 1))[0] and not ((left == 0) | (right == 0))[1]
+    crowded = _without_same_captions(torch.ones(3, 3).fill_diagonal_(0), torch.tensor([[101, 7]] * 3))
+    assert torch.equal(crowded, torch.ones(3, 3).fill_diagonal_(0))  # too few others: weights kept

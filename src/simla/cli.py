@@ -347,8 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                           description="simla demo [TASK]: 'retrieval' (the default) pretrains a small SIMLA on the "
                           "easy-VQA images for five minutes (about six with evaluation), evaluates zero-shot "
                           "accuracy and retrieval on held-out images and writes report.md with its pictures. "
-                          "'vqa' fine-tunes that pretrained model (--from a finished demo folder, or it pretrains "
-                          "one first) to answer easy-VQA's questions and reports its VQA accuracy.")
+                          "'vqa', 'nlvr' and 've' fine-tune that pretrained model (--from a finished demo folder, "
+                          "or they pretrain one first) to answer easy-VQA's questions, judge statements about two "
+                          "images, or tell entailed, contradicted and neutral statements apart, and report accuracy.")
     demo.add_argument("task", nargs="?", default="retrieval", choices=sorted(DEMOS), help="which demo (default retrieval)")
     demo.add_argument("--output", help="report folder (default runs/demo, runs/demo_vqa for vqa)")
     demo.add_argument("--quick", action="store_true", help="a reduced run of about a minute (for CI)")

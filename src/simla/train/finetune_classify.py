@@ -115,6 +115,13 @@ class _BestTracker:
                 with open(self.path, "a", encoding="utf-8") as handle:
                     handle.write(json.dumps(row) + "\n")
                 logger.info("step %d epoch %d %s", step, epoch, describe(metrics))
+            if index == 0 and epoch >= 1 and metrics["accuracy"] is not None and \
+                    metrics["accuracy"] <= metrics["majority_class_accuracy"] + 1.0:
+                # Say so rather than train on at chance (NLVR2 runs are known to sit there silently).
+                logger.warning("%s accuracy %.2f%% after %d epoch(s) is no better than always answering the "
+                               "majority class (%.2f%%): check the labels, the images (unreadable: %d) and the "
+                               "learning rate", split, metrics["accuracy"], epoch + 1, metrics["majority_class_accuracy"],
+                               metrics["unreadable_examples"])
             if index == 0 and metrics["accuracy"] is not None and metrics["accuracy"] > self.best:
                 self.best = metrics["accuracy"]
                 if self.run.rank0:

@@ -32,6 +32,8 @@ def build_engine(model: SimlaBackbone, recipe: Any, data: ResumableData, output_
                  on_step: Callable[[int], None] | None = None) -> Engine:
     """Move the model, build AdamW, the LR and alpha schedules, DDP when distributed, and the engine."""
     model.to(device)
+    if getattr(recipe, "freeze_vision_encoder", False):
+        model.visual_encoder.requires_grad_(False)  # left out of the optimizer; its teacher stays equal to it
     if recipe.grad_checkpointing:
         model.visual_encoder.set_grad_checkpointing(True)
         model.text_encoder.set_grad_checkpointing(True)

@@ -40,6 +40,8 @@ class FinetuneRecipe:
     alpha_warmup: bool = field_(True, "ramp distillation alpha over the first epoch (alpha: model_config.alpha)")
     precision: Literal["fp32", "bf16"] = field_("fp32", "fp32 or bf16 autocast")
     grad_checkpointing: bool = field_(False, "recompute activations to save memory")
+    freeze_vision_encoder: bool = field_(False, "keep the ViT's loaded weights fixed (about half the step time on a "
+                                                "small model; the paper fine-tunes everything)")
     eval_batch_size: int = field_(32, "examples per forward at evaluation")
     output_dir: str = field_("runs/finetune", "run folder")
     save_every: int = field_(1000, "checkpoint every N steps (and at the end)")
