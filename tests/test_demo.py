@@ -100,7 +100,7 @@ def test_quick_nlvr_and_ve_demos_fine_tune_the_pretrained_demo_model(quick_demo,
         report = json.loads((out / "report.json").read_text())
         assert report["task"] == task and set(report["per_class"]) == classes
         assert 0 <= report["accuracy"] <= 100 and report["examples"] == {"train": 1000, "dev": 100, "test": 100}
-        assert report["majority_class_accuracy"] == pytest.approx(100 / len(classes), abs=1)  # balanced classes
+        assert report["majority_class_accuracy"] == pytest.approx(100 / len(classes), abs=3)  # balanced classes
         assert [(r["step"], r["split"]) for r in report["evaluations"]] == [(15, "dev"), (15, "test"), (30, "dev"),
                                                                             (30, "test")]
         assert (out / task / "checkpoints" / "best.pt").is_file()
