@@ -194,3 +194,14 @@ def test_text_assignment_never_shows_an_image_of_the_same_caption_as_a_negative_
         assert not ((left == 1) | (right == 1))[0] and not ((left == 0) | (right == 0))[1]
     crowded = _without_same_captions(torch.ones(3, 3).fill_diagonal_(0), torch.tensor([[101, 7]] * 3))
     assert torch.equal(crowded, torch.ones(3, 3).fill_diagonal_(0))  # too few others: weights kept
+
+
+def test_a_reference_nlvr_checkpoint_is_recognised_as_already_deep():
+    from simla.checkpoint import infer_reference_config
+
+    config = deep_config()  # 4 layers, duplicated from layer 2: 6 deep
+    model = build_model(config, "nlvr")
+    state = {k: v for k, v in model.state_dict().items() if not k.split(".")[0].endswith("_m")}
+    state["text_encoder.embeddings.position_ids"] = torch.arange(512)[None]  # the reference layout's marker
+    inferred = infer_reference_config(state)
+    assert inferred.text.num_layers == 4 and inferred.nlvr_duplicate_from == 2 and inferred.nlvr_layers == 6

@@ -14,7 +14,6 @@ import simla
 from simla.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from simla.data.readers import DataFormatError
 from simla.data.vqa import answer_weights, read_answer_list, read_vqa_eval, read_vqa_train
-from simla.errors import DataError
 from simla.factory import build_model
 from simla.models.vqa import add_decoder_init, tokenize_answers
 from simla.task_objectives import answer_token_losses, weighted_answer_loss

@@ -439,7 +439,8 @@ def infer_reference_config(state: dict[str, Tensor], head_dim: int = 64) -> Siml
     types = text_prefix + "embeddings.token_type_embeddings.weight"
     if types in state:
         t.type_vocab_size = shape(types)[0]  # ALBEF has a table; SIMLA files have none (imported as zeros)
-    o.embed_dim = shape("vision_proj.weight")[0]
+    if "vision_proj.weight" in state:  # absent from NLVR2, SNLI-VE and VQA checkpoints
+        o.embed_dim = shape("vision_proj.weight")[0]
     if "image_queue" in state:
         o.queue_size = shape("image_queue")[1]
     if "mim_head.weight" in state:
@@ -448,6 +449,13 @@ def infer_reference_config(state: dict[str, Tensor], head_dim: int = 64) -> Siml
     decoder_layers = {k.split(".")[4] for k in state if k.startswith("text_decoder.bert.encoder.layer.")}
     if decoder_layers:
         config.vqa.decoder_layers = len(decoder_layers)  # a reference VQA checkpoint
+    two_way = "cls_head.2.weight" in state and shape("cls_head.2.weight")[0] == 2
+    if two_way or "ta_head.weight" in state:
+        # A reference NLVR2 (or text-assignment) encoder is already deepened: 18 = 12 + 6 duplicated layers.
+        deep = t.num_layers
+        t.num_layers = round(deep * 2 / 3)
+        config.nlvr.duplicate_from = 2 * t.num_layers - deep
+        o.psl_layer = t.num_layers - 1
     patches = (v.image_size // v.patch_size) ** 2
     o.mim_num_masked = max(1, round(_MIM_MASKED_FRACTION * patches))
     o.mim_min_block = max(1, min(o.mim_num_masked, round(_MIM_MIN_BLOCK_FRACTION * patches)))

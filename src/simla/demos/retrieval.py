@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..config import LOSS_NAMES
 from .easy_vqa import CAPTION_TEMPLATES, ShapeImage, label_easy_vqa, write_pretraining_json, write_retrieval_json
