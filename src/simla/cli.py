@@ -90,14 +90,12 @@ def cmd_evaluate_retrieval(args: argparse.Namespace) -> int:
 
     from .checkpoint import load_checkpoint
     from .data.retrieval import read_retrieval_eval
-    from .distributed import finish, get_rank, init_from_env, is_distributed
+    from .distributed import evaluation_group, get_rank
     from .eval.metrics import format_table
     from .eval.retrieval import evaluate_retrieval
     from .tokenizers.text import get_tokenizer
 
-    owns_group = not is_distributed()  # a caller's own process group is left alone
-    device = init_from_env(args.device)
-    try:
+    with evaluation_group(args.device) as device:
         rank0 = get_rank() == 0
         overrides = {"image_size": args.image_size} if args.image_size else {}
         model = load_checkpoint(args.checkpoint, task="base", trust_pickle=args.trust_pickle, **overrides)
@@ -112,9 +110,6 @@ def cmd_evaluate_retrieval(args: argparse.Namespace) -> int:
             (out / "results.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
             print(format_table(metrics))
             print(f"wrote {out / 'results.json'}")
-    finally:
-        if owns_group:
-            finish()
     return 0
 
 
@@ -154,14 +149,12 @@ def cmd_evaluate_classifier(args: argparse.Namespace) -> int:
 
     from .checkpoint import load_checkpoint
     from .data.classification import read_nlvr, read_ve
-    from .distributed import finish, get_rank, init_from_env, is_distributed
+    from .distributed import evaluation_group, get_rank
     from .eval.classification import describe, evaluate_classifier
     from .tokenizers.text import get_tokenizer
 
     records = (read_nlvr if args.task == "nlvr" else read_ve)(args.data, args.image_root)
-    owns_group = not is_distributed()
-    device = init_from_env(args.device)
-    try:
+    with evaluation_group(args.device) as device:
         overrides = {"image_size": args.image_size} if args.image_size else {}
         model = load_checkpoint(args.checkpoint, task=args.task, trust_pickle=args.trust_pickle, **overrides)
         if args.tokenizer:
@@ -173,9 +166,6 @@ def cmd_evaluate_classifier(args: argparse.Namespace) -> int:
         if get_rank() == 0:
             print(describe(metrics))
             print(f"wrote {Path(args.output) / 'results.json'} and metrics.json")
-    finally:
-        if owns_group:
-            finish()
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -79,3 +81,16 @@ def finish() -> None:
     """Leave the process group, if one was started (a no-op in a plain process)."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def evaluation_group(device: str = "auto") -> Iterator[torch.device]:
+    """`init_from_env` for a command that evaluates: yields the device, and leaves the process group it
+    started on the way out (a caller's own group is left alone)."""
+    owns_group = not is_distributed()
+    chosen = init_from_env(device)
+    try:
+        yield chosen
+    finally:
+        if owns_group:
+            finish()

@@ -1,7 +1,7 @@
 """Accuracy of the NLVR2 and SNLI-VE classifiers: predictions, per-class accuracy and the confusion matrix.
 
-Examples are split across ranks without padding (rank r takes r, r + W, ...) and gathered, so each is
-counted exactly once under torchrun. An example whose image cannot be read is counted as WRONG, never
+Examples are split across ranks without padding and gathered (`simla.eval.sharding`), so each is counted
+exactly once under torchrun. An example whose image cannot be read is counted as WRONG, never
 dropped: an accuracy over a silently shrunken set would flatter the model.
 """
 
@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..data.classification import PairRecord, blank, image_keys
 from ..data.images import BadSampleError, load_image
 from ..data.transforms import EvalView
-from ..distributed import all_gather_objects, get_rank, get_world_size
+from ..distributed import get_rank
 from ..models.classification import SimlaClassifier
+from .sharding import eval_loader, gather_in_order, this_rank_share
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +49,9 @@ class _Examples(Dataset):
 def predict(model: SimlaClassifier, records: list[PairRecord], *, batch_size: int = 32, num_workers: int = 2,
             max_length: int = 64, progress: bool = False) -> list[dict[str, Any]]:
     """One prediction per record, in file order: index, label, prediction, probabilities, unreadable."""
-    rank, world = get_rank(), get_world_size()
-    mine = list(range(rank, len(records), world))
-    loader = DataLoader(_Examples(records, mine, EvalView(model.config.vision.image_size)), batch_size=batch_size,
-                        num_workers=num_workers,
-                        # A private generator: evaluating mid-run must not move the global RNG (exact resume).
-                        generator=torch.Generator().manual_seed(0))
-    if progress:
-        from tqdm.auto import tqdm
-
-        loader = tqdm(loader, desc=f"{model.TASK} eval", unit="batch")
+    examples = _Examples(records, this_rank_share(len(records)), EvalView(model.config.vision.image_size))
+    loader = eval_loader(examples, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                         desc=f"{model.TASK} eval")
     was_training = model.training
     model.eval()
     device = model.device
@@ -73,7 +67,7 @@ def predict(model: SimlaClassifier, records: list[PairRecord], *, batch_size: in
                          "probabilities": [round(p, 5) for p in probabilities[row].tolist()],
                          "unreadable": problems[row]})
     model.train(was_training)
-    merged = sorted((r for part in all_gather_objects(rows) for r in part), key=lambda r: r["index"])
+    merged = gather_in_order(rows)
     for row in merged:
         if row["unreadable"]:
             logger.warning("%s: unreadable image(s) %s: counted as wrong", records[row["index"]].origin,

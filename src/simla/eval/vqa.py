@@ -1,9 +1,8 @@
 """VQA evaluation: rank the candidate answers of every question, write the EvalAI result file and, when the
 questions carry ground truth, the official VQA accuracy.
 
-Questions are split across ranks without padding (rank r takes questions r, r + W, ...) and gathered, so
-every question appears exactly once in results.json under torchrun too (a DistributedSampler would pad the
-last batch with duplicates). A question whose image cannot be read is still answered, from a blank image,
+Questions are split across ranks without padding and gathered (`simla.eval.sharding`), so every question
+appears exactly once in results.json under torchrun too. A question whose image cannot be read is still answered, from a blank image,
 and counted in metrics.json: the result file is always complete and no accuracy is computed over a
 silently shrunken set.
 """
@@ -17,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..data.transforms import EvalView
 from ..data.vqa import VQAEvalSet, load_eval_image
-from ..distributed import all_gather_objects, get_rank, get_world_size
+from ..distributed import all_gather_objects, get_rank
 from ..models.vqa import AnswerCandidates, SimlaForVQA
+from .sharding import eval_loader, gather_in_order, this_rank_share
 from .vqa_accuracy import VQAGroundTruth, format_vqa_table, vqa_accuracy
 
 logger = logging.getLogger(__name__)
@@ -47,16 +47,9 @@ def predict_answers(model: SimlaForVQA, data: VQAEvalSet, candidates: AnswerCand
                     top: int = 1) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(one prediction per question in file order, run facts). A prediction holds question_id, answer,
     probability and, with top > 1, the `top` best answers with their probabilities."""
-    rank, world = get_rank(), get_world_size()
-    mine = list(range(rank, len(data), world))
-    loader = DataLoader(_Questions(data, mine, EvalView(model.config.vision.image_size)), batch_size=batch_size,
-                        num_workers=num_workers,
-                        # A private generator: evaluating mid-run must not move the global RNG (exact resume).
-                        generator=torch.Generator().manual_seed(0))
-    if progress:
-        from tqdm.auto import tqdm
-
-        loader = tqdm(loader, desc="questions", unit="batch")
+    questions = _Questions(data, this_rank_share(len(data)), EvalView(model.config.vision.image_size))
+    loader = eval_loader(questions, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                         desc="questions")
     was_training = model.training
     model.eval()
     device = model.device
@@ -82,13 +75,12 @@ def predict_answers(model: SimlaForVQA, data: VQAEvalSet, candidates: AnswerCand
                                    "problem": problems[row]})
     seconds = time.perf_counter() - started
     model.train(was_training)
-    gathered = all_gather_objects((predictions, unreadable, seconds))
-    merged = sorted((p for part, _, _ in gathered for p in part), key=lambda p: p["index"])
-    bad = [u for _, part, _ in gathered for u in part]
+    merged = gather_in_order(predictions)
+    bad = [u for part in all_gather_objects(unreadable) for u in part]
     for item in bad:
         logger.warning("unreadable image %s (question %s, %s): answered from a blank image",
                        item["image"], item["question_id"], item["problem"])
-    slowest = max(s for _, _, s in gathered)
+    slowest = max(all_gather_objects(seconds))
     facts = {"questions": len(merged), "unreadable_images": len(bad), "unreadable": bad[:20],
              "seconds": round(slowest, 2), "questions_per_second": round(len(merged) / slowest, 1) if slowest else None}
     return [{k: v for k, v in p.items() if k != "index"} for p in merged], facts

@@ -78,7 +78,7 @@ def evaluate_vqa_checkpoint(checkpoint: str, data_file: str, answer_file: str, o
                             train_files: list[str] | None = None, allow_overlap: bool = False) -> tuple[dict, str]:
     """`simla evaluate vqa`: every file is checked before the model is built; returns (metrics, summary text)."""
     from ..checkpoint import model_from_checkpoint, read_checkpoint
-    from ..distributed import get_rank, init_from_env, is_distributed
+    from ..distributed import evaluation_group, get_rank
 
     data = read_vqa_eval(data_file, image_root)
     answers = read_answer_list(answer_file)
@@ -87,9 +87,7 @@ def evaluate_vqa_checkpoint(checkpoint: str, data_file: str, answer_file: str, o
         train_files = _recipe_train_files(stored.get("recipe"))
     if train_files:
         check_overlap(data, read_vqa_train(train_files), allow_overlap)
-    owns_group = not is_distributed()  # a caller's own process group is left alone
-    chosen = init_from_env(device)
-    try:
+    with evaluation_group(device) as chosen:
         overrides: dict[str, Any] = {"image_size": image_size} if image_size else {}
         if answer_scoring:
             overrides["answer_scoring"] = answer_scoring
@@ -100,9 +98,6 @@ def evaluate_vqa_checkpoint(checkpoint: str, data_file: str, answer_file: str, o
         rank0 = get_rank() == 0
         metrics = evaluate_vqa(model, data, answers, output, k=k, batch_size=batch_size, num_workers=num_workers,
                                progress=rank0)
-    finally:
-        if owns_group:
-            finish()
     text = f"{describe(metrics)}\nwrote {Path(output) / 'results.json'} and metrics.json" if rank0 else ""
     return metrics, text
 
