@@ -183,6 +183,35 @@ def cmd_evaluate_vqa(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Explain (image, text) pairs: PNG sheets and explanations.json in --output."""
+    from .checkpoint import load_checkpoint
+    from .distributed import evaluation_group
+    from .errors import ConfigError
+    from .explain.run import explain_pairs, read_pairs
+
+    if args.pairs:
+        if args.inputs:
+            raise ConfigError("give either --pairs FILE or IMAGE ... TEXT, not both")
+        pairs = read_pairs(args.pairs)
+    else:
+        if len(args.inputs) < 2:
+            raise ConfigError("give one or more images followed by the text: simla explain IMAGE [IMAGE ...] \"TEXT\" "
+                              "(or --pairs FILE.json)")
+        *images, text = args.inputs
+        pairs = [(image, text) for image in images]
+    with evaluation_group(args.device) as device:
+        model = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle).to(device)
+        summary = explain_pairs(model, pairs, args.output, layer=args.layer, target=args.target,
+                                top_concepts=args.concepts, batch_size=args.batch_size)
+    for record in summary["explanations"]:
+        tags = ", ".join(word for word, _ in record.get("concepts", [])[:5])
+        print(f"{record['sheet']}: score {record['score']:.3f}" + (f"; tags: {tags}" if tags else ""))
+    print(f"explained {summary['explained']} of {summary['pairs']} pairs into {args.output} "
+          f"({len(summary['failed'])} unreadable images)")
+    return 0 if not summary["failed"] else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demos import run_demo
     from .errors import ConfigError
@@ -332,6 +361,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev_vqa.set_defaults(func=cmd_evaluate_vqa)
 
     from .demos import DEMOS
+
+    explain = sub.add_parser(
+        "explain", help="Grad-CAM maps per word and per caption, and concept tags, as PNG sheets + JSON",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="simla explain photo.jpg \"a dog catching a frisbee\" --checkpoint C --output explain/\n"
+        "simla explain a.jpg b.jpg \"a red circle\" --checkpoint C   (the same text for each image)\n"
+        "simla explain --pairs pairs.json --checkpoint C               ([{image, text}, ...])\n\n"
+        "Each pair gets a sheet: the image, the whole-text map, one map per word (ITM Grad-CAM of one "
+        "cross-attention layer) and, for a pretraining checkpoint with a PSL head, the image's concept tags.")
+    explain.add_argument("inputs", nargs="*", metavar="IMAGE ... TEXT", help="images, then the text")
+    explain.add_argument("--pairs", metavar="FILE", help="JSON list of {image, text} (relative to the file)")
+    explain.add_argument("--checkpoint", required=True, help="ours (.pt), an export directory, or a reference .pth")
+    explain.add_argument("--output", default="explain", help="folder for the PNG sheets and explanations.json")
+    explain.add_argument("--target", choices=("itm", "itc"), default="itm",
+                         help="itm: cross-attention Grad-CAM per word (default); itc: ViT [CLS] attention map")
+    explain.add_argument("--layer", type=int, help="explained layer (itm: shared encoder, default the config's "
+                         "explain.gradcam_layer, 8 of 12; itc: ViT block)")
+    explain.add_argument("--concepts", type=int, default=10, help="concept tags per image (0: none)")
+    explain.add_argument("--batch-size", type=int, default=16, help="pairs per forward")
+    explain.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    explain.add_argument("--trust-pickle", action="store_true", help="allow unpickling reference checkpoints")
+    explain.set_defaults(func=cmd_explain)
 
     demo = sub.add_parser("demo", help="offline end-to-end demos on easy-VQA shapes (pretrain, fine-tune, evaluate, report)",
                           description="simla demo [TASK]: 'retrieval' (the default) pretrains a small SIMLA on the "

@@ -144,6 +144,16 @@ class NLVRConfig:
 
 
 @dataclass
+class ExplainConfig:
+    """Grad-CAM explanations (`simla explain`, weakly supervised grounding)."""
+
+    # Layer of the shared encoder whose cross-attention is explained. None = two thirds of the depth, the
+    # reference's block 8 of 12, but never the last layer: there only the [CLS] row reaches the ITM head, so
+    # every word's map would be zero (the 2-layer tiny model: layer 0).
+    gradcam_layer: int | None = None
+
+
+@dataclass
 class SimlaConfig:
     """A whole SIMLA model: the two encoders and the objectives."""
 
@@ -153,6 +163,7 @@ class SimlaConfig:
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     vqa: VQAConfig = field(default_factory=VQAConfig)
     nlvr: NLVRConfig = field(default_factory=NLVRConfig)
+    explain: ExplainConfig = field(default_factory=ExplainConfig)
 
     def validate(self) -> None:
         """Check cross-field constraints; raise ValueError naming the offending field."""
@@ -202,6 +213,9 @@ class SimlaConfig:
         start = self.nlvr.duplicate_from
         if start is not None and not 0 <= start < t.num_layers:
             raise ConfigError(f"nlvr.duplicate_from must lie in [0, {t.num_layers - 1}] (text.num_layers), got {start}")
+        layer = self.explain.gradcam_layer
+        if layer is not None and not 0 <= layer < t.num_layers:
+            raise ConfigError(f"explain.gradcam_layer must lie in [0, {t.num_layers - 1}] (text.num_layers), got {layer}")
 
     @property
     def nlvr_duplicate_from(self) -> int:
@@ -218,6 +232,12 @@ class SimlaConfig:
     def decoder_layers(self) -> int:
         """Depth of the VQA answer decoder (vqa.decoder_layers, default the top half of the encoder)."""
         return self.vqa.decoder_layers or max(1, self.text.num_layers // 2)
+
+    @property
+    def gradcam_layer(self) -> int:
+        """Shared-encoder layer that Grad-CAM explains (explain.gradcam_layer; default 2/3 of the depth, not the last)."""
+        layer = self.explain.gradcam_layer
+        return layer if layer is not None else max(0, min((2 * self.text.num_layers) // 3, self.text.num_layers - 2))
 
     @property
     def special_token_ids(self) -> tuple[int, ...]:
@@ -243,7 +263,7 @@ class SimlaConfig:
         return config
 
 
-_SECTIONS = ("vision", "text", "objectives", "vqa", "nlvr")
+_SECTIONS = ("vision", "text", "objectives", "vqa", "nlvr", "explain")
 
 
 def check_type(path: str, annotation: Any, value: Any) -> Any:

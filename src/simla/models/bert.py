@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -227,6 +228,20 @@ class SharedEncoder(nn.Module):
     @property
     def layers(self) -> nn.ModuleList:
         return self.encoder.layer
+
+    @contextmanager
+    def capture_cross_attention(self, layer: int) -> Iterator[AttentionProjections]:
+        """Within the block, layer `layer`'s cross-attention keeps its probabilities (`.saved_probs`, in the
+        autograd graph): only that layer leaves the SDPA path, and only for the duration (Grad-CAM)."""
+        if not -len(self.layers) <= layer < len(self.layers):
+            raise ValueError(f"layer {layer} out of range for {len(self.layers)} encoder layers")
+        module = self.layers[layer].crossattention.self
+        module.capture, module.saved_probs, module.saved_probs_grad = True, None, None
+        try:
+            yield module
+        finally:
+            module.capture = False
+            module.saved_probs = module.saved_probs_grad = None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.gradient_checkpointing = enable

@@ -9,6 +9,7 @@ momentum teachers and queues.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -120,6 +121,22 @@ class SimlaBackbone(nn.Module):
         if ids.dim() == 1:
             ids, mask = ids.unsqueeze(0), mask.unsqueeze(0)
         return ids.to(device), mask.to(device)
+
+    def prepare_pixels(self, images) -> Tensor:
+        """(B, 3, R, R) normalised pixels on the model's device from pixels, PIL images or image paths.
+
+        Images are resized to the model's resolution as in evaluation (bicubic, no crop).
+        """
+        if isinstance(images, Tensor):
+            return images.to(self.device)
+        from ..data.images import load_image
+        from ..data.transforms import EvalView
+
+        view = EvalView(self.config.vision.image_size)
+        single = isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "convert")
+        items = [images] if single else list(images)
+        pixels = [view(item.convert("RGB") if hasattr(item, "convert") else load_image(item)) for item in items]
+        return torch.stack(pixels).to(self.device)
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         """Online parameter count (momentum copies are frozen and excluded when trainable_only)."""

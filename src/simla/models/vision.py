@@ -16,7 +16,8 @@ import logging
 import math
 import os
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -133,6 +134,26 @@ class VisionEncoder(VisionTransformer):
             )
             for i in disabled:
                 attns[i].fused_attn = True
+
+    @contextmanager
+    def capture_attention(self, block: int) -> Iterator[list[Tensor]]:
+        """Within the block, keep block `block`'s self-attention probabilities (B, h, N, N) in the yielded list.
+
+        Only that block leaves the fused SDPA path, for the duration (Grad-CAM, visualisation); the
+        probabilities are part of the autograd graph, so gradients with respect to them can be taken.
+        """
+        if not -len(self.blocks) <= block < len(self.blocks):
+            raise ValueError(f"block {block} out of range for {len(self.blocks)} ViT blocks")
+        attn: Any = self.blocks[block].attn
+        captured: list[Tensor] = []
+        # timm's eager path applies `attn_drop` to the softmax probabilities: its input is what we want.
+        handle = attn.attn_drop.register_forward_hook(lambda _module, inputs, _out: captured.append(inputs[0]))
+        attn.fused_attn = False
+        try:
+            yield captured
+        finally:
+            attn.fused_attn = True
+            handle.remove()
 
     @property
     def image_size(self) -> int:

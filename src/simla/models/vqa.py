@@ -16,7 +16,6 @@ that [SEP] is the end-of-answer token the decoder learns to emit.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -251,7 +250,7 @@ class SimlaForVQA(SimlaBackbone):
         """
         from ..data.captions import pre_question
 
-        pixels = self._pixels(images)
+        pixels = self.prepare_pixels(images)
         if isinstance(questions, str):
             questions = [questions]
         if pixels.shape[0] != len(questions):
@@ -271,14 +270,3 @@ class SimlaForVQA(SimlaBackbone):
         return [[(candidates.answers[i], float(p)) for i, p in zip(row[:shown].tolist(), prob[:shown].tolist())]
                 for row, prob in zip(index, probabilities)]
 
-    def _pixels(self, images) -> Tensor:
-        if isinstance(images, Tensor):
-            return images.to(self.device)
-        from ..data.images import load_image
-        from ..data.transforms import EvalView
-
-        view = EvalView(self.config.vision.image_size)
-        single = isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "convert")
-        items = [images] if single else list(images)
-        pixels = [view(item.convert("RGB") if hasattr(item, "convert") else load_image(item)) for item in items]
-        return torch.stack(pixels).to(self.device)

@@ -26,7 +26,7 @@ from transformers import BertTokenizerFast  # type: ignore[attr-defined]
 from ..data.captions import pre_caption
 from ..errors import HubError
 
-__all__ = ["TextTokenizer", "TokenizedText", "get_tokenizer"]
+__all__ = ["TextTokenizer", "TokenizedText", "WordPieces", "get_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,16 @@ class TokenizedText:
     def __len__(self) -> int:
         """The batch size B."""
         return int(self.input_ids.shape[0])
+
+
+@dataclass(frozen=True)
+class WordPieces:
+    """One text's token ids with, for each token, the index of the typed word it belongs to ([CLS]: -1)."""
+
+    ids: list[int]
+    word_of_token: list[int]
+    words: list[str]
+    truncated: bool  # the text had more tokens than max_length allowed
 
 
 def _offline_requested() -> bool:
@@ -296,6 +306,39 @@ class TextTokenizer:
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
         return batch
+
+    def tokenize_words(self, text: str, max_length: int) -> WordPieces:
+        """Tokenize one text as :meth:`__call__` does (cleaned, ``[CLS]`` first) but remember, for every
+        wordpiece, which whitespace-separated word of the ORIGINAL text it came from.
+
+        Each typed word is cleaned on its own (cleaning works within words), so the ids equal those of
+        ``self(text, max_length)`` except that no 30-word cap applies: the text is cut only at
+        ``max_length`` tokens. A typed word that cleaning empties (a lone dash) yields no piece and no word.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2 ([CLS] and one wordpiece), got {max_length!r}")
+        typed = text.split()
+        cleaned = [pre_caption(word, max_words=max(1, len(word))) for word in typed]
+        pieces = self._tok(cleaned, add_special_tokens=False, return_attention_mask=False,
+                           return_token_type_ids=False)["input_ids"] if typed else []
+        ids, owner, words = [self._cls], [-1], []
+        truncated = False
+        for word, word_pieces in zip(typed, pieces):
+            if not word_pieces:
+                continue
+            if len(ids) + len(word_pieces) > max_length:
+                truncated = True
+                word_pieces = word_pieces[: max_length - len(ids)]
+                if not word_pieces:
+                    break
+            owner.extend([len(words)] * len(word_pieces))
+            ids.extend(word_pieces)
+            words.append(word)
+            if truncated:
+                break
+        return WordPieces(ids, owner, words, truncated)
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """Turn one sequence of ids back into text (wordpieces merged, as BERT's decoder does)."""
