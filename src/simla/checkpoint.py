@@ -315,6 +315,10 @@ def model_from_checkpoint(data: dict[str, Any], *, source: str, task: str | None
         has_pretrain_heads = any(k.startswith(("mim_head.", "concept_head.")) for k in state)
         task = task or ("pretrain" if has_pretrain_heads and config.vision.use_mask_token else "base")
     apply_overrides(config, overrides)
+    if task != "pretrain":
+        # Downstream models have no mask token, so the MIM pass's limits (e.g. 512 positions for the image
+        # tokens) do not bind them: a pretraining checkpoint evaluated at 384 px must load.
+        config.vision.use_mask_token = False
     config.validate()
     model = build_model(config, task)
     load_state_into(model, state, source=source, strict=strict)

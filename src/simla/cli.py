@@ -137,10 +137,11 @@ def cmd_finetune_task(args: argparse.Namespace) -> int:
 
 def _task_runner(task: str):
     from .train.finetune_classify import NLVRRecipe, VERecipe, run_classification_finetune
+    from .train.finetune_grounding import GroundingRecipe, run_grounding_finetune
     from .train.finetune_nlvr_ta import TextAssignmentRecipe, run_text_assignment
 
     return {"nlvr-ta": (TextAssignmentRecipe, run_text_assignment), "nlvr": (NLVRRecipe, run_classification_finetune),
-            "ve": (VERecipe, run_classification_finetune)}[task]
+            "ve": (VERecipe, run_classification_finetune), "grounding": (GroundingRecipe, run_grounding_finetune)}[task]
 
 
 def cmd_evaluate_classifier(args: argparse.Namespace) -> int:
@@ -163,6 +164,28 @@ def cmd_evaluate_classifier(args: argparse.Namespace) -> int:
         metrics = evaluate_classifier(model, records, args.split or Path(args.data).stem, args.output,
                                       batch_size=args.batch_size, num_workers=args.num_workers,
                                       max_length=args.max_text_length, progress=get_rank() == 0)
+        if get_rank() == 0:
+            print(describe(metrics))
+            print(f"wrote {Path(args.output) / 'results.json'} and metrics.json")
+    return 0
+
+
+def cmd_evaluate_grounding(args: argparse.Namespace) -> int:
+    """Ground every expression of --refs; under torchrun the expressions are split across the processes."""
+    from pathlib import Path
+
+    from .checkpoint import load_checkpoint
+    from .data.grounding import read_detections, read_grounding_refs
+    from .distributed import evaluation_group, get_rank
+    from .eval.grounding import describe, evaluate_grounding
+
+    refs = read_grounding_refs(args.refs, args.image_root, args.refer_dir)
+    dets = read_detections(args.dets)
+    with evaluation_group(args.device) as device:
+        overrides = {"image_size": args.image_size} if args.image_size else {}
+        model = load_checkpoint(args.checkpoint, task="base", trust_pickle=args.trust_pickle, **overrides).to(device)
+        metrics = evaluate_grounding(model, refs, dets, args.output, layer=args.layer, batch_size=args.batch_size,
+                                     num_workers=args.num_workers, progress=get_rank() == 0)
         if get_rank() == 0:
             print(describe(metrics))
             print(f"wrote {Path(args.output) / 'results.json'} and metrics.json")
@@ -283,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.set_defaults(func=cmd_finetune_vqa)
 
     from .train.finetune_classify import NLVRRecipe, VERecipe
+    from .train.finetune_grounding import GroundingRecipe
     from .train.finetune_nlvr_ta import TextAssignmentRecipe
 
     for name, recipe_class, text, example in (
@@ -291,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
             ("nlvr", NLVRRecipe, "NLVR2: is the sentence true of the image pair (deepened, tied encoder)",
              "simla finetune nlvr --config configs/nlvr.yaml checkpoint=runs/nlvr_ta/checkpoints/last.pt"),
             ("ve", VERecipe, "SNLI-VE: does the image entail, contradict or not decide the sentence",
-             "simla finetune ve --config configs/ve.yaml checkpoint=runs/pretrain/checkpoints/last.pt")):
+             "simla finetune ve --config configs/ve.yaml checkpoint=runs/pretrain/checkpoints/last.pt"),
+            ("grounding", GroundingRecipe, "weakly supervised grounding (RefCOCO+): ITC + ITM on referring expressions",
+             "simla finetune grounding --config configs/grounding.yaml checkpoint=runs/pretrain/checkpoints/last.pt")):
         task = finetune_tasks.add_parser(name, help=text, description=example,
                                          formatter_class=argparse.RawDescriptionHelpFormatter,
                                          epilog="recipe fields (key = default):\n" + recipe_help(recipe_class))
@@ -334,6 +360,27 @@ def build_parser() -> argparse.ArgumentParser:
         ev_task.add_argument("--device", default="auto", help="auto, cpu or cuda")
         ev_task.add_argument("--trust-pickle", action="store_true", help="allow unpickling reference checkpoints")
         ev_task.set_defaults(func=cmd_evaluate_classifier)
+
+    ev_grd = evaluate_tasks.add_parser(
+        "grounding", help="weakly supervised grounding: Grad-CAM picks a detector proposal per expression; "
+        "accuracy (IoU >= 0.5) per split")
+    ev_grd.add_argument("--checkpoint", required=True, help="a grounding/retrieval checkpoint (ours, an export dir "
+                        "or a reference .pth)")
+    ev_grd.add_argument("--refs", required=True, help="expressions JSON: [{image, text, ref_id[, bbox, split, "
+                        "image_id, height, width]}] (the reference's refcoco+_val/test.json)")
+    ev_grd.add_argument("--dets", required=True, help="detections JSON: {image_id: [[x, y, w, h], ...]}")
+    ev_grd.add_argument("--refer-dir", help="folder with REFER's refs(unc).p and instances.json (boxes, splits and "
+                        "image ids of records that lack them)")
+    ev_grd.add_argument("--image-root", help="directory that relative image paths are joined to")
+    ev_grd.add_argument("--output", required=True, help="folder for results.json (chosen boxes) and metrics.json")
+    ev_grd.add_argument("--layer", type=int, help="explained cross-attention layer (default: the config's "
+                        "explain.gradcam_layer, 8 of 12)")
+    ev_grd.add_argument("--image-size", type=int, help="evaluation resolution (default: the checkpoint's)")
+    ev_grd.add_argument("--batch-size", type=int, default=16, help="expressions per forward")
+    ev_grd.add_argument("--num-workers", type=int, default=2, help="image loading workers")
+    ev_grd.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ev_grd.add_argument("--trust-pickle", action="store_true", help="allow unpickling reference checkpoints")
+    ev_grd.set_defaults(func=cmd_evaluate_grounding)
 
     ev_vqa = evaluate_tasks.add_parser(
         "vqa", help="answer questions by ranking an answer list; EvalAI results.json and, with ground truth, "

@@ -36,8 +36,14 @@ def _ve(**kwargs: Any) -> dict[str, Any]:
     return run_classify_demo("ve", **kwargs)
 
 
+def _grounding(**kwargs: Any) -> dict[str, Any]:
+    from .grounding import run_grounding_demo
+
+    return run_grounding_demo(**kwargs)
+
+
 #: Task name -> runner(output=..., quick=..., steps=..., [ablation=... | source=...]) returning the report dict.
-DEMOS: dict[str, Callable[..., dict[str, Any]]] = {"retrieval": _retrieval, "vqa": _vqa, "nlvr": _nlvr, "ve": _ve}
+DEMOS: dict[str, Callable[..., dict[str, Any]]] = {"retrieval": _retrieval, "vqa": _vqa, "nlvr": _nlvr, "ve": _ve, "grounding": _grounding}
 
 
 def run_demo(task: str = "retrieval", **kwargs: Any) -> dict[str, Any]:

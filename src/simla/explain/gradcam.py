@@ -78,10 +78,16 @@ class Explanation:
 
 
 def upsample_map(cam: Tensor, size: tuple[int, int]) -> Tensor:
-    """(g, g) or (N, g, g) maps -> (H, W) or (N, H, W), bicubic without corner alignment (the reference's)."""
+    """(g, g) or (N, g, g) maps -> (H, W) or (N, H, W) float32, bicubic without corner alignment (the
+    reference's; values may overshoot below zero)."""
+    if cam.dim() not in (2, 3):
+        raise ValueError(f"expected a (g, g) map or a stack of them, got shape {tuple(cam.shape)}")
+    height, width = (int(v) for v in size)
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {tuple(size)}")
     squeeze = cam.dim() == 2
-    batch = cam[None, None] if squeeze else cam[:, None]
-    out = F.interpolate(batch.float(), size=tuple(size), mode="bicubic", align_corners=False)[:, 0]
+    batch = cam.detach()[None, None] if squeeze else cam.detach()[:, None]
+    out = F.interpolate(batch.float(), size=(height, width), mode="bicubic", align_corners=False)[:, 0]
     return out[0] if squeeze else out
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from PIL import Image
 
 from ..data.images import BadSampleError, load_image
+from ..data.readers import DataFormatError
 from .concepts import ConceptTags, concepts, has_concept_head
 from .gradcam import Target, gradcam
 from .render import render_sheet
@@ -24,15 +25,16 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     path = Path(path)
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read a JSON list of pairs ({err})") from err
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}: invalid JSON ({err})", path=str(path)) from err
     if not isinstance(records, list) or not records:
-        raise ValueError(f"{path}: expected a non-empty JSON list of {{image, text}} records")
+        raise DataFormatError(f"{path}: expected a non-empty JSON list of {{image, text}} records", path=str(path))
     pairs = []
     for index, record in enumerate(records):
         for key in ("image", "text"):
             if not isinstance(record, dict) or not isinstance(record.get(key), str) or not record[key].strip():
-                raise ValueError(f"{path}, record {index}, field {key!r}: expected a non-empty string")
+                raise DataFormatError(f"{path}, record {index}, field {key!r}: expected a non-empty string",
+                                      path=str(path), record=str(index), field=key)
         image = Path(record["image"])
         pairs.append((str(image if image.is_absolute() else path.parent / image), record["text"]))
     return pairs

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan, derive_seed
-from ..data.retrieval import FinetuneView, RetrievalSampleBuilder, read_retrieval_eval, read_retrieval_train
+from ..data.retrieval import (FinetuneView, RetrievalRecord, RetrievalSampleBuilder, read_retrieval_eval,
+                              read_retrieval_train)
 from ..distributed import finish
 from ..eval.metrics import format_table
 from ..eval.retrieval import evaluate_retrieval
@@ -45,26 +46,34 @@ class RetrievalRecipe(FinetuneRecipe):
 
 def run_retrieval_finetune(recipe: RetrievalRecipe) -> dict[str, Any]:
     recipe.validate()
-    run = start_task_run(recipe)
-    model = load_task_model(recipe, run, "retrieval")
-    tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
-    model.tokenizer = tokenizer
     records = read_retrieval_train(recipe.train_file, recipe.image_root)
     test = read_retrieval_eval(recipe.test_file, recipe.image_root) if recipe.test_file else None
-    seed = derive_seed(recipe.seed, 11)
-    builder = RetrievalSampleBuilder(FinetuneView(recipe.image_size, scale=(recipe.crop_scale_min, 1.0),
-                                                 randaugment=recipe.randaugment))
-    data = AnnotationData(CaptionBatches(records, builder, tokenizer, recipe.max_text_length, seed),
-                          EpochBatchPlan(len(records), recipe.batch_size, seed, run.rank, run.world), recipe.num_workers)
-    write_run_config(run, recipe, model)
-    engine = train_task(run, model, recipe, data)
+    view = FinetuneView(recipe.image_size, scale=(recipe.crop_scale_min, 1.0), randaugment=recipe.randaugment)
+    run, model, engine = train_image_text(recipe, records, view)
     results: dict[str, Any] = {"step": engine.state.step}
     if test is not None:
-        metrics = evaluate_retrieval(model, test, k=recipe.k_test, tokenizer=tokenizer, batch_size=recipe.eval_batch_size,
-                                     progress=recipe.progress and run.rank0, num_workers=recipe.num_workers)
+        metrics = evaluate_retrieval(model, test, k=recipe.k_test, tokenizer=model.tokenizer,
+                                     batch_size=recipe.eval_batch_size, progress=recipe.progress and run.rank0,
+                                     num_workers=recipe.num_workers)
         results.update(metrics)
         if run.rank0:
             (run.output_dir / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
             logger.info("test retrieval after fine-tuning:\n%s", format_table(metrics))
     finish()
     return results
+
+
+def train_image_text(recipe: RetrievalRecipe, records: list[RetrievalRecord], view: FinetuneView):
+    """Fine-tune ITC + ITM on (image, text, image id) records through the shared engine: (run, model, engine).
+
+    Retrieval and grounding differ only in their records and their training view.
+    """
+    run = start_task_run(recipe)
+    model = load_task_model(recipe, run, "retrieval")
+    tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
+    model.tokenizer = tokenizer
+    seed = derive_seed(recipe.seed, 11)
+    data = AnnotationData(CaptionBatches(records, RetrievalSampleBuilder(view), tokenizer, recipe.max_text_length, seed),
+                          EpochBatchPlan(len(records), recipe.batch_size, seed, run.rank, run.world), recipe.num_workers)
+    write_run_config(run, recipe, model)
+    return run, model, train_task(run, model, recipe, data)
