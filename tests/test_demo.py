@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+import yaml
 import torch
 
 from simla.cli import main
@@ -109,3 +110,18 @@ def test_quick_nlvr_and_ve_demos_fine_tune_the_pretrained_demo_model(quick_demo,
     # Neutral statements are recognisable from their words: even 30 steps learn that much.
     assert json.loads((tmp_path / "ve" / "report.json").read_text())["per_class"]["neutral"]["accuracy"] > 50
     assert "test accuracy" in capsys.readouterr().out
+
+
+def test_quick_grounding_demo_fine_tunes_and_grounds(quick_demo, tmp_path, capsys):
+    folder, _ = quick_demo
+    assert main(["demo", "grounding", "--quick", "--from", str(folder), "--output", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["test_expressions"] == 100 and report["train_pairs"] == 480
+    assert 0 <= report["accuracy"] <= 100 and report["chance"] == pytest.approx(12.5)
+    assert report["misses"] == {"no_proposals": 0, "empty_text": 0, "missing_image": 0}
+    results = json.loads((tmp_path / "evaluation" / "results.json").read_text())
+    assert len(results) == 100 and all(len(r["pred_box"]) == 4 for r in results)
+    assert len(report["sheets"]) == 2 and all((tmp_path / s).stat().st_size > 5_000 for s in report["sheets"])
+    config = yaml.safe_load((tmp_path / "grounding" / "config.yaml").read_text())
+    assert config["model"]["objectives"]["itm_negatives"] == "random"
+    assert "grounding accuracy" in capsys.readouterr().out

@@ -172,11 +172,11 @@ def test_tally_metrics_per_split_and_overall():
     tally.add("testA", False, "missing_image")
     tally.add("testA", False, "empty_text")
     metrics = tally.metrics()
-    assert metrics["splits"]["val"] == {"accuracy": 0.5, "correct": 2, "total": 4,
+    assert metrics["splits"]["val"] == {"accuracy": 50.0, "correct": 2, "total": 4,
                                         "misses": {"no_proposals": 1, "empty_text": 0, "missing_image": 0}}
-    assert metrics["splits"]["testA"] == {"accuracy": 0.25, "correct": 1, "total": 4,
+    assert metrics["splits"]["testA"] == {"accuracy": 25.0, "correct": 1, "total": 4,
                                           "misses": {"no_proposals": 0, "empty_text": 2, "missing_image": 1}}
-    assert (metrics["accuracy"], metrics["correct"], metrics["total"]) == (3 / 8, 3, 8)
+    assert (metrics["accuracy"], metrics["correct"], metrics["total"]) == (37.5, 3, 8)
     assert list(metrics["splits"]) == ["val", "testA"] and set(MISS_REASONS) == set(metrics["splits"]["val"]["misses"])
 
 

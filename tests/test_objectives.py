@@ -639,3 +639,23 @@ def test_psl_end_to_end_gradient() -> None:
     logits = torch.zeros(1, 50, requires_grad=True)
     psl_loss(logits, hard, torch.full((1, 50), 0.5), 0.4).backward()
     assert logits.grad is not None and logits.grad[0, 40] < 0
+
+
+def test_random_negatives_ignore_similarity_but_keep_exclusions() -> None:
+    """itm_negatives=random: every eligible column equally often, however similar; excluded ones never."""
+    gen = torch.Generator().manual_seed(3)
+    batch = 6
+    sim = torch.zeros(batch, batch)
+    sim[:, 1] = 50.0  # a hard sampler would pick column 1 almost always
+    same_pair = torch.zeros(batch, batch, dtype=torch.bool)
+    same_pair[:, 2] = True
+    same_pair[2, :] = True
+    same_pair[2, 0] = False  # row 2 keeps one candidate
+    counts = torch.zeros(batch, batch)
+    for _ in range(600):
+        neg_img, neg_txt = sample_hard_negatives(sim, sim, same_pair=same_pair, generator=gen, uniform=True)
+        counts[torch.arange(batch), neg_img] += 1
+        assert not same_pair[torch.arange(batch), neg_txt].any()
+    assert counts.diagonal().sum() == 0 and counts[:, 2].sum() == 0 and counts[2, 0] == 600
+    row0 = counts[0, [1, 3, 4, 5]]
+    assert row0.min() > 100 and row0.max() < 200  # ~150 each, column 1 not favoured

@@ -111,6 +111,11 @@ class ObjectiveConfig:
     # repeated captions (the easy-VQA demo, "photo"-style web captions) otherwise teaches ITM that a
     # matching pair does not match.
     duplicate_captions: Literal["negatives", "positives"] = "negatives"
+    # How ITM draws its in-batch negatives: "hard" (the reference: in proportion to the ITC similarity) or
+    # "random" (uniformly). Where many images share what a caption says (templated captions, several
+    # objects per image with short expressions), the most similar "negative" is usually a true match,
+    # and hard negatives teach ITM to contradict itself; uniform draws keep most negatives true.
+    itm_negatives: Literal["hard", "random"] = "hard"
     # The objectives a pretraining step computes (the paper: all five). A left-out objective costs nothing:
     # its passes, heads and teacher work are not there, so the paper's ablation rows are one override each
     # (losses=[itc,itm]; [itc,itm,mlm]; [itc,itm,mlm,mim]; all five).

@@ -177,6 +177,7 @@ def sample_hard_negatives(
     sim_t2i: Tensor,
     same_pair: Tensor | None = None,
     generator: torch.Generator | None = None,
+    uniform: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Draw one hard negative per batch element for ITM, vectorised.
 
@@ -198,6 +199,7 @@ def sample_hard_negatives(
         same_pair: optional (B, B) bool; True where (i, j) must not be sampled (retrieval: the
             two items share an image id). Applied to both directions.
         generator: optional torch.Generator on the logits' device, for reproducible draws.
+        uniform: draw uniformly among the eligible items instead (`objectives.itm_negatives: random`).
 
     Returns:
         (neg_image_index, neg_text_index), both (B,) long on the logits' device:
@@ -234,6 +236,8 @@ def sample_hard_negatives(
         )
 
     def weights(sim: Tensor) -> Tensor:
+        if uniform:
+            return eligible.float()
         logits = sim.detach().float().masked_fill(~eligible, float("-inf"))
         probs = F.softmax(logits, dim=1).nan_to_num(nan=0.0)
         return torch.where(eligible, probs + _ELIGIBLE_WEIGHT_FLOOR, torch.zeros_like(probs))

@@ -104,7 +104,7 @@ def evaluate_grounding(model: SimlaModel, refs: list[GroundingRef], dets: Detect
                        progress: bool = False) -> dict[str, Any]:
     """Ground every expression; write OUT/results.json (one row per expression) and OUT/metrics.json on rank 0.
 
-    metrics: accuracy overall and per split (val, testA, testB, ...), the misses by reason, the chance of
+    metrics: accuracy (percent) overall and per split (val, testA, testB, ...), the misses by reason, the chance of
     a uniformly random proposal, the explained layer, and the throughput.
     """
     started = time.perf_counter()
@@ -118,7 +118,7 @@ def evaluate_grounding(model: SimlaModel, refs: list[GroundingRef], dets: Detect
             logger.warning("grounding miss (%s): ref %s %r%s", row["miss"], row["ref_id"], row["text"],
                            f" - {row['problem']}" if "problem" in row else "")
     chance = sum(random_pick_hit_rate(r.box, dets.get(r.image_id, [])) for r in refs) / max(1, len(refs))
-    metrics = {**tally.metrics(), "chance": round(chance, 6), "expressions": len(rows),
+    metrics = {**tally.metrics(), "chance": round(100 * chance, 2), "expressions": len(rows),
                "layer": model.config.gradcam_layer if layer is None else layer, "seconds": round(seconds, 2),
                "expressions_per_second": round(len(rows) / seconds, 1) if seconds else None}
     if output is not None and get_rank() == 0:
@@ -135,9 +135,9 @@ def describe(metrics: dict[str, Any]) -> str:
     lines = [f"{'split':<10} {'accuracy':>9} {'correct':>8} {'total':>7}  misses"]
     for split, figures in metrics["splits"].items():
         misses = ", ".join(f"{k} {v}" for k, v in figures["misses"].items() if v) or "-"
-        lines.append(f"{split:<10} {100 * figures['accuracy']:>8.2f}% {figures['correct']:>8} {figures['total']:>7}  "
+        lines.append(f"{split:<10} {figures['accuracy']:>8.2f}% {figures['correct']:>8} {figures['total']:>7}  "
                      f"{misses}")
-    lines.append(f"overall {100 * metrics['accuracy']:.2f}% of {metrics['total']} expressions (a random proposal: "
-                 f"{100 * metrics['chance']:.2f}%), layer {metrics['layer']}, {metrics['expressions_per_second']} "
+    lines.append(f"overall {metrics['accuracy']:.2f}% of {metrics['total']} expressions (a random proposal: "
+                 f"{metrics['chance']:.2f}%), layer {metrics['layer']}, {metrics['expressions_per_second']} "
                  "expressions/s")
     return "\n".join(lines)

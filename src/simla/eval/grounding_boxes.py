@@ -141,11 +141,12 @@ class GroundingTally:
 
     @staticmethod
     def _summary(correct: int, total: int) -> dict[str, Any]:
-        return {"accuracy": correct / total if total else 0.0, "correct": correct, "total": total}
+        # A percentage rounded to 0.01, as every simla evaluation reports accuracy.
+        return {"accuracy": round(100 * correct / total, 2) if total else 0.0, "correct": correct, "total": total}
 
     def metrics(self) -> dict[str, Any]:
         """{"splits": {split: {accuracy, correct, total, misses}}, "accuracy", "correct", "total"}; accuracy is a
-        fraction in [0, 1] (0.0 for nothing counted); every miss reason is listed, zero or not."""
+        percentage (0.0 for nothing counted); every miss reason is listed, zero or not."""
         splits = {split: {**self._summary(self._correct[split], total),
                           "misses": {reason: self._misses[split][reason] for reason in MISS_REASONS}}
                   for split, total in self._total.items()}

@@ -210,7 +210,8 @@ class SimlaForPretraining(SimlaModel):
         # ---- ITM with in-batch hard negatives, one batched multimodal pass
         if "itm" in on:
             excluded = self._itm_exclusions(same_caption) if same_caption is not None else None
-            neg_image, neg_text = objectives.sample_hard_negatives(sim_i2t, sim_t2i, same_pair=excluded)
+            neg_image, neg_text = objectives.sample_hard_negatives(sim_i2t, sim_t2i, same_pair=excluded,
+                                                                   uniform=o.itm_negatives == "random")
             itm_ids = torch.cat([ids, ids, ids[neg_text]])
             itm_mask = torch.cat([mask, mask, mask[neg_text]])
             itm_images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])

@@ -92,7 +92,8 @@ class SimlaForRetrieval(SimlaModel):
 
         same_image = positives[:, :batch_size]
         neg_image, neg_text = objectives.sample_hard_negatives(
-            itc.sim_i2t[:, :batch_size], itc.sim_t2i[:, :batch_size], same_pair=same_image)
+            itc.sim_i2t[:, :batch_size], itc.sim_t2i[:, :batch_size], same_pair=same_image,
+            uniform=o.itm_negatives == "random")
         itm_logits = self.itm_logits(torch.cat([image_embeds, image_embeds[neg_image], image_embeds]),
                                      torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]]))
         labels = torch.cat([torch.ones(batch_size, dtype=torch.long, device=ids.device),
