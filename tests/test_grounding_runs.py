@@ -20,6 +20,7 @@ from simla.explain.gradcam import Explanation
 from simla.factory import build_model
 
 from datasets import draw
+from test_distributed import torchrun
 
 
 def _canvas(left: str, right: str, seed: int) -> Image.Image:
@@ -133,3 +134,20 @@ def test_recipe_and_file_errors(grounding_data, tmp_path, capsys):
     assert main(["evaluate", "grounding", "--checkpoint", str(root / "pretrain.pt"), "--refs", str(bad), "--dets",
                  str(root / "dets.json"), "--output", str(tmp_path / "o")]) == 2
     assert "record 0" in capsys.readouterr().err
+
+
+def test_torchrun_evaluation_grounds_every_expression_once(grounding_data, tmp_path):
+    root = grounding_data
+    args = ["evaluate", "grounding", "--checkpoint", str(root / "pretrain.pt"), "--refs", str(root / "refs.json"),
+            "--dets", str(root / "dets.json"), "--image-root", str(root), "--batch-size", "2", "--num-workers", "0",
+            "--device", "cpu"]
+    proc = torchrun(["-m", "simla.cli", *args, "--output", str(tmp_path / "ddp")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert [r["ref_id"] for r in rows] == [0, 1, 10, 11, 20, 21, 30, 31, 90, 91, 92]  # once each, in file order
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+    single = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert [(r["ref_id"], r["pred_box"], r["hit"]) for r in rows] == [(r["ref_id"], r["pred_box"], r["hit"])
+                                                                     for r in single]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["total"] == 11 and metrics["splits"]["val"]["misses"]["missing_image"] == 1

@@ -52,7 +52,12 @@ def create_model(
     vision_encoder: DeiT/timm weights for the ViT (local file, timm model name or URL).
     overrides: config fields, e.g. `queue_size=1024`, `vision={"depth": 4}` or `**{"text.num_layers": 6}`.
     """
-    config = get_config(name, **overrides)
+    config = get_config(name)
+    if task != "pretrain":
+        # Downstream models have no mask token, so the MIM pass's limits (512 positions for the image
+        # tokens) do not bind them: the paper model is valid at 384 px for every task but pretraining.
+        config.vision.use_mask_token = False
+    apply_overrides(config, overrides)
     if text_encoder is not None:
         directory = resolve_hf_directory(text_encoder)
         apply_overrides(config, {f"text.{k}": v for k, v in text_overrides_from_hf_config(directory).items()})

@@ -7,8 +7,10 @@ model has a concept head, the image's top concept tags. How a map is turned into
    overshoot clipped to 0;
 2. smoothed with a Gaussian of half a patch (sigma in image pixels), so the patch grid does not show as
    blocks on large photos;
-3. normalised per panel by its maximum, so every word uses the full colour range; each word's title
-   gives its peak relative to the whole-text map's peak, so weak words stay recognisable as weak;
+3. normalised per panel by its maximum, so every word uses the full colour range, except that a word is
+   never scaled up by more than ten times the whole-text map's scale (a word whose map is near zero would
+   otherwise show its noise at full strength); each word's title gives its peak relative to the
+   whole-text map's peak;
 4. drawn with the "jet" colour map, its opacity growing with the heat (at most 0.6), so cold regions show
    the photo unchanged.
 """
@@ -40,14 +42,21 @@ def _pyplot():
     return plt
 
 
-def overlay_heat(grid_map: Tensor, size: tuple[int, int], patch_pixels: float) -> Tensor:
-    """A (g, g) map -> a (H, W) heat in [0, 1] ready to draw (steps 1-3 of the module doc), and its raw peak."""
+WORD_SCALE_FLOOR = 0.1  # a word's map is divided by at least this share of the whole-text map's peak
+
+
+def smoothed_heat(grid_map: Tensor, size: tuple[int, int], patch_pixels: float) -> Tensor:
+    """A (g, g) map -> the (H, W) heat to draw, before normalisation (steps 1-2 of the module doc)."""
     heat = upsample_map(grid_map, size).clamp(min=0)
     sigma = max(patch_pixels / 2, 0.5)
     kernel = 2 * math.ceil(2 * sigma) + 1
-    heat = gaussian_blur(heat[None, None], [kernel, kernel], [sigma, sigma])[0, 0]
-    peak = float(heat.max())
-    return heat / peak if peak > 0 else heat
+    return gaussian_blur(heat[None, None], [kernel, kernel], [sigma, sigma])[0, 0]
+
+
+def normalised(heat: Tensor, floor: float = 0.0) -> Tensor:
+    """Step 3: divided by its peak, or by `floor` when the peak is smaller; in [0, 1]."""
+    scale = max(float(heat.max()), floor)
+    return heat / scale if scale > 0 else heat
 
 
 def _draw(ax, image: np.ndarray, heat: Tensor | None, title: str, cmap) -> None:
@@ -71,14 +80,14 @@ def render_sheet(image: Image.Image, explanation: Explanation, path: str | Path,
     grid = explanation.text_map.shape[-1]
     patch_pixels = max(size) / grid  # one patch, in image pixels
     pixels = np.asarray(image.convert("RGB"))
-    text_heat = upsample_map(explanation.text_map, size).clamp(min=0)
-    text_peak = float(text_heat.max()) or 1.0
-    panels: list[tuple[Tensor | None, str]] = [(None, "image"),
-                                               (overlay_heat(explanation.text_map, size, patch_pixels), "whole text")]
+    text_heat = smoothed_heat(explanation.text_map, size, patch_pixels)
+    text_peak = float(text_heat.max())
+    panels: list[tuple[Tensor | None, str]] = [(None, "image"), (normalised(text_heat), "whole text")]
     if explanation.word_maps is not None:
         for word, grid_map in zip(explanation.words, explanation.word_maps):
-            relative = float(upsample_map(grid_map, size).clamp(min=0).max()) / text_peak
-            panels.append((overlay_heat(grid_map, size, patch_pixels), f"{word}  (x{relative:.2f})"))
+            heat = smoothed_heat(grid_map, size, patch_pixels)
+            relative = float(heat.max()) / text_peak if text_peak > 0 else 0.0
+            panels.append((normalised(heat, WORD_SCALE_FLOOR * text_peak), f"{word}  (x{relative:.2f})"))
     rows = math.ceil(len(panels) / COLUMNS)
     columns = min(COLUMNS, len(panels))
     header, footer = 0.8, 0.5 if tags is not None else 0.1  # inches above and below the panels

@@ -29,7 +29,7 @@ class SimlaForRetrieval(SimlaModel):
     TASK = "retrieval"  # the name create_model/load_checkpoint use for this class
     # Pretraining-only tensors a retrieval model deliberately lacks (reported as ignored on load).
     IGNORED_SOURCE_PREFIXES = ("mlm_head", "mim_head", "concept_head", "mim_adapter", "visual_encoder.mask_token",
-                               "visual_encoder_m.mask_token")
+                               "visual_encoder_m.mask_token", "caption_queue")
 
     def __init__(self, config: SimlaConfig) -> None:
         super().__init__(config)

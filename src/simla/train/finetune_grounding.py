@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..data.grounding import read_detections, read_grounding_refs, read_grounding_train
 from ..data.retrieval import FinetuneView
@@ -35,6 +35,8 @@ class GroundingRecipe(RetrievalRecipe):
     hflip: bool = field_(False, "random horizontal flips (the reference flips, contradicting left/right words)")
     lr: float = field_(1e-5, "peak learning rate")
     output_dir: str = field_("runs/grounding", "run folder")
+
+    TASK_NAME: ClassVar[str] = "grounding"  # the progress bar's label (the model is a retrieval model)
 
     def validate(self) -> None:
         super().validate()

@@ -59,7 +59,7 @@ def build_engine(model: SimlaBackbone, recipe: Any, data: ResumableData, output_
         precision=recipe.precision, grad_clip=recipe.grad_clip, log_every=recipe.log_every,
         save_every=recipe.save_every, progress=recipe.progress, tensorboard=recipe.tensorboard,
         samples_per_micro_batch=recipe.batch_size, max_bad_fraction=getattr(recipe, "max_bad_fraction", 1.0),
-        description=model.TASK)
+        description=getattr(recipe, "TASK_NAME", None) or model.TASK)
     return Engine(
         model, optimizer, data, config,
         lr_at=schedule,
