@@ -62,30 +62,6 @@ def test_retrieval_model_uses_image_ids(minilm_dir):
     out.total.backward()
 
 
-def test_duplicate_captions_are_positives_in_fine_tuning_too():
-    """duplicate_captions=positives: pairs of DIFFERENT images with the same caption are ITC positives (batch and
-    queue) and never each other's ITM negatives; the caption fingerprints are queued with the features."""
-    torch.manual_seed(0)
-    model = simla.create_model("simla_tiny", task="retrieval", queue_size=12, duplicate_captions="positives",
-                               itm_negatives="random")
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 2000, (6, 5), generator=g)
-    ids[:, 0] = 101
-    ids[3] = ids[0]  # images 0 and 3 share a caption; 1 and 4 too
-    ids[4] = ids[1]
-    batch = {"image": torch.randn(6, 3, 64, 64, generator=g), "text_ids": ids,
-             "text_mask": torch.ones(6, 5, dtype=torch.long), "image_id": torch.arange(6)}
-    partner = torch.tensor([3, 4, -1, 0, 1, -1])
-    for _ in range(20):
-        out = model(batch)
-        assert not torch.any(out.targets["itm_negative_images"] == partner)
-        assert not torch.any(out.targets["itm_negative_texts"] == partner)
-    fingerprints = simla.SimlaForPretraining.caption_fingerprint(ids, batch["text_mask"])
-    assert set(model.caption_queue[0].tolist()) == set(fingerprints.tolist())
-    plain = simla.create_model("simla_tiny", task="retrieval", queue_size=12)
-    assert not hasattr(plain, "caption_queue")  # the reference rule keeps no caption queue
-
-
 def test_batched_itm_reranking_equals_one_query_at_a_time(retrieval_data, pretrained):
     model = simla.load_checkpoint(pretrained, task="base").eval()
     data = read_retrieval_eval(retrieval_data / "test.json", str(retrieval_data))

@@ -107,8 +107,7 @@ class ObjectiveConfig:
     momentum_dropout: bool = True
     # Pairs whose captions are identical: "negatives" (the reference: each pair's own caption is its only
     # positive) or "positives" (they are positives of each other in ITC, in the batch and in the queue, and
-    # are never drawn as ITM hard negatives, as retrieval fine-tuning treats the captions of one image; retrieval
-    # and grounding fine-tuning apply it on top of their image ids). Data with many
+    # are never drawn as ITM hard negatives, as retrieval fine-tuning treats the captions of one image). Data with many
     # repeated captions (the easy-VQA demo, "photo"-style web captions) otherwise teaches ITM that a
     # matching pair does not match.
     duplicate_captions: Literal["negatives", "positives"] = "negatives"

@@ -2,9 +2,7 @@
 
 Captions of the same image are positives for each other: the ITC hard targets are multi-positive over
 the batch AND the queue (the image ids are enqueued with the features, which the reference forgot to
-do), and ITM never draws a negative that shares the image id. With `duplicate_captions: positives`,
-pairs whose captions are identical are positives too (their images both fit the caption), in the batch
-and in the queue, as in pretraining.
+do), and ITM never draws a negative that shares the image id.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from .. import objectives
 from ..config import SimlaConfig
 from ..distributed import all_gather_no_grad
 from .momentum import copy_to_momentum, make_momentum_copy, momentum_update, write_to_queue
-from .pretrain import PretrainOutput, SimlaForPretraining
+from .pretrain import PretrainOutput
 from .simla import SimlaModel
 
 RETRIEVAL_BATCH_KEYS = ("image", "text_ids", "text_mask", "image_id")
@@ -44,9 +42,6 @@ class SimlaForRetrieval(SimlaModel):
         self.register_buffer("text_queue", F.normalize(torch.randn(o.embed_dim, o.queue_size), dim=0))
         self.register_buffer("idx_queue", torch.full((1, o.queue_size), -100, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        if o.duplicate_captions == "positives":
-            # Caption fingerprints of the queued texts (-1: never written), as pretraining keeps them.
-            self.register_buffer("caption_queue", torch.full((1, o.queue_size), -1, dtype=torch.long))
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         names = ["visual_encoder", "vision_proj", "text_encoder", "text_proj"]
@@ -59,15 +54,13 @@ class SimlaForRetrieval(SimlaModel):
         """Queues of another size (a pretraining run's) are left out: this model's queues start fresh."""
         size = self.config.objectives.queue_size
         return {k: v for k, v in state.items()
-                if not (k in ("image_queue", "text_queue", "caption_queue") and v.shape[1] != size)}
+                if not (k in ("image_queue", "text_queue") and v.shape[1] != size)}
 
     @torch.no_grad()
-    def _enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, image_id: Tensor, captions: Tensor | None) -> None:
+    def _enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, image_id: Tensor) -> None:
         images, texts = all_gather_no_grad(image_feat_m), all_gather_no_grad(text_feat_m)
         ids = all_gather_no_grad(image_id)
         start = self.queue_ptr.clone()
-        if captions is not None:
-            write_to_queue(self.caption_queue, all_gather_no_grad(captions)[:, None], start.clone())
         write_to_queue(self.image_queue, images, start.clone())
         write_to_queue(self.text_queue, texts, start.clone())
         write_to_queue(self.idx_queue, ids[:, None], self.queue_ptr)  # advances the shared pointer
@@ -89,10 +82,6 @@ class SimlaForRetrieval(SimlaModel):
         # Multi-positive targets: same image id in the batch or in the queue.
         all_ids = torch.cat([image_id, self.idx_queue[0]])
         positives = image_id[:, None] == all_ids[None, :]
-        captions = None
-        if o.duplicate_captions == "positives":
-            captions = SimlaForPretraining.caption_fingerprint(ids, mask)
-            positives = positives | (captions[:, None] == torch.cat([captions, self.caption_queue[0]])[None, :])
         with torch.no_grad():
             if self.training and self.update_momentum:
                 momentum_update(self.momentum_pairs(), o.momentum)
@@ -101,11 +90,9 @@ class SimlaForRetrieval(SimlaModel):
         itc = objectives.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
                                   self.text_queue, self.temp, alpha, positive_mask=positives)
 
-        excluded = positives[:, :batch_size]
-        if captions is not None:  # a batch of one repeated caption must not leave a row without a negative
-            excluded = SimlaForPretraining._itm_exclusions(excluded)
+        same_image = positives[:, :batch_size]
         neg_image, neg_text = objectives.sample_hard_negatives(
-            itc.sim_i2t[:, :batch_size], itc.sim_t2i[:, :batch_size], same_pair=excluded,
+            itc.sim_i2t[:, :batch_size], itc.sim_t2i[:, :batch_size], same_pair=same_image,
             uniform=o.itm_negatives == "random")
         itm_logits = self.itm_logits(torch.cat([image_embeds, image_embeds[neg_image], image_embeds]),
                                      torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]]))
@@ -113,6 +100,6 @@ class SimlaForRetrieval(SimlaModel):
                             torch.zeros(2 * batch_size, dtype=torch.long, device=ids.device)])
         itm = F.cross_entropy(itm_logits, labels)
         if self.training:
-            self._enqueue(image_feat_m, text_feat_m, image_id, captions)
+            self._enqueue(image_feat_m, text_feat_m, image_id)
         return PretrainOutput({"itc": itc.loss, "itm": itm},
                               {"itm_negative_images": neg_image, "itm_negative_texts": neg_text})
