@@ -11,7 +11,6 @@ Detections JSON: {str(image_id): [[x, y, w, h, extra numbers such as a score...]
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -20,7 +19,7 @@ from functools import cached_property
 from typing import Any
 
 from .readers import DataFormatError
-from .retrieval import RetrievalRecord, _field, _join, _load_list
+from .retrieval import RetrievalRecord, _field, _join, _load_list, load_json
 
 __all__ = ["INSTANCES_FILE", "REFS_FILE", "GroundingRef", "UnsafePickleError", "load_plain_pickle", "read_detections",
            "read_grounding_refs", "read_grounding_train"]
@@ -114,20 +113,6 @@ def load_plain_pickle(path: str | os.PathLike) -> Any:
             raise pickle.UnpicklingError(f"{path}: not a readable pickle: {err}") from err
 
 
-def _load_dict(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            data = json.load(handle)
-        except json.JSONDecodeError as err:
-            raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}",
-                                  path=path) from err
-    if not isinstance(data, dict):
-        raise DataFormatError(f"{path}: expected a JSON object, got {type(data).__name__}", path=path)
-    return data
-
-
 class _Refer:
     """REFER's two files, each read (and checked) only when a record needs something from it."""
 
@@ -149,7 +134,7 @@ class _Refer:
 
     @cached_property
     def _instances(self) -> dict[str, Any]:
-        data, path = _load_dict(self.instances_path), self.instances_path
+        data, path = load_json(self.instances_path, dict), self.instances_path
         for key in ("images", "annotations"):
             if not isinstance(data.get(key), list):
                 raise DataFormatError(f"{path}: expected a list under {key!r}", path=path, field=key)
@@ -248,7 +233,7 @@ def read_detections(path: str | os.PathLike) -> dict[str, list[Box]]:
     """Proposals per image id: the first 4 numbers of each entry are the box; an image may have none."""
     path = str(path)
     detections = {}
-    for image_id, boxes in _load_dict(path).items():
+    for image_id, boxes in load_json(path, dict).items():
         if not isinstance(boxes, list):
             raise DataFormatError(f"{path}, image {image_id!r}: expected a list of boxes, got {type(boxes).__name__}",
                                   path=path, record=image_id)

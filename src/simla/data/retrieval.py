@@ -39,6 +39,11 @@ class RetrievalEvalSet:
 
 
 def _load_list(path: str | os.PathLike) -> list[Any]:
+    return load_json(path, list)
+
+
+def load_json(path: str | os.PathLike, expected: type[list] | type[dict]) -> Any:
+    """Read an annotation file that must hold a JSON list (of records) or object; errors name the file."""
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such annotation file: {path}")
@@ -48,8 +53,9 @@ def _load_list(path: str | os.PathLike) -> list[Any]:
         except json.JSONDecodeError as err:
             raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}",
                                   path=path) from err
-    if not isinstance(data, list):
-        raise DataFormatError(f"{path}: expected a JSON list of records, got {type(data).__name__}", path=path)
+    if not isinstance(data, expected):
+        what = "a JSON list of records" if expected is list else "a JSON object"
+        raise DataFormatError(f"{path}: expected {what}, got {type(data).__name__}", path=path)
     return data
 
 

@@ -278,8 +278,8 @@ def _image_rng(item: ShapeImage, seed: int) -> random.Random:
     return random.Random(f"{seed}:{item.split}:{Path(item.image).name}")
 
 
-def _write_json(records: list[dict[str, Any]], path: PathLike) -> Path:
-    """Write ``records`` as one JSON list, atomically, so a crash never leaves a half-written file."""
+def _write_json(records: list[dict[str, Any]] | dict[str, Any], path: PathLike) -> Path:
+    """Write ``records`` (a JSON list or object) atomically, so a crash never leaves a half-written file."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

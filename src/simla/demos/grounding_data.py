@@ -17,9 +17,7 @@ per expression, a hit being IoU >= 0.5 with the true box.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -224,16 +222,6 @@ def _distractors(placed: Sequence[_Placed], count: int, size: int, rng: random.R
     return chosen
 
 
-def _write_object(obj: dict[str, Any], path: Path) -> Path:
-    """Write a JSON object atomically (``_write_json`` writes lists), in the same format."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
-
-
 def _build_split(root: Path, split: str, count: int, grid: int, seed: int,
                  distractors: int) -> tuple[list[dict[str, Any]], dict[str, list[list[int]]]]:
     """Write one split's canvases; return their manifest entries (with expressions) and proposals."""
@@ -298,7 +286,7 @@ def build_grounding_set(output_dir: PathLike, *, train_canvases: int, test_canva
     files = GroundingDemoFiles(
         root=root, train_file=_write_json(pairs, root / "train.json"),
         refs_file=_write_json(refs, root / "test_refs.json"),
-        dets_file=_write_object(dets, root / "test_dets.json"), train_pairs=len(pairs),
+        dets_file=_write_json(dets, root / "test_dets.json"), train_pairs=len(pairs),
         test_refs=len(refs), chance=_chance(refs, dets),
         manifest_file=_write_json(train + test, root / MANIFEST_NAME))
     logger.info("grounding set: %d train pairs, %d test refs, chance %.3f", files.train_pairs, files.test_refs,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .gradcam import inference_mode_of, open_images, upsample_map, vit_cls_map
+from .gradcam import batch_pixels, inference_mode_of, open_images, upsample_map, vit_cls_map
 
 
 class MissingConceptHead(ValueError):
@@ -87,12 +87,7 @@ def concepts(model: Any, images: Any, top: int = 10, maps: bool = False, block: 
     with inference_mode_of(model):
         for start in range(0, count, batch_size):
             index = list(range(start, min(start + batch_size, count)))
-            if pil is not None:
-                batch = model.prepare_pixels([pil[i] for i in index])
-                sizes = [(pil[i].height, pil[i].width) for i in index]
-            else:
-                batch = pixels[index].to(model.device)
-                sizes = [tuple(batch.shape[-2:])] * len(index)
+            batch, sizes = batch_pixels(model, pil, pixels, index)
             with torch.no_grad():
                 logits = model.concept_head(model.image_features(model.visual_encoder(batch))).float()
             probs, ids = logits.masked_fill(~allowed, float("-inf")).sigmoid().topk(top, dim=1)

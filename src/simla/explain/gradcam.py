@@ -103,6 +103,15 @@ def open_images(images: Any) -> tuple[list[Image.Image] | None, Tensor | None]:
     return [item.convert("RGB") if hasattr(item, "convert") else load_image(item) for item in items], None
 
 
+def batch_pixels(model: SimlaModel, pil: list[Image.Image] | None, pixels: Tensor | None,
+                 index: Sequence[int]) -> tuple[Tensor, list[tuple[int, int]]]:
+    """The model-ready pixels of images `index` (from `open_images`) and each image's (height, width)."""
+    if pil is not None:
+        return model.prepare_pixels([pil[i] for i in index]), [(pil[i].height, pil[i].width) for i in index]
+    batch = pixels[list(index)].to(model.device)
+    return batch, [tuple(batch.shape[-2:])] * len(index)
+
+
 def _pair_up(num_images: int, texts: str | Sequence[str]) -> tuple[list[int], list[str]]:
     """Image index and text of every pair: one-to-one, or one side broadcast to the other."""
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -207,14 +216,8 @@ def gradcam(model: SimlaModel, images: Any, texts: str | Sequence[str], layer: i
     with inference_mode_of(model):
         for start in range(0, len(texts), batch_size):
             chunk = range(start, min(start + batch_size, len(texts)))
-            index = [image_of[i] for i in chunk]
-            if pil is not None:
-                batch_pixels = model.prepare_pixels([pil[i] for i in index])
-                sizes = [(pil[i].height, pil[i].width) for i in index]
-            else:
-                batch_pixels = pixels[index].to(model.device)
-                sizes = [tuple(batch_pixels.shape[-2:])] * len(index)
-            results.extend(_explain_batch(model, batch_pixels, [texts[i] for i in chunk], sizes, layer, target))
+            images, sizes = batch_pixels(model, pil, pixels, [image_of[i] for i in chunk])
+            results.extend(_explain_batch(model, images, [texts[i] for i in chunk], sizes, layer, target))
     return results
 
 
