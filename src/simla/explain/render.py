@@ -117,3 +117,21 @@ def pixels_to_image(pixels: Tensor, mean: tuple[float, ...], std: tuple[float, .
     """A normalised (3, R, R) tensor back to a PIL image (for explanations of tensors)."""
     rgb = pixels.detach().cpu().float() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     return Image.fromarray((rgb.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def overlay_png(image: Image.Image, explanation: Explanation) -> bytes:
+    """The whole-text map drawn over the image exactly as in a sheet's "whole text" panel, as PNG bytes
+    at the image's own size (for result pages, where one overlay per hit is shown)."""
+    import io
+
+    from matplotlib import colormaps
+
+    size = (image.height, image.width)
+    heat = normalised(smoothed_heat(explanation.text_map, size, max(size) / explanation.text_map.shape[-1])).numpy()
+    colours = colormaps["jet"](heat)[..., :3]
+    alpha = (MAX_OPACITY * heat)[..., None]
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    blended = (1 - alpha) * pixels + alpha * colours
+    out = io.BytesIO()
+    Image.fromarray((blended * 255).round().astype(np.uint8)).save(out, format="PNG")
+    return out.getvalue()

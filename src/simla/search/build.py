@@ -1,0 +1,217 @@
+"""Bring an index in line with its source: embed new and changed images, drop deleted ones.
+
+A build and an update are the same operation (an update of an empty index is a build), and both resume
+an interrupted run: what a finished batch committed is in the manifest and is not embedded again.
+
+Change detection is cheap first and exact second: a file whose size and modification time match the
+manifest is taken as unchanged without being read (as make and rsync do); any other known file is read
+and hashed, and only re-embedded when its bytes differ. Files that failed before are retried only when
+their size or time changed.
+
+Under torchrun, every rank scans the source and computes the same work list, embeds every world-th
+image and commits its own batches (SQLite serialises the commits); rank 0 removes deleted items before
+and merges the feature files after.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.images import BadSampleError, load_image
+from ..data.transforms import EvalView
+from ..distributed import get_rank, get_world_size, is_distributed
+from .manifest import Manifest
+from .sources import ScanProblem, SourceItem, SourceSpec, read_item_bytes, scan_source
+from .store import compact, remove_orphans, write_chunk
+
+__all__ = ["SyncSummary", "sync_index"]
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class SyncSummary:
+    """What one build/update did (on this process; under torchrun the totals are rank 0's view)."""
+
+    scanned: int = 0
+    added: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    touched: int = 0  # size/time changed but the bytes did not: kept without embedding
+    deleted: int = 0
+    failed: int = 0  # new errors recorded by this run
+    skipped_errors: int = 0  # known bad files, unchanged, not retried
+    items: int = 0  # items in the index afterwards
+    errors: int = 0  # rows of the error table afterwards
+    embedded: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of this run's new errors
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def describe(self) -> str:
+        lines = [f"scanned {self.scanned:,} images: {self.added:,} new, {self.changed:,} changed, "
+                 f"{self.unchanged + self.touched:,} unchanged, {self.deleted:,} deleted",
+                 f"embedded {self.embedded:,} in {self.seconds:.1f} s ({self.images_per_second:.1f} images/s)",
+                 f"index: {self.items:,} items, {self.errors:,} files in the error table"
+                 + (f" ({self.failed:,} new this run)" if self.failed else "")]
+        lines += [f"  skipped {key}: {reason}" for key, reason in self.failures[:20]]
+        if len(self.failures) > 20:
+            lines.append(f"  ... and {len(self.failures) - 20} more (simla index info --errors)")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Work:
+    item: SourceItem
+    known_sha: str | None  # the stored hash when the item is in the index already
+
+
+class _WorkImages(Dataset):
+    """Reads, hashes and decodes one work item; failures come back as values, never as exceptions, so
+    one bad file costs one error row, not a batch."""
+
+    def __init__(self, work: list[_Work], view: EvalView) -> None:
+        self.work, self.view = work, view
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.work[index].item
+        try:
+            data = read_item_bytes(item.path, item.member, item.offset, item.size)
+        except OSError as exc:
+            return {"index": index, "error": ("unreadable", f"cannot read ({type(exc).__name__}: {exc})")}
+        sha = hashlib.sha256(data).hexdigest()
+        if sha == self.work[index].known_sha:
+            return {"index": index, "sha": sha, "same_bytes": True}
+        try:
+            image = load_image(data, name=item.key)
+        except BadSampleError as exc:
+            return {"index": index, "error": (exc.kind, exc.reason)}
+        return {"index": index, "sha": sha, "pixels": self.view(image), "size": image.size}
+
+
+def _as_list(batch: list[dict]) -> list[dict]:
+    return batch
+
+
+def _plan(manifest: Manifest, items: list[SourceItem],
+          problems: list[ScanProblem]) -> tuple[list[_Work], list[str], dict[str, int]]:
+    """(work to embed or check, keys to delete, counts) from the scan and the manifest."""
+    stored = {item.key: item for item in manifest.items()}
+    errors = {error.key: error for error in manifest.errors()}
+    work, counts = [], {"added": 0, "changed": 0, "unchanged": 0, "skipped_errors": 0}
+    for item in items:
+        known = stored.get(item.key)
+        if known is not None and (known.size, known.mtime_ns, known.path) == (item.size, item.mtime_ns, item.path):
+            counts["unchanged"] += 1
+            continue
+        bad = errors.get(item.key)
+        if known is None and bad is not None and (bad.size, bad.mtime_ns) == (item.size, item.mtime_ns):
+            counts["skipped_errors"] += 1
+            continue
+        counts["changed" if known is not None else "added"] += 1
+        work.append(_Work(item, known.sha256 if known is not None else None))
+    present = {item.key for item in items} | {problem.key for problem in problems}
+    deleted = [key for key in stored if key not in present] + [key for key in errors if key not in present]
+    return work, deleted, counts
+
+
+def _barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+@torch.no_grad()
+def sync_index(index_dir: Path, manifest: Manifest, spec: SourceSpec, model, *, batch_size: int = 64,
+               num_workers: int = 2, precision: str = "fp32", progress: bool = True) -> SyncSummary:
+    """Embed what the manifest lacks, drop what the source lost, merge feature files; see the module doc."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    start = time.perf_counter()
+    rank, world = get_rank(), get_world_size()
+    items, problems = scan_source(spec)
+    work, deleted, counts = _plan(manifest, items, problems)
+    summary = SyncSummary(scanned=len(items), **counts)
+    _barrier()  # every rank has planned from the same manifest before rank 0 changes it
+    if rank == 0:
+        remove_orphans(index_dir, manifest)
+        summary.deleted = manifest.remove(deleted)
+        manifest.set_meta({"complete": False})
+        new_problems = [p for p in problems if p.key not in {e.key for e in manifest.errors()}]
+        manifest.record_errors([{"key": p.key, "path": p.path, "reason": p.reason, "kind": "missing",
+                                 "size": p.size, "mtime_ns": p.mtime_ns} for p in problems])
+        summary.failed += len(new_problems)
+        summary.failures += [(p.key, p.reason) for p in new_problems]
+    _barrier()
+
+    mine = work[rank::world]
+    model.eval()
+    view = EvalView(model.config.vision.image_size)
+    loader = DataLoader(_WorkImages(mine, view), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_as_list)
+    device = model.device
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(mine), desc="indexing", unit="img", disable=not progress or rank != 0) as bar:
+        for batch in loader:
+            good = [b for b in batch if "pixels" in b]
+            features = np.zeros((0, 0), dtype=np.float16)
+            if good:
+                pixels = torch.stack([b["pixels"] for b in good]).to(device)
+                with autocast:
+                    features = model.encode_image(pixels).float().cpu().numpy()
+                summary.embedded += len(good)
+            rows = []
+            for b in good:
+                item = mine[b["index"]].item
+                rows.append({"key": item.key, "path": item.path, "member": item.member, "offset": item.offset,
+                             "size": item.size, "mtime_ns": item.mtime_ns, "sha256": b["sha"],
+                             "caption": item.caption, "width": b["size"][0], "height": b["size"][1]})
+            errors = []
+            for b in batch:
+                if "error" in b:
+                    item = mine[b["index"]].item
+                    kind, reason = b["error"]
+                    errors.append({"key": item.key, "path": item.path, "size": item.size,
+                                   "mtime_ns": item.mtime_ns, "kind": kind, "reason": reason})
+                    summary.failures.append((item.key, reason))
+            summary.failed += len(errors)
+            same = [mine[b["index"]].item for b in batch if b.get("same_bytes")]
+            if same:
+                manifest.touch([(i.key, i.size, i.mtime_ns, i.member, i.offset) for i in same])
+                summary.touched += len(same)
+            chunk = write_chunk(index_dir, features) if rows else ""
+            manifest.add_batch(chunk, len(rows), rows, errors)
+            bar.update(len(batch))
+    # The changed-but-same-bytes items were counted as changed in the plan; they are unchanged in fact.
+    summary.changed -= summary.touched
+    _barrier()
+    if rank == 0:
+        compact(index_dir, manifest)
+        manifest.set_meta({"complete": True, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    _barrier()
+    summary.items, summary.errors = manifest.count_items(), manifest.count_errors()
+    summary.seconds = time.perf_counter() - start
+    if summary.failures:
+        for key, reason in summary.failures[:50]:
+            logger.warning("not indexed: %s: %s", key, reason)
+    return summary

@@ -1,0 +1,329 @@
+"""`simla.search.Index`: build, update and query an index of images with a SIMLA checkpoint.
+
+Ranking. A query (a text, an image, or both: then the normalised sum of the two features) is compared
+with every stored image feature by cosine similarity (ITC). With ``rerank=R`` the R best candidates of a
+text query are re-scored by the ITM head, which reads the text and the image together; the final score
+of a re-ranked hit is its ITM match probability plus ``itc_weight`` times its cosine (``itc_weight=0``,
+the default, is ITM alone, the reference's retrieval rule up to the monotone softmax: the reference ranks
+by the positive-class logit, simla by the match probability, which can be compared across queries).
+Re-ranked hits come first; the others follow in ITC order with ``score = itc``, as in the reference,
+which gives every candidate outside the top R the lowest score. Image queries are ranked by ITC alone.
+
+Near-duplicates. With ``dedup=t``, a hit whose stored feature has cosine >= t with a better-ranked hit is
+folded into that hit (listed in ``Hit.duplicates``) instead of taking a place of its own.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .. import __version__
+from ..data.images import load_image
+from .build import SyncSummary, sync_index
+from .fingerprint import ModelMismatchError, model_fingerprint
+from .manifest import MANIFEST_NAME, Manifest, StoredItem
+from .results import Hit
+from .sources import read_item_bytes, resolve_source, SourceSpec
+from .store import load_live_features
+
+__all__ = ["Index", "IndexNotFoundError"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+class IndexNotFoundError(FileNotFoundError):
+    """The folder holds no simla index."""
+
+
+def _load_model(checkpoint: str | os.PathLike, device: str | torch.device):
+    from ..checkpoint import load_checkpoint
+
+    model = load_checkpoint(checkpoint, task="base")
+    return model.to(device).eval()
+
+
+class Index:
+    """An index folder: ``manifest.sqlite`` (items, errors, model fingerprint) and ``features/*.npy``.
+
+    Open one with :meth:`open`, create one with :meth:`build`. The model is loaded (from the checkpoint
+    recorded at build time, unless another is given) and checked against the index's fingerprint the
+    first time a query or an update needs it.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, *, model=None, checkpoint: str | None = None,
+                 device: str | torch.device = "cpu", backend: str = "auto") -> None:
+        self.path = path
+        self.manifest = manifest
+        self.device = torch.device(device)
+        self.backend = backend
+        self._checkpoint = checkpoint
+        self._model = None
+        self._vectors = None
+        self._ids: np.ndarray | None = None
+        if model is not None:
+            self._check_model(model)
+            self._model = model.eval()
+
+    # ------------------------------------------------------------------------------ creation
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, model=None, checkpoint: str | os.PathLike | None = None,
+             device: str | torch.device = "cpu", backend: str = "auto") -> "Index":
+        """Open an existing index. ``checkpoint``/``model`` replace the recorded checkpoint (same weights only)."""
+        folder = Path(path)
+        if not (folder / MANIFEST_NAME).is_file():
+            raise IndexNotFoundError(f"{folder}: no simla index here (no {MANIFEST_NAME}); create one with "
+                                     f"`simla index build SOURCE --checkpoint C --output {folder}`")
+        manifest = Manifest(folder / MANIFEST_NAME)
+        version = manifest.get_meta("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(f"{folder}: index format {version!r}, this simla reads format {FORMAT_VERSION}")
+        return cls(folder, manifest, model=model, checkpoint=os.fspath(checkpoint) if checkpoint else None,
+                   device=device, backend=backend)
+
+    @classmethod
+    def build(cls, source: str | os.PathLike, output: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
+              model=None, image_root: str | os.PathLike | None = None, batch_size: int = 64, num_workers: int = 2,
+              precision: str = "fp32", device: str | torch.device = "cpu", progress: bool = True,
+              backend: str = "auto") -> "Index":
+        """Index every image of ``source`` (folder, annotation file or shard pattern) into ``output``.
+
+        A folder holding an unfinished build of the same source and model is resumed; a finished index is
+        refused (use :meth:`update`). Give ``checkpoint`` (recorded, so later commands need not repeat it)
+        or an in-memory ``model`` (then pass it again to :meth:`open`).
+        """
+        if (checkpoint is None) == (model is None):
+            raise ValueError("give exactly one of checkpoint= or model=")
+        spec = resolve_source(source, image_root)
+        folder = Path(output)
+        checkpoint = os.path.abspath(checkpoint) if checkpoint is not None else None
+        if (folder / MANIFEST_NAME).is_file():
+            existing = cls.open(folder, model=model, checkpoint=checkpoint, device=device, backend=backend)
+            if existing.manifest.get_meta("complete"):
+                raise FileExistsError(f"{folder} already holds an index; run `simla index update {folder}` to add "
+                                      f"new images, or choose another --output")
+            if existing.manifest.get_meta("source") != spec.to_dict():
+                raise ValueError(f"{folder} holds an unfinished index of {existing.manifest.get_meta('source')}, "
+                                 f"not of {spec.location}; choose another --output")
+            logger.info("resuming the unfinished build in %s", folder)
+            existing.update(batch_size=batch_size, num_workers=num_workers, precision=precision, progress=progress)
+            return existing
+        if model is None:
+            model = _load_model(checkpoint, device)
+        folder.mkdir(parents=True, exist_ok=True)
+        from ..distributed import get_rank, is_distributed
+
+        if get_rank() == 0:
+            manifest = Manifest(folder / MANIFEST_NAME)
+            manifest.set_meta({
+                "format_version": FORMAT_VERSION, "source": spec.to_dict(), "checkpoint": checkpoint,
+                "fingerprint": model_fingerprint(model), "model": model.config.name,
+                "dim": model.config.objectives.embed_dim, "image_size": model.config.vision.image_size,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "simla_version": __version__, "complete": False,
+            })
+        if is_distributed():
+            torch.distributed.barrier()
+        index = cls.open(folder, model=model, checkpoint=checkpoint, device=device, backend=backend)
+        index.last_summary = index.update(batch_size=batch_size, num_workers=num_workers, precision=precision,
+                                          progress=progress)
+        return index
+
+    def update(self, *, batch_size: int = 64, num_workers: int = 2, precision: str = "fp32",
+               progress: bool = True) -> SyncSummary:
+        """Re-scan the source: embed new and changed images, drop deleted ones (resumes an interrupted run)."""
+        spec = SourceSpec(**self.manifest.get_meta("source"))
+        summary = sync_index(self.path, self.manifest, spec, self.model, batch_size=batch_size,
+                             num_workers=num_workers, precision=precision, progress=progress)
+        self._vectors = self._ids = None  # the features changed
+        self.last_summary = summary
+        return summary
+
+    # ------------------------------------------------------------------------------ the model
+    def _check_model(self, model) -> None:
+        expected = self.manifest.get_meta("fingerprint")
+        actual = model_fingerprint(model)
+        if actual != expected:
+            raise ModelMismatchError(
+                f"{self.path} was built with another model ({self.manifest.get_meta('model')!r} from "
+                f"{self.manifest.get_meta('checkpoint')}, fingerprint {expected[:12]}); this one "
+                f"({model.config.name!r}, fingerprint {actual[:12]}) embeds into a different space. Query the "
+                f"index with its own checkpoint, or build a new index for this model")
+
+    @property
+    def model(self):
+        """The index's model, loaded on first use and checked against the index's fingerprint."""
+        if self._model is None:
+            checkpoint = self._checkpoint or self.manifest.get_meta("checkpoint")
+            if checkpoint is None:
+                raise ValueError(f"{self.path} was built from an in-memory model; pass model= to Index.open")
+            if not Path(checkpoint).exists():
+                raise FileNotFoundError(f"the index's checkpoint {checkpoint} is gone; pass checkpoint= (the "
+                                        f"same weights) to Index.open, or --checkpoint on the command line")
+            model = _load_model(checkpoint, self.device)
+            self._check_model(model)
+            self._model = model
+        return self._model
+
+    # ------------------------------------------------------------------------------ facts
+    def __len__(self) -> int:
+        return self.manifest.count_items()
+
+    def info(self) -> dict[str, Any]:
+        meta = self.manifest.all_meta()
+        source = meta.get("source") or {}
+        return {"items": self.manifest.count_items(), "errors": self.manifest.count_errors(),
+                "source": source.get("location"), "source_kind": source.get("kind"), "model": meta.get("model"),
+                "checkpoint": meta.get("checkpoint"), "fingerprint": meta.get("fingerprint"),
+                "dim": meta.get("dim"), "complete": meta.get("complete"), "created": meta.get("created"),
+                "updated": meta.get("updated"), "rerank_available": True, "path": str(self.path)}
+
+    def item(self, item_id: int) -> StoredItem:
+        return self.manifest.item(item_id)
+
+    def errors(self):
+        return self.manifest.errors()
+
+    # ------------------------------------------------------------------------------ images
+    def image_bytes(self, item_id: int) -> bytes:
+        item = self.manifest.item(item_id)
+        return read_item_bytes(item.path, item.member, item.offset, item.size)
+
+    def load_image(self, item_id: int) -> Image.Image:
+        item = self.manifest.item(item_id)
+        return load_image(self.image_bytes(item_id), name=item.key)
+
+    def thumbnail(self, item_id: int, size: int = 256) -> bytes:
+        """JPEG bytes of the image scaled down so that its longer side is at most ``size`` pixels."""
+        image = self.load_image(item_id)
+        image.thumbnail((size, size), Image.Resampling.BICUBIC)
+        out = io.BytesIO()
+        image.save(out, format="JPEG", quality=85)
+        return out.getvalue()
+
+    # ------------------------------------------------------------------------------ search
+    def _vector_index(self):
+        if self._vectors is None:
+            from .vectors import VectorIndex
+
+            ids, features = load_live_features(self.path, self.manifest)
+            self._ids = ids
+            self._vectors = VectorIndex(features, backend=self.backend)
+        return self._vectors
+
+    def _query_feature(self, text: str | None, image) -> torch.Tensor:
+        model = self.model
+        parts = []
+        with torch.no_grad():
+            if text is not None:
+                parts.append(model.encode_text([text]))
+            if image is not None:
+                if isinstance(image, (bytes, bytearray)):
+                    image = load_image(bytes(image), name="query image")
+                parts.append(model.encode_image(model.prepare_pixels(image)))
+        return F.normalize(torch.stack(parts).sum(0), dim=-1).float().cpu()
+
+    def search(self, text: str | None = None, image=None, *, k: int = 20, rerank: int = 0, offset: int = 0,
+               dedup: float | None = 0.98, itc_weight: float = 0.0, batch_size: int = 32) -> list[Hit]:
+        """Hits ``offset`` to ``offset + k - 1`` of the ranking for a text and/or image query (module doc)."""
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"text must be a string, got {type(text).__name__}")
+        if text is not None and not text.strip():
+            text = None
+        if text is None and image is None:
+            raise ValueError("give a text query, an image query, or both")
+        for name, value, low in (("k", k, 1), ("rerank", rerank, 0), ("offset", offset, 0)):
+            if int(value) != value or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if dedup is not None and not -1.0 <= dedup <= 1.0:
+            raise ValueError(f"dedup must be a cosine threshold in [-1, 1] (or None to keep duplicates), got {dedup}")
+        query = self._query_feature(text, image)
+        vectors = self._vector_index()
+        total = len(vectors)
+        wanted = offset + k
+        fetch = max(wanted, rerank if text is not None else 0)
+        rerank = rerank if text is not None else 0
+        itm_cache: dict[int, float | None] = {}
+        while True:
+            scores, rows = vectors.search(query, min(fetch, total))
+            order = self._rank(text, scores[0], rows[0], rerank, itc_weight, itm_cache, batch_size)
+            kept = self._collapse(order, vectors, dedup, wanted)
+            if len(kept) >= wanted or fetch >= total:
+                break
+            fetch = min(total, fetch * 2)  # duplicates took places: look further down the ranking
+        return [self._hit(rank, entry) for rank, entry in enumerate(kept[offset:wanted], start=offset + 1)]
+
+    def _rank(self, text, scores, rows, rerank, itc_weight, itm_cache, batch_size) -> list[dict]:
+        """Candidates in final order: re-ranked ones by fused score, then the rest by ITC."""
+        entries = [{"row": int(r), "itc": float(s), "itm": None} for s, r in zip(scores.tolist(), rows.tolist())]
+        head = entries[:rerank]
+        missing = [e["row"] for e in head if e["row"] not in itm_cache]
+        if missing:
+            from .rerank import itm_probabilities
+
+            itm_cache.update(itm_probabilities(self.model, text, [int(self._ids[r]) for r in missing], self,
+                                               rows=missing, batch_size=batch_size))
+        for e in head:
+            e["itm"] = itm_cache[e["row"]]
+        scored = [e for e in head if e["itm"] is not None]
+        for e in scored:
+            e["score"] = e["itm"] + itc_weight * e["itc"]
+        for e in entries:
+            e.setdefault("score", e["itc"])
+        # Stable sorts: equal fused scores keep the ITC order.
+        scored.sort(key=lambda e: -e["score"])
+        rest = [e for e in entries if e["itm"] is None]
+        return scored + rest
+
+    @staticmethod
+    def _collapse(order: list[dict], vectors, threshold: float | None, wanted: int) -> list[dict]:
+        if threshold is None:
+            return order[:wanted]
+        kept: list[dict] = []
+        kept_rows: list[int] = []
+        for entry in order:
+            if kept_rows:
+                sims = vectors._features[kept_rows] @ vectors._features[entry["row"]]
+                best = int(torch.argmax(sims))
+                if float(sims[best]) >= threshold:
+                    kept[best].setdefault("duplicates", []).append(entry["row"])
+                    continue
+            if len(kept) == wanted:
+                break
+            kept.append(entry)
+            kept_rows.append(entry["row"])
+        return kept
+
+    def _hit(self, rank: int, entry: dict) -> Hit:
+        item = self.manifest.item(int(self._ids[entry["row"]]))
+        duplicates = [self.manifest.item(int(self._ids[r])).key for r in entry.get("duplicates", [])]
+        return Hit(rank=rank, item_id=item.id, key=item.key, path=item.path, caption=item.caption,
+                   score=float(entry["score"]), itc=float(entry["itc"]), itm=entry["itm"], duplicates=duplicates)
+
+    # ------------------------------------------------------------------------------ explain
+    def explain(self, text: str, item_ids: Sequence[int]) -> dict[int, bytes]:
+        """PNG overlays of the Grad-CAM map of ``text`` over each item's image (ITM, whole-text map)."""
+        from ..explain import gradcam
+        from ..explain.render import overlay_png
+
+        out: dict[int, bytes] = {}
+        for item_id in item_ids:
+            image = self.load_image(item_id)
+            explanation = gradcam(self.model, [image], text)[0]
+            out[int(item_id)] = overlay_png(image, explanation)
+        return out
+
+    def close(self) -> None:
+        self.manifest.close()
+
