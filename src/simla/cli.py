@@ -239,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_commands(sub)
 
+    from .cli_search import add_search_commands
+
+    add_search_commands(sub)
+
     explain = sub.add_parser(
         "explain", help="Grad-CAM maps per word and per caption, and concept tags, as PNG sheets + JSON",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -8,7 +8,8 @@
 
 from .build import SyncSummary
 from .fingerprint import ModelMismatchError, model_fingerprint
-from .index import Index, IndexNotFoundError
+from .index import Index, IndexExistsError, IndexNotFoundError, SearchError
 from .results import Hit
 
-__all__ = ["Hit", "Index", "IndexNotFoundError", "ModelMismatchError", "SyncSummary", "model_fingerprint"]
+__all__ = ["Hit", "Index", "IndexExistsError", "IndexNotFoundError", "ModelMismatchError", "SearchError", "SyncSummary",
+           "model_fingerprint"]

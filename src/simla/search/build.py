@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.images import BadSampleError, load_image
 from ..data.transforms import EvalView
 from ..distributed import get_rank, get_world_size, is_distributed
+from ..errors import ConfigError
 from .manifest import Manifest
 from .sources import ScanProblem, SourceItem, SourceSpec, read_item_bytes, scan_source
 from .store import compact, remove_orphans, write_chunk
@@ -142,9 +143,9 @@ def sync_index(index_dir: Path, manifest: Manifest, spec: SourceSpec, model, *, 
                num_workers: int = 2, precision: str = "fp32", progress: bool = True) -> SyncSummary:
     """Embed what the manifest lacks, drop what the source lost, merge feature files; see the module doc."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
     start = time.perf_counter()
     rank, world = get_rank(), get_world_size()
     items, problems = scan_source(spec)

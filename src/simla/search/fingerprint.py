@@ -10,10 +10,12 @@ import json
 import torch
 from torch import nn
 
+from ..errors import SimlaError
+
 __all__ = ["ModelMismatchError", "model_fingerprint"]
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(SimlaError, ValueError):
     """The model given for a query or an update is not the one the index was built with."""
 
 

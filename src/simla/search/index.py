@@ -10,7 +10,10 @@ Re-ranked hits come first; the others follow in ITC order with ``score = itc``, 
 which gives every candidate outside the top R the lowest score. Image queries are ranked by ITC alone.
 
 Near-duplicates. With ``dedup=t``, a hit whose stored feature has cosine >= t with a better-ranked hit is
-folded into that hit (listed in ``Hit.duplicates``) instead of taking a place of its own.
+folded into that hit (listed in ``Hit.duplicates``) instead of taking a place of its own. It is off by
+default because the right threshold depends on the model: a well-trained model puts re-encoded or resized
+copies of a photo above 0.99 and distinct photos below, but a small model may not separate distinct
+images of one kind from copies (the easy-VQA demo model gives two different red circles 0.996).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .. import __version__
+from ..errors import SimlaError
 from ..data.images import load_image
 from .build import SyncSummary, sync_index
 from .fingerprint import ModelMismatchError, model_fingerprint
@@ -37,7 +41,7 @@ from .results import Hit
 from .sources import read_item_bytes, resolve_source, SourceSpec
 from .store import load_live_features
 
-__all__ = ["Index", "IndexNotFoundError"]
+__all__ = ["Index", "IndexExistsError", "IndexNotFoundError", "SearchError"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,14 @@ FORMAT_VERSION = 1
 
 class IndexNotFoundError(FileNotFoundError):
     """The folder holds no simla index."""
+
+
+class IndexExistsError(SimlaError, FileExistsError):
+    """A build was asked into a folder that holds a finished index."""
+
+
+class SearchError(SimlaError, ValueError):
+    """A query or an index use that cannot work as asked (the message says what to change)."""
 
 
 def _load_model(checkpoint: str | os.PathLike, device: str | torch.device):
@@ -89,7 +101,7 @@ class Index:
         manifest = Manifest(folder / MANIFEST_NAME)
         version = manifest.get_meta("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(f"{folder}: index format {version!r}, this simla reads format {FORMAT_VERSION}")
+            raise SearchError(f"{folder}: index format {version!r}, this simla reads format {FORMAT_VERSION}")
         return cls(folder, manifest, model=model, checkpoint=os.fspath(checkpoint) if checkpoint else None,
                    device=device, backend=backend)
 
@@ -105,17 +117,17 @@ class Index:
         or an in-memory ``model`` (then pass it again to :meth:`open`).
         """
         if (checkpoint is None) == (model is None):
-            raise ValueError("give exactly one of checkpoint= or model=")
+            raise SearchError("give exactly one of checkpoint= or model=")
         spec = resolve_source(source, image_root)
         folder = Path(output)
         checkpoint = os.path.abspath(checkpoint) if checkpoint is not None else None
         if (folder / MANIFEST_NAME).is_file():
             existing = cls.open(folder, model=model, checkpoint=checkpoint, device=device, backend=backend)
             if existing.manifest.get_meta("complete"):
-                raise FileExistsError(f"{folder} already holds an index; run `simla index update {folder}` to add "
+                raise IndexExistsError(f"{folder} already holds an index; run `simla index update {folder}` to add "
                                       f"new images, or choose another --output")
             if existing.manifest.get_meta("source") != spec.to_dict():
-                raise ValueError(f"{folder} holds an unfinished index of {existing.manifest.get_meta('source')}, "
+                raise SearchError(f"{folder} holds an unfinished index of {existing.manifest.get_meta('source')}, "
                                  f"not of {spec.location}; choose another --output")
             logger.info("resuming the unfinished build in %s", folder)
             existing.update(batch_size=batch_size, num_workers=num_workers, precision=precision, progress=progress)
@@ -167,7 +179,7 @@ class Index:
         if self._model is None:
             checkpoint = self._checkpoint or self.manifest.get_meta("checkpoint")
             if checkpoint is None:
-                raise ValueError(f"{self.path} was built from an in-memory model; pass model= to Index.open")
+                raise SearchError(f"{self.path} was built from an in-memory model; pass model= to Index.open")
             if not Path(checkpoint).exists():
                 raise FileNotFoundError(f"the index's checkpoint {checkpoint} is gone; pass checkpoint= (the "
                                         f"same weights) to Index.open, or --checkpoint on the command line")
@@ -235,19 +247,19 @@ class Index:
         return F.normalize(torch.stack(parts).sum(0), dim=-1).float().cpu()
 
     def search(self, text: str | None = None, image=None, *, k: int = 20, rerank: int = 0, offset: int = 0,
-               dedup: float | None = 0.98, itc_weight: float = 0.0, batch_size: int = 32) -> list[Hit]:
+               dedup: float | None = None, itc_weight: float = 0.0, batch_size: int = 32) -> list[Hit]:
         """Hits ``offset`` to ``offset + k - 1`` of the ranking for a text and/or image query (module doc)."""
         if text is not None and not isinstance(text, str):
-            raise ValueError(f"text must be a string, got {type(text).__name__}")
+            raise SearchError(f"text must be a string, got {type(text).__name__}")
         if text is not None and not text.strip():
             text = None
         if text is None and image is None:
-            raise ValueError("give a text query, an image query, or both")
+            raise SearchError("give a text query, an image query, or both")
         for name, value, low in (("k", k, 1), ("rerank", rerank, 0), ("offset", offset, 0)):
             if int(value) != value or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+                raise SearchError(f"{name} must be an integer >= {low}, got {value!r}")
         if dedup is not None and not -1.0 <= dedup <= 1.0:
-            raise ValueError(f"dedup must be a cosine threshold in [-1, 1] (or None to keep duplicates), got {dedup}")
+            raise SearchError(f"dedup must be a cosine threshold in [-1, 1] (or None to keep duplicates), got {dedup}")
         query = self._query_feature(text, image)
         vectors = self._vector_index()
         total = len(vectors)

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..data.readers import SHARD_PATTERN_SEPARATOR, is_shard_pattern, read_records, split_shard_spec
 from ..data.shards import IMAGE_EXTENSIONS as SHARD_IMAGE_EXTENSIONS
 from ..data.shards import expand_shards
+from ..errors import DataError
 
 __all__ = ["IMAGE_SUFFIXES", "SourceItem", "SourceSpec", "ScanProblem", "read_item_bytes", "resolve_source",
            "scan_source"]
@@ -83,7 +84,7 @@ def resolve_source(source: str | os.PathLike, image_root: str | os.PathLike | No
 
     Raises:
         FileNotFoundError: the folder or annotation file does not exist, or a shard pattern matches nothing.
-        ValueError: a file that is neither an annotation file nor a shard.
+        DataError: a file that is neither an annotation file nor a shard.
     """
     text = os.fspath(source)
     if is_shard_pattern(text):
@@ -101,7 +102,7 @@ def resolve_source(source: str | os.PathLike, image_root: str | os.PathLike | No
     if path.suffix.lower() in (".json", ".jsonl", ".csv", ".tsv", ".tab"):
         root = Path(image_root).resolve() if image_root is not None else path.resolve().parent
         return SourceSpec("annotations", str(path.resolve()), str(root))
-    raise ValueError(f"{text}: not a folder, an annotation file (.json, .jsonl, .csv, .tsv) or a .tar shard")
+    raise DataError(f"{text}: not a folder, an annotation file (.json, .jsonl, .csv, .tsv) or a .tar shard")
 
 
 def scan_source(spec: SourceSpec) -> tuple[list[SourceItem], list[ScanProblem]]:

@@ -1,0 +1,193 @@
+"""`simla index build | update | info`, `simla search` and `simla serve`: argument parsing only; the work is
+in :mod:`simla.search`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from .distributed import evaluation_group, get_rank
+    from .search import Index
+
+    with evaluation_group(args.device) as device:
+        index = Index.build(args.source, args.output, checkpoint=args.checkpoint, image_root=args.image_root,
+                            batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
+                            device=device, progress=not args.quiet)
+        if get_rank() == 0:
+            print(index.last_summary.describe())
+            print(f"index: {index.path}")
+    return 0
+
+
+def cmd_index_update(args: argparse.Namespace) -> int:
+    from .distributed import evaluation_group, get_rank
+    from .search import Index
+
+    with evaluation_group(args.device) as device:
+        index = Index.open(args.index, checkpoint=args.checkpoint, device=device)
+        summary = index.update(batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
+                               progress=not args.quiet)
+        if get_rank() == 0:
+            print(summary.describe())
+    return 0
+
+
+def cmd_index_info(args: argparse.Namespace) -> int:
+    from .search import Index
+
+    index = Index.open(args.index)
+    info = index.info()
+    errors = [e.__dict__ for e in index.errors()] if args.errors else None
+    if args.json:
+        print(json.dumps({**info, **({"error_list": errors} if errors is not None else {})}, indent=2))
+        return 0
+    for key in ("path", "items", "errors", "source_kind", "source", "model", "checkpoint", "fingerprint", "dim",
+                "complete", "created", "updated"):
+        print(f"{key:>12}: {info[key]}")
+    for error in errors or []:
+        print(f"  {error['key']}: [{error['kind']}] {error['reason']}")
+    return 0
+
+
+def _print_table(hits) -> None:
+    print(f"{'rank':>4}  {'score':>7}  {'itc':>7}  {'itm':>6}  key / caption")
+    for hit in hits:
+        itm = f"{hit.itm:6.3f}" if hit.itm is not None else f"{'-':>6}"
+        caption = (hit.caption or "").split("\n")[0]
+        caption = caption if len(caption) <= 60 else caption[:57] + "..."
+        dupes = f"  (+{len(hit.duplicates)} near-duplicates)" if hit.duplicates else ""
+        print(f"{hit.rank:>4}  {hit.score:7.4f}  {hit.itc:7.4f}  {itm}  {hit.key}{dupes}"
+              + (f"\n{'':>32}{caption}" if caption else ""))
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .search import Index
+
+    index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, backend=args.backend)
+    dedup = args.dedup
+    hits = index.search(args.text, args.image, k=args.k, rerank=args.rerank, offset=args.offset, dedup=dedup,
+                        itc_weight=args.itc_weight, batch_size=args.batch_size)
+    if args.json:
+        for hit in hits:
+            print(json.dumps(hit.to_dict()))
+    else:
+        _print_table(hits)
+    if args.html:
+        from .search.html import render_results_page
+
+        query = {"text": args.text, "k": args.k, "rerank": args.rerank, "offset": args.offset, "dedup": dedup,
+                 "itc_weight": args.itc_weight}
+        if args.image:
+            query["image_thumbnail"] = Path(args.image).read_bytes()
+        overlays = index.explain(args.text, [h.item_id for h in hits]) if args.explain and args.text else None
+        page = render_results_page(query, hits, lambda hit: index.thumbnail(hit.item_id), overlays)
+        out = Path(args.html)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page, encoding="utf-8")
+        print(f"wrote {out}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .search import Index
+    from .search.server import serve
+
+    index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, backend=args.backend)
+    index.search("warm-up", k=1, dedup=None)  # load the model and the features before the first visitor
+    print(f"serving {index.path} ({len(index):,} images) on http://{args.host}:{args.port}  (Ctrl-C to stop)")
+    serve(index, host=args.host, port=args.port)
+    return 0
+
+
+def _add_embedding_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--num-workers", type=int, default=2, help="image reading/decoding workers (default 2)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16 autocast for the ViT (faster on GPUs and recent CPUs; features are stored in "
+                             "float16 either way)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: this rank's GPU)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_query_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", help="the index's model if its recorded checkpoint moved (same weights only)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--backend", choices=("auto", "exact", "faiss"), default="auto",
+                        help="nearest-neighbour search: exact matrix product, or faiss (optional extra "
+                             "simla[faiss]); auto picks faiss for very large indexes when it is installed")
+
+
+def add_search_commands(sub) -> None:
+    """Register `index`, `search` and `serve` on the top-level sub-parsers."""
+    index = sub.add_parser("index", help="build or update a search index of a folder, annotation file or shards")
+    index_sub = index.add_subparsers(dest="index_command", required=True)
+    build = index_sub.add_parser(
+        "build", help="embed every image of a source into a new index folder",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="simla index build photos/ --checkpoint C --output photos.idx\n"
+        "simla index build pairs.json --checkpoint C --output pairs.idx     (captions are kept)\n"
+        "simla index build 'shards/{00000..00099}.tar' --checkpoint C --output shards.idx\n"
+        "torchrun --nproc_per_node 8 -m simla.cli index build photos/ --checkpoint C --output photos.idx\n\n"
+        "Unreadable, corrupt or empty files are skipped and listed (simla index info --errors). An interrupted "
+        "build resumes when run again with the same arguments.")
+    build.add_argument("source", help="a folder (recursive), a .json/.jsonl/.csv/.tsv annotation file, or .tar shards")
+    build.add_argument("--checkpoint", required=True, help="ours (.pt), an export directory, or a reference .pth")
+    build.add_argument("--output", required=True, help="the index folder to create")
+    build.add_argument("--image-root", help="annotation files: folder relative image paths are joined to "
+                       "(default: the annotation file's folder)")
+    _add_embedding_options(build)
+    build.set_defaults(func=cmd_index_build)
+
+    update = index_sub.add_parser("update", help="embed new and changed files, drop deleted ones; resume a build",
+                                  description="Re-scan the index's source. Files whose size and time are unchanged "
+                                  "are not read; others are hashed and re-embedded only when their bytes changed.")
+    update.add_argument("index", help="the index folder")
+    update.add_argument("--checkpoint", help="the index's model if its recorded checkpoint moved (same weights only)")
+    _add_embedding_options(update)
+    update.set_defaults(func=cmd_index_update)
+
+    info = index_sub.add_parser("info", help="what an index holds: counts, source, model, errors")
+    info.add_argument("index", help="the index folder")
+    info.add_argument("--errors", action="store_true", help="list the files that could not be indexed")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=cmd_index_info)
+
+    search = sub.add_parser(
+        "search", help="query an index by text and/or image, optionally re-ranked by the ITM head",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="simla search photos.idx \"a dog on a beach\" --k 20 --rerank 100\n"
+        "simla search photos.idx --image query.jpg --k 20\n"
+        "simla search photos.idx \"a red circle\" --rerank 50 --html results.html --explain\n\n"
+        "Ranking: cosine of the ITC features; with --rerank R the R best are re-scored by the ITM head "
+        "(text queries), score = ITM match probability + ITC_WEIGHT x cosine, and come first.")
+    search.add_argument("index", help="the index folder")
+    search.add_argument("text", nargs="?", help="the query text")
+    search.add_argument("--image", help="a query image (image-to-image search; with a text, both are combined)")
+    search.add_argument("--k", type=int, default=20, help="results to return (default 20)")
+    search.add_argument("--offset", type=int, default=0, help="skip this many results (paging)")
+    search.add_argument("--rerank", type=int, default=0,
+                        help="ITC candidates re-scored by ITM (text queries; e.g. 100; default 0 = ITC only)")
+    search.add_argument("--itc-weight", type=float, default=0.0,
+                        help="fused score = ITM probability + W x ITC cosine (default 0: ITM alone)")
+    search.add_argument("--dedup", type=float, metavar="COSINE",
+                        help="fold results whose features have cosine >= COSINE with a better result into it "
+                             "(e.g. 0.99; default off: the right threshold depends on the model)")
+    search.add_argument("--batch-size", type=int, default=32, help="pairs per ITM forward when re-ranking")
+    search.add_argument("--json", action="store_true", help="print one JSON object per hit (JSON lines)")
+    search.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page of thumbnails")
+    search.add_argument("--explain", action="store_true", help="with --html and a text: Grad-CAM overlay per hit")
+    _add_query_model_options(search)
+    search.set_defaults(func=cmd_search)
+
+    serve = sub.add_parser("serve", help="a local web page to search an index (needs simla[serve])",
+                           description="simla serve photos.idx --port 8000, then open http://127.0.0.1:8000")
+    serve.add_argument("index", help="the index folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    _add_query_model_options(serve)
+    serve.set_defaults(func=cmd_serve)
