@@ -103,7 +103,9 @@ class Manifest:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         # A long timeout: under torchrun every rank commits its own batches and may wait for another's.
-        self.db = sqlite3.connect(self.path, timeout=120.0, isolation_level=None)
+        # check_same_thread=False: the search server reads the manifest from its worker threads (the
+        # sqlite3 module serialises access to one connection).
+        self.db = sqlite3.connect(self.path, timeout=120.0, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA foreign_keys = ON")
         self.db.executescript(_SCHEMA)
 

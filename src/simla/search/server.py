@@ -33,7 +33,8 @@ MAX_OFFSET = 100_000
 MAX_TEXT_CHARS = 2000
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
 THUMB_SIZES = (16, 1024)  # smallest and largest thumbnail side the API hands out
-DEFAULT_DEDUP = 0.98
+# A request without ``dedup`` gets the index's own default: a good threshold depends on the model.
+_INDEX_DEFAULT = object()
 
 
 def _require(module: str) -> Any:
@@ -136,7 +137,7 @@ class _Searcher:
         self.thumbs = _ThumbnailCache()
 
     def search(self, *, text: Any = None, image: Any = None, k: Any = 20, rerank: Any = 0, offset: Any = 0,
-               dedup: Any = DEFAULT_DEDUP, itc_weight: Any = 0.0) -> dict[str, Any]:
+               dedup: Any = _INDEX_DEFAULT, itc_weight: Any = 0.0) -> dict[str, Any]:
         if text is not None and not isinstance(text, str):
             raise QueryError("text must be a string")
         text = text.strip() if text else None
@@ -150,12 +151,12 @@ class _Searcher:
         k = _as_int("k", k, 1, MAX_K)
         rerank = _as_int("rerank", rerank, 0, MAX_RERANK)
         offset = _as_int("offset", offset, 0, MAX_OFFSET)
-        dedup = _parse_dedup(dedup)
+        options = {} if dedup is _INDEX_DEFAULT else {"dedup": _parse_dedup(dedup)}
         itc_weight = _as_float("itc_weight", itc_weight)
         with self.model_lock:
             start = time.perf_counter()
-            hits = self.index.search(text=text, image=image_bytes, k=k, rerank=rerank, offset=offset, dedup=dedup,
-                                     itc_weight=itc_weight)
+            hits = self.index.search(text=text, image=image_bytes, k=k, rerank=rerank, offset=offset,
+                                     itc_weight=itc_weight, **options)
             elapsed_ms = 1000 * (time.perf_counter() - start)
         return {"hits": [hit.to_dict() for hit in hits], "offset": offset, "k": k,
                 "elapsed_ms": round(elapsed_ms, 1)}
@@ -180,7 +181,8 @@ def create_app(index: Any) -> Any:
     Routes: ``GET /api/info``; ``GET /api/search?q=&k=&rerank=&offset=&dedup=`` and ``POST /api/search``
     with JSON ``{text, image (data URL), k, rerank, offset, dedup, itc_weight}``; ``GET
     /api/thumb/{item_id}?size=256`` (JPEG); ``GET /api/image/{item_id}`` (the original bytes).
-    Bad queries are answered with HTTP 400 and ``{"detail": message}``, unknown ids with 404.
+    Without ``dedup`` a search uses the index's default; ``dedup=off`` (GET) or ``null`` (POST) keeps
+    near-duplicates. Bad queries are answered with HTTP 400 and ``{"detail": message}``, unknown ids with 404.
     """
     fastapi = _require("fastapi")
     from fastapi.exceptions import RequestValidationError
@@ -218,8 +220,8 @@ def create_app(index: Any) -> Any:
     @app.get("/api/search")
     def search_get(q: str | None = None, k: int = 20, rerank: int = 0, offset: int = 0,
                    dedup: str | None = None, itc_weight: float = 0.0):
-        return searcher.search(text=q, k=k, rerank=rerank, offset=offset,
-                               dedup=DEFAULT_DEDUP if dedup is None else dedup, itc_weight=itc_weight)
+        return searcher.search(text=q, k=k, rerank=rerank, offset=offset, itc_weight=itc_weight,
+                               **({} if dedup is None else {"dedup": dedup}))
 
     @app.post("/api/search")
     def search_post(payload: dict = fastapi.Body(...)):
@@ -227,7 +229,7 @@ def create_app(index: Any) -> Any:
         unknown = sorted(set(payload) - allowed)
         if unknown:
             raise QueryError(f"unknown fields: {', '.join(unknown)}")
-        return searcher.search(**{"dedup": DEFAULT_DEDUP, **payload})
+        return searcher.search(**payload)
 
     @app.get("/api/thumb/{item_id}")
     def thumb(item_id: int, size: int = 256):
