@@ -109,3 +109,27 @@ def test_torchrun_build_embeds_each_image_once(photos, tmp_path, checkpoint):
     for key, feature in by_key["one"].items():
         assert np.allclose(by_key["ddp"][key], feature, atol=2e-3), key
     assert len(ddp.manifest.chunks()) == 1
+
+
+def test_http_api_round_trip_on_a_real_index(photos, tmp_path, checkpoint):
+    """The server on a real Index (its SQLite manifest is read from the server's worker threads)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from simla.search.server import create_app
+
+    index = Index.build(photos, tmp_path / "idx", checkpoint=checkpoint, batch_size=4, num_workers=0, progress=False)
+    with TestClient(create_app(index)) as client:
+        assert client.get("/api/info").json()["items"] == 9
+        got = client.get("/api/search", params={"q": "a red square", "k": 3, "rerank": 3, "offset": 1}).json()
+        assert got["hits"] == [h.to_dict() for h in index.search("a red square", k=3, rerank=3, offset=1)]
+        image = (photos / "a/p2.png").read_bytes()
+        import base64
+
+        posted = client.post("/api/search", json={"image": "data:image/png;base64," + base64.b64encode(image).decode(),
+                                                  "k": 1}).json()
+        assert posted["hits"][0]["key"] == "a/p2.png"
+        thumb = client.get(f"/api/thumb/{posted['hits'][0]['item_id']}")
+        assert thumb.status_code == 200 and thumb.content[:3] == b"\xff\xd8\xff"
+        assert client.get("/api/image/99999").status_code == 404

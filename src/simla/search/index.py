@@ -306,7 +306,7 @@ class Index:
         kept_rows: list[int] = []
         for entry in order:
             if kept_rows:
-                sims = vectors._features[kept_rows] @ vectors._features[entry["row"]]
+                sims = vectors.rows(kept_rows) @ vectors.rows([entry["row"]])[0]
                 best = int(torch.argmax(sims))
                 if float(sims[best]) >= threshold:
                     kept[best].setdefault("duplicates", []).append(entry["row"])

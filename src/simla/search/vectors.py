@@ -13,15 +13,18 @@ one of two backends:
 
 ``faiss`` (optional ``faiss-cpu``, ``pip install "simla[faiss]"``)
     Below ``FAISS_IVF_MIN_ROWS`` rows an exact ``IndexFlatIP`` (backend name ``faiss-flat``): same answers
-    as ``exact`` up to float rounding. Its storage doubles as the float32 torch copy, so it costs 4*N*D
-    bytes, not twice that. From ``FAISS_IVF_MIN_ROWS`` rows an inverted file (``IndexIVFFlat``, no
-    compression, backend name ``faiss-ivf<nlist>``) with nlist = 4*sqrt(N) spherical k-means centroids,
-    trained on a seeded random sample of ``_TRAIN_POINTS_PER_LIST`` rows per list. A query scans only the
-    ``nprobe`` lists whose centroids are closest, so it is approximate; ``DEFAULT_NPROBE`` reached
-    recall@10 >= 0.95 on the clustered synthetic data of ``benchmarks/search_query.py`` (see the numbers
-    next to the constant). The inverted lists hold their own float32 copy of the features plus an int64
-    id per row (4*N*D + 8*N bytes); the features are also kept as given, float16 borrowed without a
-    copy, for :meth:`VectorIndex.scores` and the exact fallback below, which upcast them block by block.
+    as ``exact`` up to float rounding, sharing its float32 storage with the torch copy (4*N*D bytes in
+    all). It measured slower than ``exact`` at every size (e.g. 77 ms vs 44 ms per query at 1M rows), so
+    ``auto`` never picks it; it is there for an explicit ``backend="faiss"`` on a small collection.
+    From ``FAISS_IVF_MIN_ROWS`` rows an inverted file (``IndexIVFFlat``, no compression, backend name
+    ``faiss-ivf<nlist>``) with nlist = 4*sqrt(N) spherical k-means centroids (unit-norm, which is the
+    right partition for cosine), trained on a seeded random sample of ``_TRAIN_POINTS_PER_LIST`` rows
+    per list. A query scans only the ``nprobe`` lists whose centroids are closest, so it is
+    approximate: see ``DEFAULT_NPROBE`` for the measured recall. The inverted lists hold their own
+    float32 copy of the features plus an int64 id per row (4*N*D + 8*N bytes); the features are also kept
+    as given, float16 borrowed without a copy, for :meth:`VectorIndex.scores` and the exact fallback
+    below, which upcast them block by block. Building is the expensive part: 90 s for 1M 256-d rows
+    on 2 CPU cores (k-means training and assigning every row both cost ~N*nlist*D, so ~N**1.5).
 
     An IVF search can come back with fewer than k rows (the probed lists held too few, typically with a
     large k or many excluded rows); those queries are answered again by the exact search, so the result
@@ -29,8 +32,9 @@ one of two backends:
     it returns are put in the same order as ``exact`` (score, then row).
 
 ``auto`` (the default) takes ``faiss`` when faiss is installed and N >= ``FAISS_AUTO_THRESHOLD``, else
-``exact``: below that size an exact single-query search is fast enough on a CPU and an IVF index would
-cost seconds to minutes to train every time the index is loaded.
+``exact``.
+
+Measured numbers come from ``benchmarks/search_query.py`` (2 CPU cores, 256-d float16 features, k=20).
 """
 
 from __future__ import annotations
@@ -42,17 +46,24 @@ from typing import Any
 import numpy as np
 import torch
 
-#: ``auto`` switches from ``exact`` to ``faiss`` at this many rows (when faiss is installed). Measured
-#: with ``benchmarks/search_query.py`` on 2 CPU cores, 256-d features: exact single-query latency is
-#: ~1.5 ms at 100k rows and ~150 ms at 1M rows, where faiss IVF (nprobe 32) answers in ~2 ms after a
-#: ~45 s build; below 1M the exact search is fast enough that training an IVF index does not pay off.
-FAISS_AUTO_THRESHOLD = 1_000_000
+#: ``auto`` switches from ``exact`` to ``faiss`` (an IVF index) at this many rows, when faiss is installed.
+#: Exact single-query latency is linear, ~44 ns per row on 2 cores: 2.6 ms at 100k rows, 44 ms at 1M,
+#: 87 ms at 2M, 197 ms at 4M. IVF answers in ~1 ms at 1M but its build took 90 s there (the time of ~2,000
+#: exact queries, paid on every load) and its recall depends on how clustered the features are. So the
+#: exact search is kept while it stays under ~0.1 s per query, i.e. up to 2M rows; a long-lived process
+#: serving many queries can pass ``backend="faiss"`` explicitly from ~1M rows.
+FAISS_AUTO_THRESHOLD = 2_000_000
 
-#: The faiss backend uses an exact ``IndexFlatIP`` below this many rows and an IVF index from it.
+#: The faiss backend uses an exact ``IndexFlatIP`` below this many rows and an IVF index from it: at 100k
+#: rows the IVF build takes ~7 s and a flat search ~5 ms, so smaller collections are not worth training.
 FAISS_IVF_MIN_ROWS = 100_000
 
-#: IVF lists probed per query when ``nprobe`` is not given: the smallest power of two that reached
-#: recall@10 >= 0.95 against the exact search on the benchmark's clustered synthetic data.
+#: IVF lists probed per query when ``nprobe`` is not given. recall@10 against the exact search on the
+#: benchmark's clustered data (clusters of ~1000 items, noise 1.0), by nprobe 8/16/32/64: 10k rows
+#: (nlist 250) 0.78/0.965/1.0/1.0; 100k (nlist 1265) 0.935/0.999/1.0/1.0; 1M (nlist 4000) 1.0 for all.
+#: 16 is the smallest power of two reaching 0.95 everywhere; 32 is the default for margin, because recall
+#: falls quickly on less clustered data (100k rows in clusters of 10k, noise 1.5: 0.50/0.71/0.94 at
+#: nprobe 16/32/64) and costs only ~0.4 ms more per query at 1M rows (0.97 ms vs 0.61 ms).
 DEFAULT_NPROBE = 32
 
 #: Rows of the k-means training sample per IVF list: faiss asks for at least 39, and training cost grows
@@ -207,8 +218,9 @@ class VectorIndex:
 
     Args:
         features: (N, D) float16 or float32 numpy array or torch tensor, rows L2-normalised; N may be 0.
-            Kept as a float32 torch tensor (4*N*D bytes); a float32 CPU tensor or writable float32 array
-            is used without a copy, so do not modify it afterwards.
+            The exact and flat backends keep a float32 torch tensor (4*N*D bytes); the IVF backend keeps
+            the features as given next to its lists. A float32 CPU tensor or writable float32 array (and
+            for IVF a float16 one) is used without a copy, so do not modify it afterwards.
         backend: ``"auto"``, ``"exact"``, ``"faiss"`` (flat or IVF by size), or ``"faiss-flat"`` /
             ``"faiss-ivf"`` to force one faiss index type (benchmarks, tests). See the module docstring.
         nprobe: IVF lists scanned per query (default ``DEFAULT_NPROBE``, capped at nlist); ignored by the
@@ -304,6 +316,10 @@ class VectorIndex:
 
     def __len__(self) -> int:
         return self._n
+
+    def rows(self, indices: Any) -> torch.Tensor:
+        """The stored features of the given rows as float32, (len(indices), D) (e.g. to compare hits)."""
+        return self._features[torch.as_tensor(indices, dtype=torch.long)].float()
 
     @property
     def nbytes(self) -> int:
