@@ -125,3 +125,19 @@ def test_quick_grounding_demo_fine_tunes_and_grounds(quick_demo, tmp_path, capsy
     config = yaml.safe_load((tmp_path / "grounding" / "config.yaml").read_text())
     assert config["model"]["objectives"]["itm_negatives"] == "random"
     assert "grounding accuracy" in capsys.readouterr().out
+
+
+def test_quick_search_demo_indexes_and_reranks(quick_demo, tmp_path, capsys):
+    folder, _ = quick_demo
+    assert main(["demo", "search", "--quick", "--from", str(folder), "--output", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["images"] == 888 and report["index_errors"] == 0 and len(report["queries"]) == 24
+    assert all(0 <= row["itc"] <= 1 and 0 <= row["itm"] <= 1 for row in report["queries"])
+    # Even the 30-step model finds images of the queried class far above chance (about 1/24).
+    assert report["precision_itc"] > 0.2
+    page = (tmp_path / "results.html").read_text()
+    assert page.count("data-item-id=") == 10
+    assert "precision@10" in capsys.readouterr().out
+    # Run again: the index is brought up to date, nothing is embedded twice.
+    assert main(["demo", "search", "--quick", "--from", str(folder), "--output", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["indexing_images_per_second"] == 0

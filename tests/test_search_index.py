@@ -271,3 +271,22 @@ def test_bad_sources_fail_before_work(tmp_path, checkpoint):
 def test_sync_rejects_bad_arguments(tmp_path, model):
     with pytest.raises(ValueError, match="precision"):
         sync_index(tmp_path, None, None, model, precision="fp8")
+
+
+def test_bf16_build_and_combined_text_image_query(photos, tmp_path, checkpoint, model):
+    fp32 = _build(photos, tmp_path / "fp32", checkpoint, precision="fp32")
+    bf16 = _build(photos, tmp_path / "bf16", checkpoint, precision="bf16")
+    _, a = simla.search.store.load_live_features(fp32.path, fp32.manifest)
+    _, b = simla.search.store.load_live_features(bf16.path, bf16.manifest)
+    cosines = (torch.from_numpy(a).float() * torch.from_numpy(b).float()).sum(-1)
+    assert cosines.min() > 0.98
+    # Text and image together: the normalised sum of the two query features.
+    query_image = photos / "img05.png"
+    with torch.no_grad():
+        both = torch.nn.functional.normalize(
+            model.encode_text(["a red square"])[0] + model.encode_image(model.prepare_pixels(query_image))[0], dim=0)
+    ids, stored = simla.search.store.load_live_features(fp32.path, fp32.manifest)
+    expected = torch.from_numpy(stored).float() @ both
+    hits = fp32.search("a red square", image=query_image, k=3)
+    assert [h.item_id for h in hits] == [int(ids[i]) for i in torch.argsort(expected, descending=True)[:3]]
+    assert hits[0].itc == pytest.approx(float(expected.max()), abs=1e-5)

@@ -275,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "or they pretrain one first) to answer easy-VQA's questions, judge statements about two "
                           "images, or tell entailed, contradicted and neutral statements apart, and report accuracy; "
                           "'grounding' finds the shape an expression names on canvases of four shapes from Grad-CAM "
-                          "alone (weakly supervised) and draws explain sheets.")
+                          "alone (weakly supervised) and draws explain sheets; "
+                          "'search' indexes the easy-VQA test images with that model and reports the precision@10 "
+                          "of class queries with and without ITM re-ranking, with an HTML results page.")
     demo.add_argument("task", nargs="?", default="retrieval", choices=sorted(DEMOS), help="which demo (default retrieval)")
     demo.add_argument("--output", help="report folder (default runs/demo, runs/demo_vqa for vqa)")
     demo.add_argument("--quick", action="store_true", help="a reduced run of about a minute (for CI)")

@@ -122,9 +122,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _add_embedding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--num-workers", type=int, default=2, help="image reading/decoding workers (default 2)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="bf16 autocast for the ViT (faster on GPUs and recent CPUs; features are stored in "
-                             "float16 either way)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="ViT precision: auto = bf16 autocast on a GPU, fp32 on a CPU (bf16 is slower on CPUs "
+                             "without bf16 instructions); features are stored in float16 either way")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: this rank's GPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

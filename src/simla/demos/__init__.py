@@ -42,8 +42,15 @@ def _grounding(**kwargs: Any) -> dict[str, Any]:
     return run_grounding_demo(**kwargs)
 
 
+def _search(**kwargs: Any) -> dict[str, Any]:
+    from .search import run_search_demo
+
+    return run_search_demo(**kwargs)
+
+
 #: Task name -> runner(output=..., quick=..., steps=..., [ablation=... | source=...]) returning the report dict.
-DEMOS: dict[str, Callable[..., dict[str, Any]]] = {"retrieval": _retrieval, "vqa": _vqa, "nlvr": _nlvr, "ve": _ve, "grounding": _grounding}
+DEMOS: dict[str, Callable[..., dict[str, Any]]] = {"retrieval": _retrieval, "vqa": _vqa, "nlvr": _nlvr, "ve": _ve, "grounding": _grounding,
+                                                      "search": _search}
 
 
 def run_demo(task: str = "retrieval", **kwargs: Any) -> dict[str, Any]:

@@ -38,7 +38,7 @@ __all__ = ["SyncSummary", "sync_index"]
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -140,7 +140,7 @@ def _barrier() -> None:
 
 @torch.no_grad()
 def sync_index(index_dir: Path, manifest: Manifest, spec: SourceSpec, model, *, batch_size: int = 64,
-               num_workers: int = 2, precision: str = "fp32", progress: bool = True) -> SyncSummary:
+               num_workers: int = 2, precision: str = "auto", progress: bool = True) -> SyncSummary:
     """Embed what the manifest lacks, drop what the source lost, merge feature files; see the module doc."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -169,7 +169,10 @@ def sync_index(index_dir: Path, manifest: Manifest, spec: SourceSpec, model, *, 
     loader = DataLoader(_WorkImages(mine, view), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_as_list)
     device = model.device
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    # "auto": bf16 on a GPU; fp32 on a CPU, where bf16 is slower unless the CPU has bf16 instructions
+    # (the paper model embeds at 0.56x the fp32 rate on this project's test machine).
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     from tqdm.auto import tqdm
 
     with tqdm(total=len(mine), desc="indexing", unit="img", disable=not progress or rank != 0) as bar:

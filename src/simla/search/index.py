@@ -108,7 +108,7 @@ class Index:
     @classmethod
     def build(cls, source: str | os.PathLike, output: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
               model=None, image_root: str | os.PathLike | None = None, batch_size: int = 64, num_workers: int = 2,
-              precision: str = "fp32", device: str | torch.device = "cpu", progress: bool = True,
+              precision: str = "auto", device: str | torch.device = "cpu", progress: bool = True,
               backend: str = "auto") -> "Index":
         """Index every image of ``source`` (folder, annotation file or shard pattern) into ``output``.
 
@@ -152,7 +152,7 @@ class Index:
                                           progress=progress)
         return index
 
-    def update(self, *, batch_size: int = 64, num_workers: int = 2, precision: str = "fp32",
+    def update(self, *, batch_size: int = 64, num_workers: int = 2, precision: str = "auto",
                progress: bool = True) -> SyncSummary:
         """Re-scan the source: embed new and changed images, drop deleted ones (resumes an interrupted run)."""
         spec = SourceSpec(**self.manifest.get_meta("source"))
