@@ -290,3 +290,26 @@ def test_bf16_build_and_combined_text_image_query(photos, tmp_path, checkpoint, 
     hits = fp32.search("a red square", image=query_image, k=3)
     assert [h.item_id for h in hits] == [int(ids[i]) for i in torch.argsort(expected, descending=True)[:3]]
     assert hits[0].itc == pytest.approx(float(expected.max()), abs=1e-5)
+
+
+def test_paging_a_reranked_query_scores_each_pair_once(photos, tmp_path, checkpoint, monkeypatch):
+    import simla.search.rerank as rerank_module
+
+    index = _build(photos, tmp_path / "idx", checkpoint)
+    scored = []
+    real = rerank_module.itm_probabilities
+
+    def counting(model, text, item_ids, *args, **kwargs):
+        scored.extend(item_ids)
+        return real(model, text, item_ids, *args, **kwargs)
+
+    monkeypatch.setattr(rerank_module, "itm_probabilities", counting)
+    first = index.search("a blue square", k=3, rerank=6)
+    second = index.search("a blue square", k=3, rerank=6, offset=3)
+    assert len(scored) == 6 and len(set(scored)) == 6
+    assert [h.item_id for h in first + second] == [h.item_id for h in index.search("a blue square", k=6, rerank=6)]
+    index.search("another text", k=3, rerank=2)
+    assert len(scored) == 8
+    index.update(num_workers=0, progress=False)  # the cache does not outlive the features it describes
+    index.search("a blue square", k=3, rerank=6)
+    assert len(scored) == 14

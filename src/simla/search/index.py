@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ __all__ = ["Index", "IndexExistsError", "IndexNotFoundError", "SearchError"]
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+#: ITM scores kept per open index, keyed by (query text, feature row): paging through a re-ranked query (or
+#: asking it again) re-ranks nothing twice. 100,000 entries are a few MB.
+ITM_CACHE_ENTRIES = 100_000
 
 
 class IndexNotFoundError(FileNotFoundError):
@@ -85,6 +89,7 @@ class Index:
         self._model = None
         self._vectors = None
         self._ids: np.ndarray | None = None
+        self._itm_cache: OrderedDict[tuple[str, int], float | None] = OrderedDict()
         if model is not None:
             self._check_model(model)
             self._model = model.eval()
@@ -159,6 +164,7 @@ class Index:
         summary = sync_index(self.path, self.manifest, spec, self.model, batch_size=batch_size,
                              num_workers=num_workers, precision=precision, progress=progress)
         self._vectors = self._ids = None  # the features changed
+        self._itm_cache.clear()  # rows moved, and changed files must be scored again
         self.last_summary = summary
         return summary
 
@@ -266,28 +272,38 @@ class Index:
         wanted = offset + k
         fetch = max(wanted, rerank if text is not None else 0)
         rerank = rerank if text is not None else 0
-        itm_cache: dict[int, float | None] = {}
         while True:
             scores, rows = vectors.search(query, min(fetch, total))
-            order = self._rank(text, scores[0], rows[0], rerank, itc_weight, itm_cache, batch_size)
+            order = self._rank(text, scores[0], rows[0], rerank, itc_weight, batch_size)
             kept = self._collapse(order, vectors, dedup, wanted)
             if len(kept) >= wanted or fetch >= total:
                 break
             fetch = min(total, fetch * 2)  # duplicates took places: look further down the ranking
         return [self._hit(rank, entry) for rank, entry in enumerate(kept[offset:wanted], start=offset + 1)]
 
-    def _rank(self, text, scores, rows, rerank, itc_weight, itm_cache, batch_size) -> list[dict]:
-        """Candidates in final order: re-ranked ones by fused score, then the rest by ITC."""
-        entries = [{"row": int(r), "itc": float(s), "itm": None} for s, r in zip(scores.tolist(), rows.tolist())]
-        head = entries[:rerank]
-        missing = [e["row"] for e in head if e["row"] not in itm_cache]
+    def _itm_scores(self, text: str, rows: list[int], batch_size: int) -> list[float | None]:
+        """ITM probabilities of ``text`` with the items of ``rows``, from the cache or computed in batches."""
+        cache = self._itm_cache
+        missing = [r for r in rows if (text, r) not in cache]
         if missing:
             from .rerank import itm_probabilities
 
-            itm_cache.update(itm_probabilities(self.model, text, [int(self._ids[r]) for r in missing], self,
-                                               rows=missing, batch_size=batch_size))
-        for e in head:
-            e["itm"] = itm_cache[e["row"]]
+            scores = itm_probabilities(self.model, text, [int(self._ids[r]) for r in missing], self, rows=missing,
+                                       batch_size=batch_size)
+            cache.update(((text, r), p) for r, p in scores.items())
+        for r in rows:
+            cache.move_to_end((text, r))
+        out = [cache[(text, r)] for r in rows]
+        while len(cache) > ITM_CACHE_ENTRIES:
+            cache.popitem(last=False)
+        return out
+
+    def _rank(self, text, scores, rows, rerank, itc_weight, batch_size) -> list[dict]:
+        """Candidates in final order: re-ranked ones by fused score, then the rest by ITC."""
+        entries = [{"row": int(r), "itc": float(s), "itm": None} for s, r in zip(scores.tolist(), rows.tolist())]
+        head = entries[:rerank]
+        for e, p in zip(head, self._itm_scores(text, [e["row"] for e in head], batch_size) if head else []):
+            e["itm"] = p
         scored = [e for e in head if e["itm"] is not None]
         for e in scored:
             e["score"] = e["itm"] + itc_weight * e["itc"]
