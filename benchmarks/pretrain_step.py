@@ -23,11 +23,7 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import random
-import resource
-import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,12 +34,8 @@ import simla
 from simla.masking import BlockMaskGenerator
 from simla.train.optim import build_optimizer
 
-try:  # optional: psutil reads the current RSS portably; /proc is the Linux fallback
-    import psutil
-except ImportError:  # pragma: no cover - depends on the environment
-    psutil = None
-
-_MIB = 1024.0 * 1024.0
+from rss import MIB as _MIB  # benchmarks/rss.py
+from rss import RssSampler, current_rss_bytes, lifetime_peak_rss_mib
 
 
 @dataclass
@@ -75,47 +67,6 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------------------- memory
-def _current_rss_bytes() -> int | None:
-    if psutil is not None:
-        return int(psutil.Process().memory_info().rss)
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _lifetime_peak_rss_mib() -> float:
-    # ru_maxrss is KiB on Linux but bytes on macOS.
-    scale = 1.0 if sys.platform == "darwin" else 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / _MIB
-
-
-class RssSampler:
-    """Background thread recording the peak current RSS between start() and stop()."""
-
-    def __init__(self, interval_s: float = 0.002) -> None:
-        self.interval_s = interval_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            rss = _current_rss_bytes()
-            if rss is not None:
-                self.peak = max(self.peak, rss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 # -------------------------------------------------------------------------------------------- batch
 def synthetic_batch(model: simla.SimlaForPretraining, batch_size: int, length: int, device: torch.device,
                     seed: int) -> dict[str, torch.Tensor]:
@@ -170,7 +121,7 @@ def run(cfg: RunConfig) -> RunResult:
     torch.manual_seed(cfg.seed)
     overrides: dict[str, Any] = {} if cfg.queue_size is None else {"queue_size": cfg.queue_size}
 
-    start_rss = _current_rss_bytes() if device.type == "cpu" else None
+    start_rss = current_rss_bytes() if device.type == "cpu" else None
     sampler = RssSampler()
     with sampler if device.type == "cpu" else contextlib.nullcontext():
         model = simla.create_model(cfg.model, **overrides).to(device)
@@ -204,7 +155,7 @@ def run(cfg: RunConfig) -> RunResult:
     if device.type == "cuda":
         peak, kind, lifetime = torch.cuda.max_memory_allocated(device) / _MIB, "cuda_max_allocated", None
     else:
-        peak, kind, lifetime = sampler.peak / _MIB, "cpu_sampled_rss", _lifetime_peak_rss_mib()
+        peak, kind, lifetime = sampler.peak / _MIB, "cpu_sampled_rss", lifetime_peak_rss_mib()
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     result = RunResult(

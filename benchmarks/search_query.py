@@ -35,7 +35,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -45,10 +44,8 @@ import torch
 
 from simla.search.vectors import DEFAULT_NPROBE, VectorIndex, faiss_available
 
-try:  # optional: psutil reads the current RSS portably; /proc is the Linux fallback
-    import psutil
-except ImportError:  # pragma: no cover - depends on the environment
-    psutil = None
+from rss import RssSampler, current_rss_bytes  # benchmarks/rss.py
+
 
 _MB = 1e6
 
@@ -71,41 +68,6 @@ class Result:
 
 
 # ------------------------------------------------------------------------------------------- memory
-def _current_rss_bytes() -> int | None:
-    if psutil is not None:
-        return int(psutil.Process().memory_info().rss)
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-class RssSampler:
-    """Background thread recording the peak current RSS between enter and exit."""
-
-    def __init__(self, interval_s: float = 0.005) -> None:
-        self.interval_s = interval_s
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            rss = _current_rss_bytes()
-            if rss is not None:
-                self.peak = max(self.peak, rss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 # --------------------------------------------------------------------------------------------- data
 def clustered_unit_vectors(n: int, dim: int, clusters: int, noise: float, generator: torch.Generator,
                            centres: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,13 +116,13 @@ def bench_backend(features: np.ndarray, backend: str, queries: torch.Tensor, tru
                   args: argparse.Namespace) -> list[Result]:
     """Build one index and measure it; an IVF index is measured once per requested nprobe."""
     gc.collect()
-    before = _current_rss_bytes()
+    before = current_rss_bytes()
     sampler = RssSampler()
     with sampler:
         start = time.perf_counter()
         index = VectorIndex(features, backend, seed=args.seed)
         build_s = time.perf_counter() - start
-    after = _current_rss_bytes()
+    after = current_rss_bytes()
     growth = None if before is None or after is None else (after - before) / _MB
     peak = None if before is None or not sampler.peak else (sampler.peak - before) / _MB
     probes: list[int | None] = list(args.nprobe) if index.nprobe is not None else [None]

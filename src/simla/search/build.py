@@ -217,5 +217,5 @@ def sync_index(index_dir: Path, manifest: Manifest, spec: SourceSpec, model, *, 
     summary.seconds = time.perf_counter() - start
     if summary.failures:
         for key, reason in summary.failures[:50]:
-            logger.warning("not indexed: %s: %s", key, reason)
+            logger.info("not indexed: %s: %s", key, reason)
     return summary

@@ -247,6 +247,17 @@ def render_results_page(query: dict[str, Any], hits: list[Hit], thumbnail: Calla
     cards = "\n".join(_card(hit, thumbnail(hit), overlays.get(hit.item_id)) for hit in hits)
     if not hits:
         cards = '<p class="empty">No results.</p>'
+    return _page(title, f"""<header class="top"><h1>{_esc(title)}</h1></header>
+<main>
+{_query_panel(query, len(hits))}
+<div class="grid">
+{cards}
+</div>
+</main>""")
+
+
+def _page(title: str, body: str) -> str:
+    """A complete HTML document around ``body``, with the shared stylesheet inline."""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -256,13 +267,7 @@ def render_results_page(query: dict[str, Any], hits: list[Hit], thumbnail: Calla
 <style>{STYLE}</style>
 </head>
 <body>
-<header class="top"><h1>{_esc(title)}</h1></header>
-<main>
-{_query_panel(query, len(hits))}
-<div class="grid">
-{cards}
-</div>
-</main>
+{body}
 </body>
 </html>
 """
@@ -561,17 +566,4 @@ def render_app_page(title: str = "simla search", max_k: int = 200, max_rerank: i
     """
     body = (_APP_BODY.replace("__TITLE__", _esc(title)).replace("__MAX_K__", str(int(max_k)))
             .replace("__MAX_RERANK__", str(int(max_rerank))))
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_esc(title)}</title>
-<style>{STYLE}</style>
-</head>
-<body>
-{body}
-<script>{_APP_SCRIPT}</script>
-</body>
-</html>
-"""
+    return _page(title, f"{body}\n<script>{_APP_SCRIPT}</script>")
