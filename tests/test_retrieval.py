@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -66,12 +67,57 @@ def test_batched_itm_reranking_equals_one_query_at_a_time(retrieval_data, pretra
     model = simla.load_checkpoint(pretrained, task="base").eval()
     data = read_retrieval_eval(retrieval_data / "test.json", str(retrieval_data))
     features = compute_features(model, data, num_workers=0)
-    batched = score_matrices(model, features, k=5, batch_size=7)
-    single = score_matrices(model, features, k=5, batch_size=1)
-    for a, b in zip(batched, single):
-        assert torch.allclose(a, b, atol=1e-5)
-    i2t, t2i = batched
+    batched = score_matrices(model, features, k=5, batch_size=7, method="batched")
+    single = score_matrices(model, features, k=5, batch_size=1, method="batched")
+    grouped = score_matrices(model, features, k=5)  # the default: distinct pairs, per-image keys/values
+    for a, b, c in zip(batched, single, grouped):
+        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(c, b, atol=1e-5)
+    i2t, t2i = grouped
     assert ((i2t != -100).sum(1) == 5).all() and ((t2i != -100).sum(1) == 5).all()
+    # The reference's loop: one query at a time, its k candidates in one forward.
+    f = features
+    for i in range(i2t.shape[0]):
+        texts = (i2t[i] != -100).nonzero().squeeze(1)
+        alone = model.itm_logits(f.image_tokens[i:i + 1].expand(len(texts), -1, -1), f.text_ids[texts],
+                                 f.text_mask[texts])[:, 1]
+        assert torch.allclose(i2t[i, texts], alone, atol=1e-5)
+
+
+def test_streamed_image_tokens_give_the_same_scores(retrieval_data, pretrained):
+    model = simla.load_checkpoint(pretrained, task="base").eval()
+    data = read_retrieval_eval(retrieval_data / "test.json", str(retrieval_data))
+    kept = compute_features(model, data, num_workers=0)
+    streamed = compute_features(model, data, num_workers=0, keep_image_tokens=False)
+    assert isinstance(kept.image_tokens, torch.Tensor) and callable(streamed.image_tokens)
+    for a, b in zip(score_matrices(model, kept, k=4), score_matrices(model, streamed, k=4)):
+        assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="in memory"):
+        score_matrices(model, streamed, k=4, method="batched")
+
+
+def test_grouped_pair_scores_handle_padding_chunks_and_order(pretrained):
+    from simla.eval.pair_scores import itm_pair_scores
+
+    model = simla.load_checkpoint(pretrained, task="base").eval()
+    g = torch.Generator().manual_seed(3)
+    tokens = model.visual_encoder(torch.randn(4, 3, 64, 64, generator=g)).detach()
+    ids = torch.randint(1000, 5000, (6, 11), generator=g)
+    ids[:, 0] = 101
+    mask = (torch.arange(11)[None] < torch.tensor([11, 3, 7, 2, 9, 5])[:, None]).long()
+    ids = ids * mask
+    images = torch.tensor([3, 0, 3, 1, 3, 0, 2, 3, 3])
+    texts = torch.tensor([5, 1, 0, 2, 3, 4, 1, 1, 2])
+    got = itm_pair_scores(model, tokens, ids, mask, images, texts, max_texts=2)  # chunks cut an image's texts
+    with torch.no_grad():
+        alone = torch.stack([model.itm_logits(tokens[i:i + 1], ids[t:t + 1], mask[t:t + 1])[0, 1]
+                             for i, t in zip(images.tolist(), texts.tolist())])
+    assert torch.allclose(got, alone, atol=1e-5)
+    streamed = itm_pair_scores(model, lambda i: tokens[i], ids, mask, images, texts)
+    assert torch.allclose(streamed, got, atol=1e-6)
+    assert itm_pair_scores(model, tokens, ids, mask, images[:0], texts[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="1-D index tensors"):
+        itm_pair_scores(model, tokens, ids, mask, images, texts[:3])
+
 
 
 def test_zero_shot_evaluation_command(tmp_path, retrieval_data, pretrained, capsys):
@@ -116,9 +162,10 @@ def test_evaluation_under_torchrun_splits_rows_and_equals_one_process(tmp_path, 
                            "-m", "simla.cli", "-v", *common, "--output", str(tmp_path / "two")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # A process group was formed and each rank re-ranked its own share of the 12 images and 18 texts ...
-    assert "rank 0 of 2 re-ranks image rows 0-7 and text rows 0-10" in proc.stderr
-    assert "rank 1 of 2 re-ranks image rows 7-12 and text rows 10-18" in proc.stderr
+    # A process group was formed and each rank scored the pairs of its own images (every other image) ...
+    shares = [re.search(rf"rank {r} of 2 scores (\d+) of (\d+) distinct pairs", proc.stderr) for r in (0, 1)]
+    assert all(shares), proc.stderr[-3000:]
+    assert int(shares[0][1]) + int(shares[1][1]) == int(shares[0][2]) and int(shares[0][1]) > 0 < int(shares[1][1])
     # ... and only rank 0 reported and wrote the results, which equal the one-process evaluation.
     assert proc.stdout.count("wrote ") == 1
     one = json.loads((tmp_path / "one" / "results.json").read_text())
@@ -159,7 +206,7 @@ def test_itm_rescoring_decides_the_recalls_in_both_directions():
     features = RetrievalFeatures(image_feat, tokens, text_feat, ids, torch.ones_like(ids))
 
     def metrics(scorer, **kwargs):
-        return retrieval_metrics(*score_matrices(scorer, features, **kwargs), txt2img, img2txt)
+        return retrieval_metrics(*score_matrices(scorer, features, method="batched", **kwargs), txt2img, img2txt)
 
     itc = metrics(OracleITM(txt2img), itc_only=True)
     assert itc["txt_r1"] == 0.0 and itc["img_r1"] == 0.0

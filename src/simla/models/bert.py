@@ -122,6 +122,21 @@ class AttentionProjections(nn.Module):
         return out.transpose(1, 2).reshape(b, n, -1), cls_row
 
 
+    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """The keys and values of ``context`` in head layout, (B, h, Lk, d) each (cacheable per image)."""
+        return self._heads(self.key(context)), self._heads(self.value(context))
+
+    def attend_cached(self, hidden: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Every row of ``hidden`` (T, Lq, H) attends, without a mask, to ONE context's precomputed
+        ``keys``/``values`` (1, h, Lk, d): the T rows are folded into the query length, so the context's
+        keys and values are neither recomputed nor copied per row. Equals ``forward(hidden, context, None)``
+        for a context repeated T times (evaluation: no dropout)."""
+        t, n, _ = hidden.shape
+        q = self._heads(self.query(hidden)).transpose(0, 1).reshape(1, self.num_heads, t * n, self.head_dim)
+        out = F.scaled_dot_product_attention(q, keys, values)
+        return out.view(self.num_heads, t, n, self.head_dim).permute(1, 2, 0, 3).reshape(t, n, -1)
+
+
 class ResidualOutput(nn.Module):
     """dense -> dropout -> LayerNorm(x + residual) (HF names `attention.output` / `output`)."""
 
@@ -177,6 +192,14 @@ class EncoderLayer(nn.Module):
         if context is not None:
             hidden, _ = self.crossattention(hidden, context, context_mask)
         return self.output(self.intermediate(hidden), hidden), cls_row
+
+
+    def forward_cached(self, hidden: Tensor, self_mask: Tensor | None, keys: Tensor, values: Tensor) -> Tensor:
+        """The layer with its cross-attention over one image's cached keys/values (see `attend_cached`)."""
+        hidden, _ = self.attention(hidden, hidden, self_mask)
+        cross = self.crossattention
+        hidden = cross.output(cross.self.attend_cached(hidden, keys, values), hidden)
+        return self.output(self.intermediate(hidden), hidden)
 
 
 class LayerStack(nn.Module):
@@ -285,6 +308,29 @@ class SharedEncoder(nn.Module):
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
         return hidden, cls_row
+
+    def image_keys_values(self, image_tokens: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Each layer's cross-attention keys and values of ``image_tokens`` (1, N, W): compute them once per
+        image and pass them to :meth:`forward_image_cached` for every text paired with that image."""
+        return [layer.crossattention.self.keys_values(image_tokens) for layer in self.layers]
+
+    def forward_image_cached(self, input_ids: Tensor, attention_mask: Tensor | None,
+                             keys_values: Sequence[tuple[Tensor, Tensor]]) -> Tensor:
+        """Multimodal hidden states of texts (T, L) that all attend to ONE image, given that image's per-layer
+        keys and values (:meth:`image_keys_values`). The same result as `forward(..., encoder_hidden_states=
+        tokens.expand(T, -1, -1))`, without recomputing the image's projections for each text (in the
+        paper model they are the largest share of an ITM pass: 577 image tokens against ~30 text tokens).
+        Evaluation only (no dropout; no gradient checkpointing)."""
+        if len(keys_values) != len(self.layers):
+            raise ValueError(f"keys_values needs one (keys, values) pair per layer ({len(self.layers)}), "
+                             f"got {len(keys_values)}")
+        if self.training:
+            raise RuntimeError("forward_image_cached is for evaluation; call model.eval() first")
+        hidden = self.embeddings(input_ids=input_ids)
+        self_mask = _padding_mask(attention_mask)
+        for layer, (keys, values) in zip(self.layers, keys_values):
+            hidden = layer.forward_cached(hidden, self_mask, keys, values)
+        return hidden
 
     def _run(self, input_ids, attention_mask, inputs_embeds, mode, states, state_masks, layer_image_index, causal,
              cls_attention_layer):
