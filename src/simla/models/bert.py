@@ -126,15 +126,14 @@ class AttentionProjections(nn.Module):
         """The keys and values of ``context`` in head layout, (B, h, Lk, d) each (cacheable per image)."""
         return self._heads(self.key(context)), self._heads(self.value(context))
 
-    def attend_cached(self, hidden: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-        """Every row of ``hidden`` (T, Lq, H) attends, without a mask, to ONE context's precomputed
-        ``keys``/``values`` (1, h, Lk, d): the T rows are folded into the query length, so the context's
-        keys and values are neither recomputed nor copied per row. Equals ``forward(hidden, context, None)``
-        for a context repeated T times (evaluation: no dropout)."""
-        t, n, _ = hidden.shape
-        q = self._heads(self.query(hidden)).transpose(0, 1).reshape(1, self.num_heads, t * n, self.head_dim)
-        out = F.scaled_dot_product_attention(q, keys, values)
-        return out.view(self.num_heads, t, n, self.head_dim).permute(1, 2, 0, 3).reshape(t, n, -1)
+    def attend_packed(self, tokens: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Packed text tokens (R, H) of any number of texts attend, without a mask, to ONE context's
+        precomputed ``keys``/``values`` (1, h, Lk, d). Cross-attention queries do not interact, so all R
+        tokens form one query sequence: the context's keys and values are neither recomputed nor copied
+        per text (evaluation: no dropout)."""
+        r = tokens.shape[0]
+        q = self.query(tokens).view(r, self.num_heads, self.head_dim).transpose(0, 1).unsqueeze(0)
+        return F.scaled_dot_product_attention(q, keys, values)[0].transpose(0, 1).reshape(r, -1)
 
 
 class ResidualOutput(nn.Module):
@@ -194,12 +193,25 @@ class EncoderLayer(nn.Module):
         return self.output(self.intermediate(hidden), hidden), cls_row
 
 
-    def forward_cached(self, hidden: Tensor, self_mask: Tensor | None, keys: Tensor, values: Tensor) -> Tensor:
-        """The layer with its cross-attention over one image's cached keys/values (see `attend_cached`)."""
-        hidden, _ = self.attention(hidden, hidden, self_mask)
+    def forward_packed(self, tokens: Tensor, real: Tensor, self_mask: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """The layer on packed tokens (R, H), the real positions ``real`` (T, L) of T texts, cross-attending
+        to one image's cached keys/values. Every position-wise step (projections, FFN, LayerNorms) runs on
+        the real tokens only; only the self-attention products need the (T, L) layout, where padding keys
+        are masked as in :meth:`forward`, so the result equals it on the real tokens."""
+        attention = self.attention.self
+        t, n = real.shape
+
+        def padded(x: Tensor) -> Tensor:
+            full = x.new_zeros(t, n, x.shape[-1])
+            full[real] = x
+            return attention._heads(full)
+
+        q, k, v = (padded(proj(tokens)) for proj in (attention.query, attention.key, attention.value))
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=self_mask).transpose(1, 2).reshape(t, n, -1)
+        tokens = self.attention.output(mixed[real], tokens)
         cross = self.crossattention
-        hidden = cross.output(cross.self.attend_cached(hidden, keys, values), hidden)
-        return self.output(self.intermediate(hidden), hidden)
+        tokens = cross.output(cross.self.attend_packed(tokens, keys, values), tokens)
+        return self.output(self.intermediate(tokens), tokens)
 
 
 class LayerStack(nn.Module):
@@ -319,7 +331,8 @@ class SharedEncoder(nn.Module):
         """Multimodal hidden states of texts (T, L) that all attend to ONE image, given that image's per-layer
         keys and values (:meth:`image_keys_values`). The same result as `forward(..., encoder_hidden_states=
         tokens.expand(T, -1, -1))`, without recomputing the image's projections for each text (in the
-        paper model they are the largest share of an ITM pass: 577 image tokens against ~30 text tokens).
+        paper model they are the largest share of an ITM pass: 577 image tokens against ~30 text tokens)
+        and without running padding through the layers. Padding positions of the result are zero.
         Evaluation only (no dropout; no gradient checkpointing)."""
         if len(keys_values) != len(self.layers):
             raise ValueError(f"keys_values needs one (keys, values) pair per layer ({len(self.layers)}), "
@@ -327,9 +340,16 @@ class SharedEncoder(nn.Module):
         if self.training:
             raise RuntimeError("forward_image_cached is for evaluation; call model.eval() first")
         hidden = self.embeddings(input_ids=input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)
+        real = attention_mask.bool()
+        # Only real tokens go through the layers (texts of 8-20 tokens padded to 30 do half the work).
+        tokens = hidden[real]
         self_mask = _padding_mask(attention_mask)
         for layer, (keys, values) in zip(self.layers, keys_values):
-            hidden = layer.forward_cached(hidden, self_mask, keys, values)
+            tokens = layer.forward_packed(tokens, real, self_mask, keys, values)
+        hidden = hidden.new_zeros(hidden.shape)
+        hidden[real] = tokens
         return hidden
 
     def _run(self, input_ids, attention_mask, inputs_embeds, mode, states, state_masks, layer_image_index, causal,
