@@ -114,6 +114,8 @@ def test_grouped_pair_scores_handle_padding_chunks_and_order(pretrained):
     assert torch.allclose(got, alone, atol=1e-5)
     streamed = itm_pair_scores(model, lambda i: tokens[i], ids, mask, images, texts)
     assert torch.allclose(streamed, got, atol=1e-6)
+    bf16 = itm_pair_scores(model, tokens, ids, mask, images, texts, precision="bf16")
+    assert bf16.dtype == torch.float32 and torch.allclose(bf16, got, atol=0.05)
     assert itm_pair_scores(model, tokens, ids, mask, images[:0], texts[:0]).shape == (0,)
     with pytest.raises(ValueError, match="1-D index tensors"):
         itm_pair_scores(model, tokens, ids, mask, images, texts[:3])
