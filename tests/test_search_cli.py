@@ -133,3 +133,9 @@ def test_http_api_round_trip_on_a_real_index(photos, tmp_path, checkpoint):
         thumb = client.get(f"/api/thumb/{posted['hits'][0]['item_id']}")
         assert thumb.status_code == 200 and thumb.content[:3] == b"\xff\xd8\xff"
         assert client.get("/api/image/99999").status_code == 404
+        (photos / "a/p2.png").unlink()  # moved away since it was indexed
+        gone = client.get(f"/api/thumb/{posted['hits'][0]['item_id']}?size=64")
+        assert gone.status_code == 404 and "unreadable" in gone.json()["detail"]
+        # A re-ranked search still answers: the missing candidate keeps its ITC place without an ITM score.
+        hits = client.get("/api/search", params={"q": "a blue square", "k": 9, "rerank": 9}).json()["hits"]
+        assert [h["itm"] is None for h in hits].count(True) == 1 and hits[-1]["key"] == "a/p2.png"

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+from simla.data.images import BadSampleError
 from simla.search.html import image_mime, render_app_page
 
 __all__ = ["MAX_K", "MAX_RERANK", "background_server", "create_app", "serve"]
@@ -42,7 +43,9 @@ def _require(module: str) -> Any:
     try:
         return __import__(module)
     except ImportError as err:
-        raise ImportError(f'the search server needs {module}: pip install "simla[serve]"') from err
+        from ..errors import MissingExtraError
+
+        raise MissingExtraError(f'the search server needs {module}: pip install "simla[serve]"') from err
 
 
 class QueryError(ValueError):
@@ -231,20 +234,25 @@ def create_app(index: Any) -> Any:
             raise QueryError(f"unknown fields: {', '.join(unknown)}")
         return searcher.search(**payload)
 
+    def not_found(item_id: int, exc: BaseException) -> Any:
+        # An unknown id, or a file that was moved or broken since it was indexed.
+        reason = f"no item with id {item_id}" if isinstance(exc, KeyError) else f"item {item_id} is unreadable: {exc}"
+        return JSONResponse({"detail": reason}, status_code=404)
+
     @app.get("/api/thumb/{item_id}")
     def thumb(item_id: int, size: int = 256):
         try:
             data = searcher.thumbnail(item_id, size)
-        except KeyError:
-            return JSONResponse({"detail": f"no item with id {item_id}"}, status_code=404)
+        except (KeyError, OSError, BadSampleError) as exc:
+            return not_found(item_id, exc)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
 
     @app.get("/api/image/{item_id}")
     def original(item_id: int):
         try:
             data = searcher.image(item_id)
-        except KeyError:
-            return JSONResponse({"detail": f"no item with id {item_id}"}, status_code=404)
+        except (KeyError, OSError) as exc:
+            return not_found(item_id, exc)
         return Response(data, media_type=image_mime(data), headers={"Cache-Control": "public, max-age=3600"})
 
     return app

@@ -85,7 +85,9 @@ def _import_faiss() -> Any:
     try:
         import faiss
     except ImportError as error:
-        raise ImportError(_FAISS_MISSING) from error
+        from ..errors import MissingExtraError
+
+        raise MissingExtraError(_FAISS_MISSING) from error
     return faiss
 
 
