@@ -257,6 +257,14 @@ def _jpeg(seed: int) -> bytes:
     return out.getvalue()
 
 
+def test_an_empty_source_gives_an_empty_index(tmp_path, checkpoint):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "bad.png").write_bytes(b"")
+    index = _build(tmp_path / "photos", tmp_path / "idx", checkpoint)
+    assert len(index) == 0 and index.last_summary.errors == 1
+    assert index.search("a cat", k=5, rerank=3) == [] and index.search(image=_image(0), k=2) == []
+
+
 def test_bad_sources_fail_before_work(tmp_path, checkpoint):
     with pytest.raises(FileNotFoundError, match="source not found"):
         Index.build(tmp_path / "nope", tmp_path / "idx", checkpoint=checkpoint)

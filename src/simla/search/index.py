@@ -269,6 +269,8 @@ class Index:
         query = self._query_feature(text, image)
         vectors = self._vector_index()
         total = len(vectors)
+        if total == 0:
+            return []  # an empty index (e.g. a folder with no readable image) answers every query with nothing
         wanted = offset + k
         fetch = max(wanted, rerank if text is not None else 0)
         rerank = rerank if text is not None else 0
