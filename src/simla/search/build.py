@@ -201,7 +201,7 @@ def sync_index(index_dir: Path, manifest: Manifest, spec: SourceSpec, model, *, 
             summary.failed += len(errors)
             same = [mine[b["index"]].item for b in batch if b.get("same_bytes")]
             if same:
-                manifest.touch([(i.key, i.size, i.mtime_ns, i.member, i.offset) for i in same])
+                manifest.touch([(i.key, i.path, i.size, i.mtime_ns, i.member, i.offset) for i in same])
                 summary.touched += len(same)
             chunk = write_chunk(index_dir, features) if rows else ""
             manifest.add_batch(chunk, len(rows), rows, errors)

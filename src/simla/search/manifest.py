@@ -186,11 +186,12 @@ class Manifest:
                 db.execute("DELETE FROM errors WHERE key = ?", (item["key"],))
             self._record_errors(db, errors, now)
 
-    def touch(self, updates: Iterable[tuple[str, int, int, str | None, int | None]]) -> None:
-        """New stat (size, mtime, path fields) for items whose bytes did not change: (key, size, mtime, member, offset)."""
+    def touch(self, updates: Iterable[tuple[str, str, int, int, str | None, int | None]]) -> None:
+        """New location and stat for items whose bytes did not change: (key, path, size, mtime, member, offset)."""
         with self.transaction() as db:
-            db.executemany("UPDATE items SET size = ?, mtime_ns = ?, member = ?, offset = ? WHERE key = ?",
-                           [(size, mtime, member, offset, key) for key, size, mtime, member, offset in updates])
+            db.executemany("UPDATE items SET path = ?, size = ?, mtime_ns = ?, member = ?, offset = ? WHERE key = ?",
+                           [(path, size, mtime, member, offset, key)
+                            for key, path, size, mtime, member, offset in updates])
 
     def record_errors(self, errors: Sequence[dict[str, Any]]) -> None:
         with self.transaction() as db:

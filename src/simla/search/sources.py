@@ -194,8 +194,9 @@ def _scan_shards(spec: SourceSpec) -> tuple[list[SourceItem], list[ScanProblem]]
                     if image is None:
                         problems.append(ScanProblem(name, shard, f"no image member (found: {sorted(members)})"))
                         continue
-                    items.append(SourceItem(name, shard, image.size, int(image.mtime * 1e9), _member_caption(tar, members),
-                                            member=image.name, offset=None if compressed else image.offset_data))
+                    items.append(SourceItem(name, shard, image.size, int(image.mtime * 1e9),
+                                            _member_caption(tar, members), member=image.name,
+                                            offset=None if compressed else image.offset_data))
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             problems.append(ScanProblem(f"{os.path.basename(shard)}:", shard,
                                         f"unreadable shard ({type(exc).__name__}: {exc})"))
