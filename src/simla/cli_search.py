@@ -83,7 +83,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         query = {"text": args.text, "k": args.k, "rerank": args.rerank, "offset": args.offset, "dedup": dedup,
                  "itc_weight": args.itc_weight}
         if args.image:
-            query["image_thumbnail"] = _thumbnail(args.image)
+            from .data.images import load_image
+            from .search.index import jpeg_thumbnail
+
+            query["image_thumbnail"] = jpeg_thumbnail(load_image(args.image))  # the page embeds it
         overlays = index.explain(args.text, [h.item_id for h in hits]) if args.explain and args.text else None
         page = render_results_page(query, hits, lambda hit: index.thumbnail(hit.item_id), overlays)
         out = Path(args.html)
@@ -91,21 +94,6 @@ def cmd_search(args: argparse.Namespace) -> int:
         out.write_text(page, encoding="utf-8")
         print(f"wrote {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
-
-
-def _thumbnail(path: str, size: int = 256) -> bytes:
-    """The query image, scaled down for the results page (the page embeds it)."""
-    import io
-
-    from PIL import Image
-
-    from .data.images import load_image
-
-    image = load_image(path)
-    image.thumbnail((size, size), Image.Resampling.BICUBIC)
-    out = io.BytesIO()
-    image.save(out, format="JPEG", quality=85)
-    return out.getvalue()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

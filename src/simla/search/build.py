@@ -156,7 +156,8 @@ def sync_index(index_dir: Path, manifest: Manifest, spec: SourceSpec, model, *, 
         remove_orphans(index_dir, manifest)
         summary.deleted = manifest.remove(deleted)
         manifest.set_meta({"complete": False})
-        new_problems = [p for p in problems if p.key not in {e.key for e in manifest.errors()}]
+        known_errors = {e.key for e in manifest.errors()}
+        new_problems = [p for p in problems if p.key not in known_errors]
         manifest.record_errors([{"key": p.key, "path": p.path, "reason": p.reason, "kind": "missing",
                                  "size": p.size, "mtime_ns": p.mtime_ns} for p in problems])
         summary.failed += len(new_problems)

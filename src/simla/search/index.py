@@ -64,6 +64,15 @@ class SearchError(SimlaError, ValueError):
     """A query or an index use that cannot work as asked (the message says what to change)."""
 
 
+def jpeg_thumbnail(image: Image.Image, size: int = 256) -> bytes:
+    """JPEG bytes of ``image`` scaled down (never up) so that its longer side is at most ``size`` pixels."""
+    image = image.copy()
+    image.thumbnail((size, size), Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
 def _load_model(checkpoint: str | os.PathLike, device: str | torch.device):
     from ..checkpoint import load_checkpoint
 
@@ -224,11 +233,7 @@ class Index:
 
     def thumbnail(self, item_id: int, size: int = 256) -> bytes:
         """JPEG bytes of the image scaled down so that its longer side is at most ``size`` pixels."""
-        image = self.load_image(item_id)
-        image.thumbnail((size, size), Image.Resampling.BICUBIC)
-        out = io.BytesIO()
-        image.save(out, format="JPEG", quality=85)
-        return out.getvalue()
+        return jpeg_thumbnail(self.load_image(item_id), size)
 
     # ------------------------------------------------------------------------------ search
     def _vector_index(self):
