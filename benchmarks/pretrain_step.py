@@ -1,29 +1,42 @@
 #!/usr/bin/env python
-"""Time full SIMLA pretraining steps on a synthetic batch: throughput and peak memory.
+"""Time full SIMLA pretraining steps on a synthetic batch: throughput and peak memory, fast vs reference path.
 
 One step = forward (all five losses, momentum teachers and queues included) + total.backward() + AdamW
 step (simla.train.optim.build_optimizer) + zero_grad, exactly what a training loop does per batch minus
 data loading. The batch is built once on the device and reused, so the numbers measure the model only.
 
+Two execution paths compute the same losses:
+  reference  what the authors' code does: eager, the reference pass layout (objectives.pass_plan=
+             "reference": every caption re-projects its image's cross-attention keys/values, teachers always
+             run) and torch's per-tensor AdamW loop. The baseline that speed claims are measured against.
+  fast       simla's defaults: the shared pass layout, the fused AdamW, the one-pass EMA update; plus
+             --compile (regional torch.compile of every block) and/or --precision bf16 when asked.
+
 Examples:
-    python benchmarks/pretrain_step.py --device cpu --precision bf16 --baseline-precision fp32
-    python benchmarks/pretrain_step.py --model simla_base --batch-size 64 --device cuda --precision bf16 \\
-        --grad-checkpointing --baseline-precision fp32 --json
+    # CPU speed: the fast path against the reference path, in one process (baseline first)
+    python benchmarks/pretrain_step.py --model simla_base --batch-size 4 --compile --baseline reference
+    # CPU memory: checkpointing against the plain fast path, each configuration in its own process
+    python benchmarks/pretrain_step.py --model simla_base --batch-size 8 --grad-checkpointing --baseline plain --isolate
 
 Memory: on CUDA, `torch.cuda.max_memory_allocated` since the configuration's model was built (weights,
 optimiser state, activations). On CPU, two figures: `peak_rss_mib` is the process-lifetime peak
-(`getrusage` ru_maxrss), so it can only grow from one configuration to the next (that is why a baseline runs
-FIRST); `sampled_peak_rss_mib` is the peak of the current RSS sampled every few milliseconds while that
-configuration ran, which is per-configuration and is what the memory ratio uses on CPU.
+(`getrusage` ru_maxrss), so it can only grow from one configuration to the next; `sampled_peak_rss_mib` is
+the peak of the current RSS sampled every few milliseconds while that configuration ran, which is
+per-configuration and is what the memory ratio uses on CPU. Memory freed by one configuration is not
+always handed back to the OS before the next starts, so compare memory with --isolate (every
+configuration in a fresh process, run one after another by this script).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import random
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -32,6 +45,8 @@ import torch
 
 import simla
 from simla.masking import BlockMaskGenerator
+from simla.train.compile import compile_blocks
+from simla.train.cpu_allocator import configure_cpu_allocator, resolve_cpu_allocator
 from simla.train.optim import build_optimizer
 
 from rss import MIB as _MIB  # benchmarks/rss.py
@@ -47,6 +62,9 @@ class RunConfig:
     steps: int
     warmup: int
     grad_checkpointing: bool
+    path: str  # "fast" or "reference"
+    compile: bool
+    cpu_allocator: str  # simla.train.cpu_allocator policy on CPU: "auto" (the fast path's), or "system"
     text_length: int
     queue_size: int | None
     seed: int
@@ -106,10 +124,91 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
+def _attention_kernels(path: str) -> contextlib.AbstractContextManager:
+    """The reference path computes attention as the authors' code does: scores, softmax, dropout and a
+    second product as separate kernels (SDPA's math backend); the fast path lets SDPA pick a fused kernel."""
+    if path == "reference":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
+def _build(cfg: RunConfig, device: torch.device) -> tuple[simla.SimlaForPretraining, torch.optim.Optimizer]:
+    """The model and optimiser of `cfg`'s path, in training mode on `device`."""
+    overrides: dict[str, Any] = {"pass_plan": "reference" if cfg.path == "reference" else "shared"}
+    if cfg.queue_size is not None:
+        overrides["queue_size"] = cfg.queue_size
+    if device.type == "cpu":  # process-wide: compare configurations with --isolate
+        configure_cpu_allocator(resolve_cpu_allocator(cfg.cpu_allocator, cfg.grad_checkpointing))
+    model = simla.create_model(cfg.model, **overrides).to(device)
+    if not isinstance(model, simla.SimlaForPretraining):
+        raise TypeError(f"{cfg.model} did not build a pretraining model")
+    model.train()
+    if cfg.grad_checkpointing:
+        model.visual_encoder.set_grad_checkpointing(True)
+        model.text_encoder.set_grad_checkpointing(True)
+    if cfg.compile:
+        compile_blocks(model)
+    optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.02,
+                                implementation="loop" if cfg.path == "reference" else "auto")
+    return model, optimizer
+
+
+def flops_per_sample(cfg: RunConfig) -> float:
+    """Model FLOPs of one training step (forward + backward) per sample, counted by torch's FLOP counter on
+    one eager step of `cfg`'s path without checkpointing (recomputation is not useful work)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model, _ = _build(dataclasses.replace(cfg, grad_checkpointing=False, compile=False), device)
+    batch = synthetic_batch(model, cfg.batch_size, cfg.text_length, device, cfg.seed)
+    counter = FlopCounterMode(display=False)
+    with counter, _autocast(device, cfg.precision):
+        total = model(batch, alpha=model.config.objectives.alpha).total
+    with counter:
+        total.backward()
+    flops = counter.get_total_flops() / cfg.batch_size
+    del model, batch, total
+    _free(device)
+    return float(flops)
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+class _Trainer:
+    """One configuration's model, optimiser and synthetic batch; `step()` is one full training step."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg, self.device = cfg, torch.device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        with _attention_kernels(cfg.path):
+            self.model, self.optimizer = _build(cfg, self.device)
+        self.batch = synthetic_batch(self.model, cfg.batch_size, cfg.text_length, self.device, cfg.seed)
+        self.alpha = self.model.config.objectives.alpha
+        self.loss = float("nan")
+
+    def step(self) -> None:
+        with _attention_kernels(self.cfg.path), _autocast(self.device, self.cfg.precision):
+            total = self.model(self.batch, alpha=self.alpha).total
+        total.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_total = total.detach()
+
+    def result(self, s_per_step: float, peak: float, kind: str, lifetime: float | None,
+               start_rss: float | None) -> RunResult:
+        parameters = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return RunResult(config=self.cfg, samples_per_s=self.cfg.batch_size / s_per_step, s_per_step=s_per_step,
+                         peak_memory_mib=peak, memory_kind=kind, peak_rss_mib=lifetime, start_rss_mib=start_rss,
+                         final_loss=float(self.last_total.float().item()), parameters=parameters,
+                         trainable_parameters=trainable)
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -118,59 +217,24 @@ def run(cfg: RunConfig) -> RunResult:
     _free(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    torch.manual_seed(cfg.seed)
-    overrides: dict[str, Any] = {} if cfg.queue_size is None else {"queue_size": cfg.queue_size}
-
     start_rss = current_rss_bytes() if device.type == "cpu" else None
     sampler = RssSampler()
     with sampler if device.type == "cpu" else contextlib.nullcontext():
-        model = simla.create_model(cfg.model, **overrides).to(device)
-        if not isinstance(model, simla.SimlaForPretraining):
-            raise TypeError(f"{cfg.model} did not build a pretraining model")
-        model.train()
-        if cfg.grad_checkpointing:
-            model.visual_encoder.set_grad_checkpointing(True)
-            model.text_encoder.set_grad_checkpointing(True)
-        optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.02)
-        batch = synthetic_batch(model, cfg.batch_size, cfg.text_length, device, cfg.seed)
-        alpha = model.config.objectives.alpha
-
-        def step() -> torch.Tensor:
-            with _autocast(device, cfg.precision):
-                total = model(batch, alpha=alpha).total
-            total.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return total.detach()
-
+        trainer = _Trainer(cfg)
         for _ in range(cfg.warmup):
-            step()
+            trainer.step()
         _sync(device)  # the timer must not start while warm-up kernels are still queued
         start = time.perf_counter()
         for _ in range(cfg.steps):
-            loss = step()
+            trainer.step()
         _sync(device)
         elapsed = time.perf_counter() - start
-
     if device.type == "cuda":
         peak, kind, lifetime = torch.cuda.max_memory_allocated(device) / _MIB, "cuda_max_allocated", None
     else:
         peak, kind, lifetime = sampler.peak / _MIB, "cpu_sampled_rss", lifetime_peak_rss_mib()
-    parameters = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    result = RunResult(
-        config=cfg,
-        samples_per_s=cfg.batch_size * cfg.steps / elapsed,
-        s_per_step=elapsed / cfg.steps,
-        peak_memory_mib=peak,
-        memory_kind=kind,
-        peak_rss_mib=lifetime,
-        start_rss_mib=None if start_rss is None else start_rss / _MIB,
-        final_loss=float(loss.float().item()),
-        parameters=parameters,
-        trainable_parameters=trainable,
-    )
-    del model, optimizer, batch
+    result = trainer.result(elapsed / cfg.steps, peak, kind, lifetime, None if start_rss is None else start_rss / _MIB)
+    del trainer
     _free(device)
     return result
 
@@ -180,34 +244,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=(
             "Time full SIMLA pretraining steps (forward with all five losses, backward, AdamW step, zero_grad) "
-            "on a synthetic batch and report samples/s, seconds/step and peak memory. With "
-            "--baseline-precision, a baseline configuration (same model and batch, that precision, no "
-            "gradient checkpointing) runs FIRST in the same process and the ratios are reported."
+            "on a synthetic batch and report samples/s, seconds/step and peak memory. With --baseline, a "
+            "baseline configuration runs FIRST and the ratios against it are reported."
         ),
         epilog=(
             "Peak memory is torch.cuda.max_memory_allocated on CUDA. On CPU it is the RSS sampled every 2 ms "
-            "during the configuration (per run); the process-lifetime ru_maxrss is also shown and can only "
-            "grow, which is why the baseline runs first."
+            "during the configuration; use --isolate to measure each configuration in a fresh process."
         ),
     )
     parser.add_argument("--model", default="simla_tiny", help="model preset (simla.list_models()); default simla_tiny")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32, or bf16 = torch.autocast(bfloat16) around the forward (default fp32)")
+    parser.add_argument("--path", choices=("fast", "reference"), default="fast",
+                        help="fast = simla's defaults; reference = the authors' pass layout and per-tensor AdamW, "
+                             "eager (default fast)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every ViT block and encoder layer")
+    parser.add_argument("--cpu-allocator", choices=("auto", "keep", "release", "system"), default="auto",
+                        help="fast path on CPU: glibc malloc policy (simla.train.cpu_allocator; auto = release with "
+                             "--grad-checkpointing, else keep; the reference path always uses system)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device (default: cuda when available, else cpu)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps (default 5)")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="untimed warm-up steps (default 5; with --compile at least 3, the compiling steps)")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute ViT blocks and encoder layers in backward (online encoders)")
-    parser.add_argument("--baseline-precision", choices=("fp32", "bf16"), default=None,
-                        help="also run a baseline at this precision without gradient checkpointing, first, "
-                             "and report ratios against it")
+    parser.add_argument("--baseline", choices=("reference", "plain"), default=None,
+                        help="also run a baseline, first, and report ratios against it: reference = the reference "
+                             "path in fp32 (eager, no checkpointing); plain = this configuration without "
+                             "gradient checkpointing")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="with --isolate: run the baseline and the run this many times each, alternating, "
+                             "and report each one's median (a machine whose speed drifts then affects both alike)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run every configuration in its own fresh process (for memory comparisons on CPU)")
     parser.add_argument("--text-length", type=int, default=20, help="padded caption length incl. [CLS] (default 20)")
     parser.add_argument("--queue-size", type=int, default=None, help="override the ITC queue size of the preset")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and the synthetic batch")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # --isolate: run this JSON RunConfig, print its result
     args = parser.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -220,55 +297,102 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--warmup must be >= 0")
     if args.batch_size < 2:
         parser.error("--batch-size must be >= 2 (ITM draws in-batch negatives)")
+    if args.repeats < 1 or (args.repeats > 1 and not args.isolate):
+        parser.error("--repeats must be >= 1, and above 1 only with --isolate")
+    if args.compile and args.warmup < 3:
+        parser.error("--compile needs --warmup >= 3: the first steps compile, and timing them measures the compiler")
     return args
 
 
 def _describe(result: RunResult) -> str:
     c = result.config
-    tag = f"{c.precision}{' +ckpt' if c.grad_checkpointing else ''}"
-    line = (f"{tag:<12} {result.samples_per_s:9.2f} samples/s  {result.s_per_step * 1000:9.1f} ms/step  "
-            f"peak {result.peak_memory_mib:9.1f} MiB ({result.memory_kind})")
+    tag = f"{c.path} {c.precision}{' +compile' if c.compile else ''}{' +ckpt' if c.grad_checkpointing else ''}"
+    line = (f"{tag:<28} {result.samples_per_s:8.3f} samples/s  {result.s_per_step * 1000:9.1f} ms/step  "
+            f"peak {result.peak_memory_mib:8.1f} MiB ({result.memory_kind})")
     if result.peak_rss_mib is not None:
-        line += f"  (RSS at start {result.start_rss_mib:.1f})  lifetime ru_maxrss {result.peak_rss_mib:.1f} MiB"
+        line += f"  (RSS at start {result.start_rss_mib:.1f})"
     return line + f"  loss {result.final_loss:.4f}"
+
+
+def _run_isolated(cfg: RunConfig, threads: int | None) -> RunResult:
+    """Run one configuration in a fresh Python process and read its result back."""
+    command = [sys.executable, __file__, "--worker", json.dumps(asdict(cfg))]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"configuration {cfg} failed:\n{done.stderr[-4000:]}")
+    payload = json.loads(done.stdout.strip().splitlines()[-1])
+    payload["config"] = RunConfig(**payload["config"])
+    return RunResult(**payload)
+
+
+def _median(results: list[RunResult]) -> RunResult:
+    """The repeat with the median step time (the lower middle one of an even count)."""
+    ordered = sorted(results, key=lambda r: r.s_per_step)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.worker is not None:
+        print(json.dumps(asdict(run(RunConfig(**json.loads(args.worker))))))
+        return 0
     base = dict(model=args.model, batch_size=args.batch_size, device=args.device, steps=args.steps,
-                warmup=args.warmup, text_length=args.text_length, queue_size=args.queue_size, seed=args.seed)
+                text_length=args.text_length, queue_size=args.queue_size, seed=args.seed)
+    main_config = RunConfig(precision=args.precision, grad_checkpointing=args.grad_checkpointing, path=args.path,
+                            cpu_allocator="system" if args.path == "reference" else args.cpu_allocator,
+                            compile=args.compile, warmup=args.warmup, **base)
+    execute = (lambda c: _run_isolated(c, args.threads)) if args.isolate else run
     baseline = None
-    if args.baseline_precision is not None:
-        # First, because on CPU the lifetime peak RSS would otherwise include the main run.
-        baseline = run(RunConfig(precision=args.baseline_precision, grad_checkpointing=False, **base))
-    result = run(RunConfig(precision=args.precision, grad_checkpointing=args.grad_checkpointing, **base))
+    if args.baseline == "reference":
+        baseline_config = RunConfig(precision="fp32", grad_checkpointing=False, path="reference", compile=False,
+                                    cpu_allocator="system",
+                                    warmup=min(args.warmup, 2), **base)
+    elif args.baseline == "plain":
+        baseline_config = dataclasses.replace(main_config, grad_checkpointing=False)
+    runs: dict[str, list[RunResult]] = {"baseline": [], "run": []}
+    for _ in range(args.repeats):
+        if args.baseline is not None:
+            # First, because on CPU the lifetime peak RSS would otherwise include the main run.
+            runs["baseline"].append(execute(baseline_config))
+        runs["run"].append(execute(main_config))
+    baseline = _median(runs["baseline"]) if runs["baseline"] else None
+    result = _median(runs["run"])
 
     report: dict[str, Any] = {
         "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "isolated": args.isolate,
+        "repeats": args.repeats,
+        "s_per_step_all": {name: [r.s_per_step for r in results] for name, results in runs.items() if results},
         "result": asdict(result),
     }
     if baseline is not None:
         report["baseline"] = asdict(baseline)
         report["ratio_vs_baseline"] = {
             "samples_per_s": result.samples_per_s / baseline.samples_per_s,
-            "peak_memory": result.peak_memory_mib / baseline.peak_memory_mib if baseline.peak_memory_mib else None,
+            "step_time": result.s_per_step / baseline.s_per_step,
+            "peak_memory": result.peak_memory_mib / baseline.peak_memory_mib,
         }
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"{args.model}, batch {args.batch_size}, text length {args.text_length}, {report['device_name']}, "
           f"torch {torch.__version__}; {args.warmup} warm-up + {args.steps} timed steps; "
-          f"{result.parameters / 1e6:.2f}M parameters ({result.trainable_parameters / 1e6:.2f}M trainable)")
+          f"{result.parameters / 1e6:.2f}M parameters ({result.trainable_parameters / 1e6:.2f}M trainable)"
+          f"{'; each configuration in its own process' if args.isolate else ''}"
+          f"{f'; {args.repeats} alternating repeats, medians' if args.repeats > 1 else ''}")
     if baseline is not None:
-        print("baseline     " + _describe(baseline))
-    print("run          " + _describe(result))
+        print("baseline  " + _describe(baseline))
+    print("run       " + _describe(result))
     if baseline is not None:
         r = report["ratio_vs_baseline"]
         memory = f"{r['peak_memory']:.3f}x" if r["peak_memory"] is not None else "n/a"
-        print(f"ratio vs baseline: {r['samples_per_s']:.3f}x samples/s, {memory} peak memory")
+        print(f"ratio vs baseline: {r['samples_per_s']:.3f}x samples/s ({r['step_time']:.3f}x step time), "
+              f"{memory} peak memory")
     return 0
 
 

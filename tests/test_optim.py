@@ -3,6 +3,7 @@ temperature, unlike the reference) and gradient norms computed without a host sy
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -121,7 +122,31 @@ def test_build_optimizer_is_adamw_with_the_groups(tiny):
     assert isinstance(opt, torch.optim.AdamW)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.02, 0.0]
     assert all(g["lr"] == 1e-4 and g["betas"] == (0.9, 0.999) and g["eps"] == 1e-8 for g in opt.param_groups)
-    assert not opt.defaults.get("fused")  # CPU parameters
+    assert opt.defaults.get("fused")  # torch's fused kernel runs on CPU parameters too
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach", "loop"])
+def test_every_adamw_implementation_takes_the_same_step(implementation):
+    torch.manual_seed(0)
+    model = simla.create_model("simla_tiny", queue_size=16)
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters() if p.requires_grad}
+    results = {}
+    for name in ("loop", implementation):
+        clone = copy.deepcopy(model)
+        opt = build_optimizer(clone, lr=1e-2, weight_decay=0.02, implementation=name)
+        for _ in range(3):
+            for n, p in clone.named_parameters():
+                if p.requires_grad:
+                    p.grad = grads[n].clone()
+            opt.step()
+        results[name] = dict(clone.named_parameters())
+    for n in grads:
+        torch.testing.assert_close(results[implementation][n], results["loop"][n], atol=1e-6, rtol=1e-5)
+
+
+def test_unknown_adamw_implementation_is_refused(tiny):
+    with pytest.raises(ValueError, match="implementation"):
+        build_optimizer(tiny, lr=1e-4, weight_decay=0.02, implementation="apex")
 
 
 def test_one_optimizer_step_trains_the_model():

@@ -162,18 +162,26 @@ def _count_calls(model) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("losses, passes", [
+# Encoder passes per step. The shared plan runs the ITM and MLM student passes as one, and the teacher's MLM
+# and PSL passes as one; the reference plan runs each separately.
+@pytest.mark.parametrize("losses, passes, reference_passes", [
     (["itc", "itm", "mlm", "mim", "psl"],
+     {"visual_encoder": 2, "visual_encoder_m": 2, "text_encoder": 3, "text_encoder_m": 3},
      {"visual_encoder": 2, "visual_encoder_m": 2, "text_encoder": 4, "text_encoder_m": 4}),
-    (["itc", "itm"], {"visual_encoder": 1, "visual_encoder_m": 1, "text_encoder": 2, "text_encoder_m": 1}),
-    (["itc", "itm", "mlm"], {"visual_encoder": 1, "visual_encoder_m": 1, "text_encoder": 3, "text_encoder_m": 2}),
+    (["itc", "itm"], {"visual_encoder": 1, "visual_encoder_m": 1, "text_encoder": 2, "text_encoder_m": 1}, None),
+    (["itc", "itm", "mlm"], {"visual_encoder": 1, "visual_encoder_m": 1, "text_encoder": 2, "text_encoder_m": 2},
+     {"visual_encoder": 1, "visual_encoder_m": 1, "text_encoder": 3, "text_encoder_m": 2}),
     (["itc", "itm", "mlm", "mim"],
+     {"visual_encoder": 2, "visual_encoder_m": 2, "text_encoder": 3, "text_encoder_m": 3},
      {"visual_encoder": 2, "visual_encoder_m": 2, "text_encoder": 4, "text_encoder_m": 3}),
-    (["mim"], {"visual_encoder": 1, "visual_encoder_m": 1, "text_encoder": 1, "text_encoder_m": 1}),
+    (["mim"], {"visual_encoder": 1, "visual_encoder_m": 1, "text_encoder": 1, "text_encoder_m": 1}, None),
 ])
-def test_a_left_out_objective_costs_nothing(losses, passes):
+@pytest.mark.parametrize("plan", ["shared", "reference"])
+def test_a_left_out_objective_costs_nothing(losses, passes, reference_passes, plan):
+    if plan == "reference":
+        passes = reference_passes or passes
     torch.manual_seed(0)
-    model = simla.create_model("simla_tiny", queue_size=16, losses=losses)
+    model = simla.create_model("simla_tiny", queue_size=16, losses=losses, pass_plan=plan)
     heads = {"mlm": "mlm_head", "mim": "mim_head", "psl": "concept_head"}
     for objective, head in heads.items():
         # A left-out objective has no head and no teacher head, and the mask token exists only for MIM.
@@ -279,3 +287,47 @@ def test_queued_copies_of_a_caption_are_itc_positives(monkeypatch):
     assert not first[:, 4:].any()  # an empty queue holds no positives
     assert torch.equal(second[:, 4:8], torch.eye(4, dtype=torch.bool))  # each caption's queued copy
     assert not second[:, 8:].any()
+
+
+def _step(model, batch, alpha):
+    torch.manual_seed(1)  # the same ITM and MLM draws for every model
+    out = model(batch, alpha=alpha)
+    out.total.backward()
+    return {k: v.detach() for k, v in out.items()}, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("alpha", [0.4, 0.0])
+def test_shared_and_reference_pass_plans_compute_the_same_step(alpha):
+    # Without dropout the two layouts draw the same negatives and masks, so losses and gradients must agree.
+    torch.manual_seed(0)
+    shared = simla.create_model("simla_tiny", queue_size=16, hidden_dropout=0.0, attention_dropout=0.0)
+    reference = simla.create_model("simla_tiny", queue_size=16, hidden_dropout=0.0, attention_dropout=0.0,
+                                   pass_plan="reference")
+    reference.load_state_dict(shared.state_dict())
+    shared.train(), reference.train()
+    batch = make_batch(shared)
+    losses, grads = _step(shared, batch, alpha)
+    ref_losses, ref_grads = _step(reference, batch, alpha)
+    assert set(losses) == set(LOSS_NAMES)
+    for name in LOSS_NAMES:
+        torch.testing.assert_close(losses[name], ref_losses[name], atol=1e-6, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_alpha_zero_skips_the_teacher_work_that_only_feeds_distillation():
+    torch.manual_seed(0)
+    model = simla.create_model("simla_tiny", queue_size=16)
+    counts = _count_calls(model)
+    batch = make_batch(model)
+    model(batch, alpha=0.0)
+    # No masked momentum ViT, no teacher MIM or MLM pass, no teacher concept head; the teacher still votes
+    # PSL keywords (text + vote passes) and embeds for ITC.
+    assert {k: counts[k] for k in ("visual_encoder_m", "text_encoder_m", "concept_head_m")} == \
+        {"visual_encoder_m": 1, "text_encoder_m": 2, "concept_head_m": 0}
+    for name in counts:
+        counts[name] = 0
+    model(batch, alpha=0.4)
+    assert {k: counts[k] for k in ("visual_encoder_m", "text_encoder_m", "concept_head_m")} == \
+        {"visual_encoder_m": 2, "text_encoder_m": 3, "concept_head_m": 1}

@@ -63,6 +63,28 @@ def test_retrieval_model_uses_image_ids(minilm_dir):
     out.total.backward()
 
 
+def test_retrieval_shared_and_reference_pass_plans_agree():
+    # Without dropout both layouts draw the same negatives: same losses and gradients.
+    losses, grads = {}, {}
+    for plan in ("shared", "reference"):
+        torch.manual_seed(0)
+        model = simla.create_model("simla_tiny", task="retrieval", queue_size=10, pass_plan=plan,
+                                   hidden_dropout=0.0, attention_dropout=0.0)
+        g = torch.Generator().manual_seed(0)
+        batch = {"image": torch.randn(6, 3, 64, 64, generator=g),
+                 "text_ids": torch.randint(1000, 2000, (6, 7), generator=g),
+                 "text_mask": torch.ones(6, 7, dtype=torch.long), "image_id": torch.tensor([0, 0, 1, 1, 2, 2])}
+        torch.manual_seed(1)
+        out = model(batch)
+        out.total.backward()
+        losses[plan] = {k: v.detach() for k, v in out.items()}
+        grads[plan] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for name in ("itc", "itm"):
+        torch.testing.assert_close(losses["shared"][name], losses["reference"][name], atol=1e-6, rtol=1e-5)
+    for name, grad in grads["shared"].items():
+        torch.testing.assert_close(grad, grads["reference"][name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_batched_itm_reranking_equals_one_query_at_a_time(retrieval_data, pretrained):
     model = simla.load_checkpoint(pretrained, task="base").eval()
     data = read_retrieval_eval(retrieval_data / "test.json", str(retrieval_data))

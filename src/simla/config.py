@@ -116,6 +116,14 @@ class ObjectiveConfig:
     # objects per image with short expressions), the most similar "negative" is usually a true match,
     # and hard negatives teach ITM to contradict itself; uniform draws keep most negatives true.
     itm_negatives: Literal["hard", "random"] = "hard"
+    # How a step lays out its encoder passes; both compute the same losses. "shared": the ITM pass and the
+    # MLM student pass are one multimodal pass in which each image's cross-attention keys/values are
+    # projected once (4B captions over B images) and the teacher's MLM and PSL passes likewise; with
+    # alpha = 0 the teacher passes that only feed distillation (the masked momentum ViT, the teacher MIM
+    # and MLM passes, the teacher concept head) are skipped, since their targets would be weighted by
+    # zero. "reference": the authors' layout (separate passes, keys/values recomputed per caption,
+    # teachers always run), kept as the baseline that benchmarks/pretrain_step.py measures against.
+    pass_plan: Literal["shared", "reference"] = "shared"
     # The objectives a pretraining step computes (the paper: all five). A left-out objective costs nothing:
     # its passes, heads and teacher work are not there, so the paper's ablation rows are one override each
     # (losses=[itc,itm]; [itc,itm,mlm]; [itc,itm,mlm,mim]; all five).

@@ -90,13 +90,19 @@ class AttentionProjections(nn.Module):
         self.saved_probs_grad = grad
 
     def forward(
-        self, hidden: Tensor, context: Tensor, mask: Tensor | None, want_cls_row: bool = False
+        self, hidden: Tensor, context: Tensor, mask: Tensor | None, want_cls_row: bool = False,
+        context_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Return the attended values (B, Lq, H) and, if asked, the [CLS]-query probabilities (B, h, Lk).
 
         `mask` is a boolean mask broadcastable to (B, h, Lq, Lk), True where attending is allowed.
+        `context_index` (B,): row i attends to context row `context_index[i]`. The keys and values are then
+        projected once per distinct context row and gathered, instead of once per query row (several
+        captions of one image in a pretraining step share that image's projections, gradients included).
         """
         q, k, v = self._heads(self.query(hidden)), self._heads(self.key(context)), self._heads(self.value(context))
+        if context_index is not None:
+            k, v = k.index_select(0, context_index), v.index_select(0, context_index)
         dropout = self.dropout_p if self.training else 0.0
         if self.capture:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
@@ -155,8 +161,9 @@ class Attention(nn.Module):
         self.self = AttentionProjections(config.hidden_size, config.num_heads, kv_width, config.attention_dropout)
         self.output = ResidualOutput(config.hidden_size, config.hidden_size, config.layer_norm_eps, config.hidden_dropout)
 
-    def forward(self, hidden: Tensor, context: Tensor, mask: Tensor | None, want_cls_row: bool = False):
-        attended, cls_row = self.self(hidden, context, mask, want_cls_row)
+    def forward(self, hidden: Tensor, context: Tensor, mask: Tensor | None, want_cls_row: bool = False,
+                context_index: Tensor | None = None):
+        attended, cls_row = self.self(hidden, context, mask, want_cls_row, context_index)
         return self.output(attended, hidden), cls_row
 
 
@@ -186,10 +193,11 @@ class EncoderLayer(nn.Module):
         context: Tensor | None,
         context_mask: Tensor | None,
         want_cls_row: bool = False,
+        context_index: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         hidden, cls_row = self.attention(hidden, hidden, self_mask, want_cls_row)
         if context is not None:
-            hidden, _ = self.crossattention(hidden, context, context_mask)
+            hidden, _ = self.crossattention(hidden, context, context_mask, context_index=context_index)
         return self.output(self.intermediate(hidden), hidden), cls_row
 
 
@@ -292,6 +300,7 @@ class SharedEncoder(nn.Module):
         encoder_attention_mask: Tensor | Sequence[Tensor | None] | None = None,
         layer_image_index: Sequence[int] | None = None,
         causal: bool = False,
+        context_index: Tensor | None = None,
     ) -> Tensor:
         """Hidden states (B, L, H) after the last layer.
 
@@ -300,10 +309,13 @@ class SharedEncoder(nn.Module):
         encoder_hidden_states: one (B, Lk, W) tensor, or a sequence of them (NLVR2: two images); then
         `layer_image_index[i]` says which one layer i attends to (default: layer i -> i mod count).
         causal: add a causal self-attention mask (an answer decoder).
+        context_index: (B,) long; text i cross-attends to row `context_index[i]` of `encoder_hidden_states`,
+        which may then hold fewer rows than there are texts. Each row's per-layer keys/values are computed
+        once however many texts use it (the pretraining step's ITM and MLM passes share their images).
         """
         hidden, _ = self._run(
             input_ids, attention_mask, inputs_embeds, mode, encoder_hidden_states, encoder_attention_mask,
-            layer_image_index, causal, cls_attention_layer=None,
+            layer_image_index, causal, cls_attention_layer=None, context_index=context_index,
         )
         return hidden
 
@@ -316,6 +328,7 @@ class SharedEncoder(nn.Module):
             input_ids, attention_mask, kwargs.pop("inputs_embeds", None), kwargs.pop("mode", None),
             kwargs.pop("encoder_hidden_states", None), kwargs.pop("encoder_attention_mask", None),
             kwargs.pop("layer_image_index", None), kwargs.pop("causal", False), cls_attention_layer=layer % len(self.layers),
+            context_index=kwargs.pop("context_index", None),
         )
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
@@ -353,7 +366,7 @@ class SharedEncoder(nn.Module):
         return hidden
 
     def _run(self, input_ids, attention_mask, inputs_embeds, mode, states, state_masks, layer_image_index, causal,
-             cls_attention_layer):
+             cls_attention_layer, context_index=None):
         if mode is None:
             mode = "multimodal" if states is not None else "text"
         if mode not in MODES:
@@ -381,6 +394,14 @@ class SharedEncoder(nn.Module):
                 layer_image_index = [i % len(states) for i in range(len(self.layers))]
             if len(layer_image_index) != len(self.layers):
                 raise ValueError(f"layer_image_index needs {len(self.layers)} entries, got {len(layer_image_index)}")
+            if context_index is not None:
+                if len(states) != 1:
+                    raise ValueError("context_index works with one encoder_hidden_states tensor")
+                if context_index.shape != hidden.shape[:1]:
+                    raise ValueError(f"context_index must have one entry per text ({hidden.shape[0]}), "
+                                     f"got shape {tuple(context_index.shape)}")
+                # A context mask follows its rows to the texts that use them.
+                state_masks = [m if m is None else m.index_select(0, context_index) for m in state_masks]
             bool_masks = [_padding_mask(m) for m in state_masks]
             for i, j in enumerate(layer_image_index):
                 contexts[i], context_masks[i] = states[j], bool_masks[j]
@@ -389,9 +410,10 @@ class SharedEncoder(nn.Module):
         for i, layer in enumerate(self.layers):
             want = i == cls_attention_layer
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                hidden, row = checkpoint(layer, hidden, self_mask, contexts[i], context_masks[i], want, use_reentrant=False)
+                hidden, row = checkpoint(layer, hidden, self_mask, contexts[i], context_masks[i], want, context_index,
+                                         use_reentrant=False)
             else:
-                hidden, row = layer(hidden, self_mask, contexts[i], context_masks[i], want)
+                hidden, row = layer(hidden, self_mask, contexts[i], context_masks[i], want, context_index)
             if want:
                 cls_row = row
         return hidden, cls_row

@@ -2,12 +2,15 @@
 
 Order of work in one step, reusing every encoder pass that can be reused:
   online ViT (plain) -> text mode -> [EMA update] momentum ViT (plain) + momentum text mode -> ITC
-  -> hard negatives -> ONE multimodal pass over positives and both kinds of negatives (ITM)
-  -> MLM (student and teacher over the masked caption) -> MIM (masked ViT, image tokens as queries over
-  the text embeddings) -> PSL (teacher [CLS] attention picks keywords; concept head on the image feature)
-  -> enqueue the momentum features.
-The reference runs 4 ViT and 9 encoder passes; here the two ITM passes are one batched pass (8 in all),
-and the MLM/MIM vocabulary heads run only on the masked positions instead of every position.
+  -> ITM hard negatives and MLM masks drawn -> ONE multimodal student pass over the ITM captions
+  (positives and both kinds of negatives) and the masked captions, each image's cross-attention
+  keys/values projected once -> ONE teacher pass over the masked captions (MLM targets) and the captions
+  (PSL's [CLS] votes) -> MIM (masked ViT, image tokens as queries over the text embeddings)
+  -> PSL (concept head on the image feature) -> enqueue the momentum features.
+The reference runs 4 ViT and 9 encoder passes and projects an image's keys/values once per caption that
+attends to it; `objectives.pass_plan = "reference"` keeps that layout (as the benchmark baseline). With
+alpha = 0 the shared plan also skips the teacher work that only feeds distillation. The MLM/MIM vocabulary
+heads run only on the masked positions instead of every position.
 """
 
 from __future__ import annotations
@@ -139,6 +142,44 @@ class SimlaForPretraining(SimlaModel):
                          encoder_attention_mask=text_mask)
         return hidden[:, 1:]  # drop the image [CLS] position
 
+    def _multimodal(self, encoder: SharedEncoder, image_tokens: Tensor | None,
+                    requests: Mapping[str, tuple[Tensor, Tensor, Tensor]], shared: bool,
+                    cls_attention_for: str | None = None):
+        """Multimodal hidden states of each request (captions, mask, image rows) over rows of `image_tokens`;
+        captions are token ids or word vectors.
+
+        shared: ONE pass over all requests' captions in which every image's cross-attention keys/values are
+        projected once and gathered per caption; otherwise a pass per request over gathered image tokens
+        (the reference). Returns (states by request name, [CLS] self-attention probabilities of layer
+        `objectives.psl_layer` for the request named `cls_attention_for`, or None).
+        """
+        layer = self.config.objectives.psl_layer
+        states: dict[str, Tensor] = {}
+        cls_attention = None
+        if shared and requests:
+            texts = torch.cat([r[0] for r in requests.values()])
+            masks = torch.cat([r[1] for r in requests.values()])
+            index = torch.cat([r[2] for r in requests.values()])
+            kwargs = dict(mode="multimodal", encoder_hidden_states=image_tokens, context_index=index,
+                          attention_mask=masks, **_caption_inputs(texts))
+            if cls_attention_for is None:
+                hidden, rows = encoder(**kwargs), None
+            else:
+                hidden, rows = encoder.forward_with_cls_attention(layer=layer, **kwargs)
+            sizes = [r[0].shape[0] for r in requests.values()]
+            states = dict(zip(requests, hidden.split(sizes)))
+            if rows is not None:
+                cls_attention = dict(zip(requests, rows.split(sizes)))[cls_attention_for]
+        else:
+            for name, (texts, masks, index) in requests.items():
+                kwargs = dict(mode="multimodal", encoder_hidden_states=image_tokens[index], attention_mask=masks,
+                              **_caption_inputs(texts))
+                if name == cls_attention_for:
+                    states[name], cls_attention = encoder.forward_with_cls_attention(layer=layer, **kwargs)
+                else:
+                    states[name] = encoder(**kwargs)
+        return states, cls_attention
+
     @staticmethod
     def caption_fingerprint(ids: Tensor, mask: Tensor) -> Tensor:
         """(B,) int64 hash of each caption's real tokens (padding ignored, so any padded length agrees)."""
@@ -174,10 +215,32 @@ class SimlaForPretraining(SimlaModel):
         losses: dict[str, Tensor] = {}
         targets: dict[str, Tensor] = {"temp": self.temp.detach(), "alpha": torch.tensor(alpha)}
 
+        shared = o.pass_plan == "shared"
+        # With alpha = 0 a teacher's distillation target is weighted by zero: the shared plan skips it.
+        distill = alpha > 0 or not shared
+        # ---- MLM masks are drawn first, so that one word-embedding lookup can serve every online pass
+        if "mlm" in on:
+            masked_ids, mlm_labels = objectives.mask_text_tokens(
+                ids, vocab_size=t.vocab_size, mask_token_id=t.mask_token_id,
+                protected_ids=(t.pad_token_id, t.cls_token_id), mlm_probability=o.mlm_probability,
+                mask_ratio=o.mlm_mask_ratio, random_ratio=o.mlm_random_ratio,
+            )
+            selected = mlm_labels != -100  # the vocabulary heads run on these positions only
+            targets.update(mlm_labels=mlm_labels, masked_ids=masked_ids)
+        # The caption inputs of the online passes: ids, or (shared plan) word vectors from ONE lookup. Every
+        # lookup's backward writes a dense vocabulary-sized gradient (94 MB in the paper model), and the text,
+        # ITM, MLM and MIM passes would otherwise each make one.
+        words, masked_words = ids, masked_ids if "mlm" in on else None
+        if shared:
+            vectors = self.text_encoder.embeddings.word_embeddings(torch.cat([ids, masked_ids]) if "mlm" in on else ids)
+            words, masked_words = (vectors[:batch_size], vectors[batch_size:]) if "mlm" in on else (vectors, None)
+
         # ---- online ViT and text-mode passes, the EMA update and the momentum passes
         image_embeds = self.visual_encoder(image) if on & {"itc", "itm", "mlm", "psl"} else None
         image_feat = self.image_features(image_embeds) if on & {"itc", "itm", "psl"} else None
-        text_feat = self.text_features(self.text_encoder(ids, mask, mode="text")) if on & {"itc", "itm"} else None
+        text_feat = None
+        if on & {"itc", "itm"}:
+            text_feat = self.text_features(self.text_encoder(attention_mask=mask, mode="text", **_caption_inputs(words)))
         image_embeds_m = image_feat_m = text_feat_m = None
         with torch.no_grad():
             if self.training and self.update_momentum:
@@ -207,35 +270,55 @@ class SimlaForPretraining(SimlaModel):
                 sim_i2t = image_feat @ text_feat.t() / self.temp
                 sim_t2i = sim_i2t.t()
 
-        # ---- ITM with in-batch hard negatives, one batched multimodal pass
+        # ---- ITM negatives, then the student's multimodal passes (ITM and MLM)
+        rows = torch.arange(batch_size, device=ids.device)
+        student_requests: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # name -> (captions, mask, image rows)
         if "itm" in on:
             excluded = self._itm_exclusions(same_caption) if same_caption is not None else None
             neg_image, neg_text = objectives.sample_hard_negatives(sim_i2t, sim_t2i, same_pair=excluded,
                                                                    uniform=o.itm_negatives == "random")
-            itm_ids = torch.cat([ids, ids, ids[neg_text]])
-            itm_mask = torch.cat([mask, mask, mask[neg_text]])
-            itm_images = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
-            itm_logits = self.itm_logits(itm_images, itm_ids, itm_mask)
+            student_requests["itm"] = (torch.cat([words, words, words[neg_text]]),
+                                       torch.cat([mask, mask, mask[neg_text]]), torch.cat([rows, neg_image, rows]))
+            targets.update(itm_negative_images=neg_image, itm_negative_texts=neg_text)
+        if "mlm" in on:
+            student_requests["mlm"] = (masked_words, mask, rows)
+        student, _ = self._multimodal(self.text_encoder, image_embeds, student_requests, shared)
+
+        # ---- ITM: in-batch hard negatives, scored from the multimodal [CLS]
+        if "itm" in on:
+            itm_logits = self.itm_head(student["itm"][:, 0])
             itm_labels = torch.cat([torch.ones(batch_size, dtype=torch.long, device=ids.device),
                                     torch.zeros(2 * batch_size, dtype=torch.long, device=ids.device)])
             losses["itm"] = F.cross_entropy(itm_logits, itm_labels)
-            targets.update(itm_negative_images=neg_image, itm_negative_texts=neg_text)
+
+        # ---- The teacher's multimodal passes: MLM targets and PSL's [CLS] attention votes
+        psl_reference = o.psl_selection == "reference"
+        teacher: dict[str, Tensor] = {}
+        cls_attention = None
+        with torch.no_grad():
+            teacher_requests: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+            if "mlm" in on and distill:
+                teacher_requests["mlm"] = (masked_ids, mask, rows)
+            if "psl" in on and not psl_reference:
+                # simla votes with the momentum image tokens, so the vote can share the MLM teacher's pass.
+                teacher_requests["psl"] = (ids, mask, rows)
+            if teacher_requests:
+                teacher, cls_attention = self._multimodal(self.text_encoder_m, image_embeds_m, teacher_requests, shared,
+                                                          cls_attention_for="psl" if "psl" in teacher_requests else None)
+            if "psl" in on and psl_reference:
+                # The reference feeds the ONLINE image tokens to the teacher for the vote.
+                _, cls_attention = self.text_encoder_m.forward_with_cls_attention(
+                    ids, mask, layer=o.psl_layer, mode="multimodal", encoder_hidden_states=image_embeds.detach())
 
         # ---- MLM: masked words predicted from the image, distilled from the teacher
         if "mlm" in on:
-            masked_ids, mlm_labels = objectives.mask_text_tokens(
-                ids, vocab_size=t.vocab_size, mask_token_id=t.mask_token_id,
-                protected_ids=(t.pad_token_id, t.cls_token_id), mlm_probability=o.mlm_probability,
-                mask_ratio=o.mlm_mask_ratio, random_ratio=o.mlm_random_ratio,
-            )
-            selected = mlm_labels != -100  # the vocabulary head runs on these positions only
-            student = self.fuse(image_embeds, masked_ids, mask)[selected]
-            mlm_logits = self.mlm_head(student, self.text_encoder.embeddings.word_embeddings.weight)
-            with torch.no_grad():
-                teacher = self.text_encoder_m(masked_ids, mask, mode="multimodal", encoder_hidden_states=image_embeds_m)
-                mlm_teacher = self.mlm_head_m(teacher[selected], self.text_encoder_m.embeddings.word_embeddings.weight)
+            mlm_logits = self.mlm_head(student["mlm"][selected], self.text_encoder.embeddings.word_embeddings.weight)
+            mlm_teacher = None
+            if "mlm" in teacher:
+                with torch.no_grad():
+                    mlm_teacher = self.mlm_head_m(teacher["mlm"][selected],
+                                                  self.text_encoder_m.embeddings.word_embeddings.weight)
             losses["mlm"] = objectives.distilled_cross_entropy(mlm_logits, mlm_labels[selected], mlm_teacher, alpha)
-            targets.update(mlm_labels=mlm_labels, masked_ids=masked_ids)
 
         # ---- MIM: masked patches predicted as visual tokens from the text
         if "mim" in on:
@@ -246,36 +329,40 @@ class SimlaForPretraining(SimlaModel):
                 visual_tokens = visual_tokens.flatten(1)
             masked_image = self.visual_encoder(image, patch_mask=patch_mask)
             patch_states = self._mim_pass(self.text_encoder, self.mim_adapter, masked_image,
-                                          self.text_encoder.embeddings(input_ids=ids), mask)
+                                          self.text_encoder.embeddings(**_caption_inputs(words)), mask)
             mim_logits = self.mim_head(patch_states[patch_mask])
-            with torch.no_grad():
-                masked_image_m = self.visual_encoder_m(image, patch_mask=patch_mask)
-                # the teacher's keys/values are the MOMENTUM text embeddings (reference: online ones).
-                patch_states_m = self._mim_pass(self.text_encoder_m, self.mim_adapter_m, masked_image_m,
-                                                self.text_encoder_m.embeddings(input_ids=ids), mask)
-                mim_teacher = self.mim_head_m(patch_states_m[patch_mask])
+            mim_teacher = None
+            if distill:
+                with torch.no_grad():
+                    masked_image_m = self.visual_encoder_m(image, patch_mask=patch_mask)
+                    # the teacher's keys/values are the MOMENTUM text embeddings (reference: online ones).
+                    patch_states_m = self._mim_pass(self.text_encoder_m, self.mim_adapter_m, masked_image_m,
+                                                    self.text_encoder_m.embeddings(input_ids=ids), mask)
+                    mim_teacher = self.mim_head_m(patch_states_m[patch_mask])
             losses["mim"] = objectives.distilled_cross_entropy(mim_logits, visual_tokens[patch_mask], mim_teacher,
                                                                alpha)
 
         # ---- PSL: keywords chosen by the teacher's multimodal [CLS] attention, predicted from the image
         if "psl" in on:
-            reference = o.psl_selection == "reference"
             with torch.no_grad():
-                # simla uses the momentum image tokens; the reference feeds the online ones to the teacher.
-                psl_image = image_embeds.detach() if reference else image_embeds_m
-                _, cls_attention = self.text_encoder_m.forward_with_cls_attention(
-                    ids, mask, layer=o.psl_layer, mode="multimodal", encoder_hidden_states=psl_image)
                 keywords = objectives.select_psl_keywords(
                     cls_attention, ids, mask, num_keywords=o.psl_num_keywords, votes_per_head=o.psl_votes_per_head,
-                    excluded_ids=self.config.special_token_ids, reference=reference)
-                hard = objectives.psl_targets(keywords, t.vocab_size, zero_ids=(t.cls_token_id,) if reference else ())
-                soft = torch.sigmoid(self.concept_head_m(image_feat_m))
+                    excluded_ids=self.config.special_token_ids, reference=psl_reference)
+                hard = objectives.psl_targets(keywords, t.vocab_size, zero_ids=(t.cls_token_id,) if psl_reference else ())
+                soft = torch.sigmoid(self.concept_head_m(image_feat_m)) if distill else None
             losses["psl"] = objectives.psl_loss(self.concept_head(image_feat), hard, soft, alpha)
             targets["psl_keywords"] = keywords
 
         if self.training and "itc" in on:
             self._enqueue(image_feat_m, text_feat_m, captions)
         return PretrainOutput(losses, targets)
+
+
+def _caption_inputs(captions: Tensor) -> dict[str, Tensor]:
+    """The encoder keyword for captions given as token ids (integers) or as looked-up word vectors."""
+    if captions.is_floating_point():
+        return {"inputs_embeds": captions}
+    return {"input_ids": captions}
 
 
 class MimAdapter(nn.Module):

@@ -94,8 +94,14 @@ class SimlaForRetrieval(SimlaModel):
         neg_image, neg_text = objectives.sample_hard_negatives(
             itc.sim_i2t[:, :batch_size], itc.sim_t2i[:, :batch_size], same_pair=same_image,
             uniform=o.itm_negatives == "random")
-        itm_logits = self.itm_logits(torch.cat([image_embeds, image_embeds[neg_image], image_embeds]),
-                                     torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]]))
+        rows = torch.arange(batch_size, device=ids.device)
+        texts, masks = torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]])
+        if o.pass_plan == "shared":  # each image's cross-attention keys/values projected once, not per caption
+            hidden = self.text_encoder(texts, masks, mode="multimodal", encoder_hidden_states=image_embeds,
+                                       context_index=torch.cat([rows, neg_image, rows]))
+            itm_logits = self.itm_head(hidden[:, 0])
+        else:
+            itm_logits = self.itm_logits(torch.cat([image_embeds, image_embeds[neg_image], image_embeds]), texts, masks)
         labels = torch.cat([torch.ones(batch_size, dtype=torch.long, device=ids.device),
                             torch.zeros(2 * batch_size, dtype=torch.long, device=ids.device)])
         itm = F.cross_entropy(itm_logits, labels)

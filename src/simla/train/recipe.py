@@ -64,6 +64,11 @@ class PretrainRecipe:
     alpha_warmup: bool = field_(True, "ramp distillation alpha from 0 over the first epoch")
     precision: Literal["fp32", "bf16"] = field_("fp32", "fp32, or bf16 autocast")
     grad_checkpointing: bool = field_(False, "recompute activations in the backward pass to save memory")
+    compile: bool = field_(False, "torch.compile every ViT block and encoder layer (the first steps compile; "
+                                  "measured no faster on a 2-core CPU, where matrix products dominate)")
+    cpu_allocator: Literal["auto", "keep", "release", "system"] = field_(
+        "auto", "CPU runs on glibc: 'keep' recycles freed activations (faster), 'release' unmaps them (lower peak "
+                "memory), 'system' leaves malloc alone; auto = release with grad_checkpointing, else keep")
     # ---- run
     output_dir: str = field_("runs/pretrain", "run folder: config, log.jsonl, checkpoints/, tensorboard/")
     save_every: int = field_(1000, "write checkpoints/last.pt every N optimizer steps (and at the end)")

@@ -23,6 +23,8 @@ from ..config import SimlaConfig, apply_overrides
 from ..distributed import get_rank, get_world_size, init_from_env, is_distributed
 from ..models.simla import SimlaBackbone
 from .engine import Engine, EngineConfig, ResumableData
+from .compile import compile_blocks
+from .cpu_allocator import configure_cpu_allocator
 from .optim import build_optimizer
 from .schedule import LRSchedule, alpha_at
 
@@ -37,6 +39,10 @@ def build_engine(model: SimlaBackbone, recipe: Any, data: ResumableData, output_
     if recipe.grad_checkpointing:
         model.visual_encoder.set_grad_checkpointing(True)
         model.text_encoder.set_grad_checkpointing(True)
+    if device.type == "cpu":
+        configure_cpu_allocator(recipe.cpu_allocator, recipe.grad_checkpointing)
+    if recipe.compile:
+        compile_blocks(model)
     optimizer = build_optimizer(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = max(1, data.steps_per_epoch // recipe.grad_accum_steps)
     total_steps = recipe.max_steps or recipe.epochs * steps_per_epoch

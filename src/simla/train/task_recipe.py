@@ -40,6 +40,11 @@ class FinetuneRecipe:
     alpha_warmup: bool = field_(True, "ramp distillation alpha over the first epoch (alpha: model_config.alpha)")
     precision: Literal["fp32", "bf16"] = field_("fp32", "fp32 or bf16 autocast")
     grad_checkpointing: bool = field_(False, "recompute activations to save memory")
+    compile: bool = field_(False, "torch.compile every ViT block and encoder layer (the first steps compile; "
+                                  "measured no faster on a 2-core CPU, where matrix products dominate)")
+    cpu_allocator: Literal["auto", "keep", "release", "system"] = field_(
+        "auto", "CPU runs on glibc: 'keep' recycles freed activations (faster), 'release' unmaps them (lower peak "
+                "memory), 'system' leaves malloc alone; auto = release with grad_checkpointing, else keep")
     freeze_vision_encoder: bool = field_(False, "keep the ViT's loaded weights fixed (about half the step time on a "
                                                 "small model; the paper fine-tunes everything)")
     eval_batch_size: int = field_(32, "examples per forward at evaluation")
