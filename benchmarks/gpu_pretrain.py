@@ -6,8 +6,8 @@ compilation and the reference path's steps). Each configuration runs in its own 
 other, through benchmarks/pretrain_step.py:
 
   reference   fp32, eager, attention as separate score/softmax/dropout/product kernels (SDPA's math
-              backend, as the authors' code computes it), the reference pass layout, per-tensor AdamW
-  fast        bf16 autocast, SDPA's fused (flash) attention, the shared pass layout, fused AdamW, regional
+              backend, as the authors' code computes it), the reference execution, per-tensor AdamW
+  fast        bf16 autocast, SDPA's fused (flash) attention, simla's execution, fused AdamW, regional
               torch.compile, and gradient checkpointing when --grad-checkpointing is given
 
 For each: samples/s, seconds/step, peak memory (torch.cuda.max_memory_allocated) and MFU, the share of

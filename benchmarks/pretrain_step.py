@@ -6,11 +6,12 @@ step (simla.train.optim.build_optimizer) + zero_grad, exactly what a training lo
 data loading. The batch is built once on the device and reused, so the numbers measure the model only.
 
 Two execution paths compute the same losses:
-  reference  what the authors' code does: eager, the reference pass layout (objectives.pass_plan=
-             "reference": every caption re-projects its image's cross-attention keys/values, teachers always
-             run) and torch's per-tensor AdamW loop. The baseline that speed claims are measured against.
-  fast       simla's defaults: the shared pass layout, the fused AdamW, the one-pass EMA update; plus
-             --compile (regional torch.compile of every block) and/or --precision bf16 when asked.
+  reference  what the authors' code does: eager, their execution (objectives.execution="reference":
+             separate passes, every caption re-projects its image's cross-attention keys/values, teachers
+             always run, torch's dropout), explicit attention (SDPA's math backend), torch's per-tensor
+             AdamW loop and glibc's malloc defaults. The baseline that speed claims are measured against.
+  fast       simla's defaults: its execution, the fused AdamW, the one-pass EMA update, the CPU allocator
+             policy; plus --compile (regional torch.compile of every block) and/or --precision bf16.
 
 Examples:
     # CPU speed: the fast path against the reference path, in one process (baseline first)
@@ -68,6 +69,7 @@ class RunConfig:
     text_length: int
     queue_size: int | None
     seed: int
+    alpha: float | None = None  # distillation weight of the step (None: the preset's, 0.4 for the paper)
 
 
 @dataclass
@@ -136,7 +138,7 @@ def _attention_kernels(path: str) -> contextlib.AbstractContextManager:
 
 def _build(cfg: RunConfig, device: torch.device) -> tuple[simla.SimlaForPretraining, torch.optim.Optimizer]:
     """The model and optimiser of `cfg`'s path, in training mode on `device`."""
-    overrides: dict[str, Any] = {"pass_plan": "reference" if cfg.path == "reference" else "shared"}
+    overrides: dict[str, Any] = {"execution": "reference" if cfg.path == "reference" else "simla"}
     if cfg.queue_size is not None:
         overrides["queue_size"] = cfg.queue_size
     if device.type == "cpu":  # process-wide: compare configurations with --isolate
@@ -190,7 +192,7 @@ class _Trainer:
         with _attention_kernels(cfg.path):
             self.model, self.optimizer = _build(cfg, self.device)
         self.batch = synthetic_batch(self.model, cfg.batch_size, cfg.text_length, self.device, cfg.seed)
-        self.alpha = self.model.config.objectives.alpha
+        self.alpha = self.model.config.objectives.alpha if cfg.alpha is None else cfg.alpha
         self.loss = float("nan")
 
     def step(self) -> None:
@@ -257,8 +259,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32, or bf16 = torch.autocast(bfloat16) around the forward (default fp32)")
     parser.add_argument("--path", choices=("fast", "reference"), default="fast",
-                        help="fast = simla's defaults; reference = the authors' pass layout and per-tensor AdamW, "
-                             "eager (default fast)")
+                        help="fast = simla's defaults; reference = the authors' execution, explicit attention and "
+                             "per-tensor AdamW, eager (default fast)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every ViT block and encoder layer")
     parser.add_argument("--cpu-allocator", choices=("auto", "keep", "release", "system"), default="auto",
                         help="fast path on CPU: glibc malloc policy (simla.train.cpu_allocator; auto = release with "
@@ -279,6 +281,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "and report each one's median (a machine whose speed drifts then affects both alike)")
     parser.add_argument("--isolate", action="store_true",
                         help="run every configuration in its own fresh process (for memory comparisons on CPU)")
+    parser.add_argument("--alpha", type=float, default=None,
+                        help="distillation weight of every step (default: the preset's, 0.4; 0 = the first step of "
+                             "a run, or no distillation: simla then skips the teacher work that only distils)")
     parser.add_argument("--text-length", type=int, default=20, help="padded caption length incl. [CLS] (default 20)")
     parser.add_argument("--queue-size", type=int, default=None, help="override the ITC queue size of the preset")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -341,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asdict(run(RunConfig(**json.loads(args.worker))))))
         return 0
     base = dict(model=args.model, batch_size=args.batch_size, device=args.device, steps=args.steps,
-                text_length=args.text_length, queue_size=args.queue_size, seed=args.seed)
+                text_length=args.text_length, queue_size=args.queue_size, seed=args.seed, alpha=args.alpha)
     main_config = RunConfig(precision=args.precision, grad_checkpointing=args.grad_checkpointing, path=args.path,
                             cpu_allocator="system" if args.path == "reference" else args.cpu_allocator,
                             compile=args.compile, warmup=args.warmup, **base)

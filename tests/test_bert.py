@@ -128,3 +128,27 @@ def test_bad_hf_checkpoint_is_refused(tmp_path, minilm_dir):
         simla.create_model("simla_tiny", text_encoder=str(target))
     config = json.loads((target / "config.json").read_text())
     assert config["hidden_size"] == 384
+
+
+def test_uniform_dropout_keeps_the_right_share_unbiased_and_only_in_training():
+    from simla.models.bert import dropout
+
+    torch.manual_seed(0)
+    x = torch.rand(200_000) + 0.5
+    out = dropout(x, 0.1, training=True, uniform=True)
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.005
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] / 0.9)
+    assert abs(out.mean().item() - x.mean().item()) < 0.01  # inverted dropout: unbiased
+    assert dropout(x, 0.1, training=False, uniform=True) is x
+
+
+def test_execution_selects_the_dropout_sampler():
+    fast = simla.create_model("simla_tiny", queue_size=8)
+    reference = simla.create_model("simla_tiny", queue_size=8, execution="reference")
+    for model, uniform in ((fast, True), (reference, False)):
+        for encoder in (model.text_encoder, model.text_encoder_m):
+            assert encoder.layers[0].attention.self.uniform_dropout is uniform
+            assert encoder.layers[0].output.dropout.uniform is uniform
+            assert encoder.embeddings.dropout.uniform is uniform

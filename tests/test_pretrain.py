@@ -162,7 +162,7 @@ def _count_calls(model) -> dict[str, int]:
     return counts
 
 
-# Encoder passes per step. The shared plan runs the ITM and MLM student passes as one, and the teacher's MLM
+# Encoder passes per step. simla's execution runs the ITM and MLM student passes as one, and the teacher's MLM
 # and PSL passes as one; the reference plan runs each separately.
 @pytest.mark.parametrize("losses, passes, reference_passes", [
     (["itc", "itm", "mlm", "mim", "psl"],
@@ -176,12 +176,12 @@ def _count_calls(model) -> dict[str, int]:
      {"visual_encoder": 2, "visual_encoder_m": 2, "text_encoder": 4, "text_encoder_m": 3}),
     (["mim"], {"visual_encoder": 1, "visual_encoder_m": 1, "text_encoder": 1, "text_encoder_m": 1}, None),
 ])
-@pytest.mark.parametrize("plan", ["shared", "reference"])
+@pytest.mark.parametrize("plan", ["simla", "reference"])
 def test_a_left_out_objective_costs_nothing(losses, passes, reference_passes, plan):
     if plan == "reference":
         passes = reference_passes or passes
     torch.manual_seed(0)
-    model = simla.create_model("simla_tiny", queue_size=16, losses=losses, pass_plan=plan)
+    model = simla.create_model("simla_tiny", queue_size=16, losses=losses, execution=plan)
     heads = {"mlm": "mlm_head", "mim": "mim_head", "psl": "concept_head"}
     for objective, head in heads.items():
         # A left-out objective has no head and no teacher head, and the mask token exists only for MIM.
@@ -297,12 +297,12 @@ def _step(model, batch, alpha):
 
 
 @pytest.mark.parametrize("alpha", [0.4, 0.0])
-def test_shared_and_reference_pass_plans_compute_the_same_step(alpha):
+def test_shared_and_reference_executions_compute_the_same_step(alpha):
     # Without dropout the two layouts draw the same negatives and masks, so losses and gradients must agree.
     torch.manual_seed(0)
     shared = simla.create_model("simla_tiny", queue_size=16, hidden_dropout=0.0, attention_dropout=0.0)
     reference = simla.create_model("simla_tiny", queue_size=16, hidden_dropout=0.0, attention_dropout=0.0,
-                                   pass_plan="reference")
+                                   execution="reference")
     reference.load_state_dict(shared.state_dict())
     shared.train(), reference.train()
     batch = make_batch(shared)

@@ -63,12 +63,12 @@ def test_retrieval_model_uses_image_ids(minilm_dir):
     out.total.backward()
 
 
-def test_retrieval_shared_and_reference_pass_plans_agree():
+def test_retrieval_shared_and_reference_executions_agree():
     # Without dropout both layouts draw the same negatives: same losses and gradients.
     losses, grads = {}, {}
-    for plan in ("shared", "reference"):
+    for plan in ("simla", "reference"):
         torch.manual_seed(0)
-        model = simla.create_model("simla_tiny", task="retrieval", queue_size=10, pass_plan=plan,
+        model = simla.create_model("simla_tiny", task="retrieval", queue_size=10, execution=plan,
                                    hidden_dropout=0.0, attention_dropout=0.0)
         g = torch.Generator().manual_seed(0)
         batch = {"image": torch.randn(6, 3, 64, 64, generator=g),
@@ -80,8 +80,8 @@ def test_retrieval_shared_and_reference_pass_plans_agree():
         losses[plan] = {k: v.detach() for k, v in out.items()}
         grads[plan] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     for name in ("itc", "itm"):
-        torch.testing.assert_close(losses["shared"][name], losses["reference"][name], atol=1e-6, rtol=1e-5)
-    for name, grad in grads["shared"].items():
+        torch.testing.assert_close(losses["simla"][name], losses["reference"][name], atol=1e-6, rtol=1e-5)
+    for name, grad in grads["simla"].items():
         torch.testing.assert_close(grad, grads["reference"][name], atol=1e-6, rtol=1e-4, msg=name)
 
 

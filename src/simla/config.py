@@ -116,14 +116,16 @@ class ObjectiveConfig:
     # objects per image with short expressions), the most similar "negative" is usually a true match,
     # and hard negatives teach ITM to contradict itself; uniform draws keep most negatives true.
     itm_negatives: Literal["hard", "random"] = "hard"
-    # How a step lays out its encoder passes; both compute the same losses. "shared": the ITM pass and the
-    # MLM student pass are one multimodal pass in which each image's cross-attention keys/values are
-    # projected once (4B captions over B images) and the teacher's MLM and PSL passes likewise; with
-    # alpha = 0 the teacher passes that only feed distillation (the masked momentum ViT, the teacher MIM
-    # and MLM passes, the teacher concept head) are skipped, since their targets would be weighted by
-    # zero. "reference": the authors' layout (separate passes, keys/values recomputed per caption,
-    # teachers always run), kept as the baseline that benchmarks/pretrain_step.py measures against.
-    pass_plan: Literal["shared", "reference"] = "shared"
+    # How a training step is executed; both ways compute the same losses. "simla": the ITM pass and the MLM
+    # student pass are one multimodal pass in which each image's cross-attention keys/values are projected
+    # once (4B captions over B images), the teacher's MLM and PSL passes likewise, one word-embedding
+    # lookup serves every online pass, with alpha = 0 the teacher work that only feeds distillation (the
+    # masked momentum ViT, the teacher MIM and MLM passes, the teacher concept head) is skipped, and on CPU
+    # dropout masks come from uniform draws (torch.rand; torch's CPU Bernoulli sampler is slower) with the
+    # same keep probability. "reference": the authors' execution (separate passes, keys/values projected
+    # per caption, teachers always run, torch's dropout), the baseline benchmarks/pretrain_step.py
+    # measures against.
+    execution: Literal["simla", "reference"] = "simla"
     # The objectives a pretraining step computes (the paper: all five). A left-out objective costs nothing:
     # its passes, heads and teacher work are not there, so the paper's ablation rows are one override each
     # (losses=[itc,itm]; [itc,itm,mlm]; [itc,itm,mlm,mim]; all five).

@@ -1,15 +1,16 @@
 """The SIMLA pretraining module: one forward returns the five named losses.
 
 Order of work in one step, reusing every encoder pass that can be reused:
-  online ViT (plain) -> text mode -> [EMA update] momentum ViT (plain) + momentum text mode -> ITC
-  -> ITM hard negatives and MLM masks drawn -> ONE multimodal student pass over the ITM captions
+  MLM masks drawn, ONE word-embedding lookup for the captions and the masked captions
+  -> online ViT (plain) -> text mode -> [EMA update] momentum ViT (plain) + momentum text mode -> ITC
+  -> ITM hard negatives drawn -> ONE multimodal student pass over the ITM captions
   (positives and both kinds of negatives) and the masked captions, each image's cross-attention
   keys/values projected once -> ONE teacher pass over the masked captions (MLM targets) and the captions
   (PSL's [CLS] votes) -> MIM (masked ViT, image tokens as queries over the text embeddings)
   -> PSL (concept head on the image feature) -> enqueue the momentum features.
 The reference runs 4 ViT and 9 encoder passes and projects an image's keys/values once per caption that
-attends to it; `objectives.pass_plan = "reference"` keeps that layout (as the benchmark baseline). With
-alpha = 0 the shared plan also skips the teacher work that only feeds distillation. The MLM/MIM vocabulary
+attends to it; `objectives.execution = "reference"` keeps that layout (as the benchmark baseline). With
+alpha = 0 simla's execution also skips the teacher work that only feeds distillation. The MLM/MIM vocabulary
 heads run only on the masked positions instead of every position.
 """
 
@@ -148,7 +149,7 @@ class SimlaForPretraining(SimlaModel):
         """Multimodal hidden states of each request (captions, mask, image rows) over rows of `image_tokens`;
         captions are token ids or word vectors.
 
-        shared: ONE pass over all requests' captions in which every image's cross-attention keys/values are
+        shared (simla's execution): ONE pass over all requests' captions in which every image's cross-attention keys/values are
         projected once and gathered per caption; otherwise a pass per request over gathered image tokens
         (the reference). Returns (states by request name, [CLS] self-attention probabilities of layer
         `objectives.psl_layer` for the request named `cls_attention_for`, or None).
@@ -215,8 +216,8 @@ class SimlaForPretraining(SimlaModel):
         losses: dict[str, Tensor] = {}
         targets: dict[str, Tensor] = {"temp": self.temp.detach(), "alpha": torch.tensor(alpha)}
 
-        shared = o.pass_plan == "shared"
-        # With alpha = 0 a teacher's distillation target is weighted by zero: the shared plan skips it.
+        shared = o.execution == "simla"
+        # With alpha = 0 a teacher's distillation target is weighted by zero: simla's execution skips it.
         distill = alpha > 0 or not shared
         # ---- MLM masks are drawn first, so that one word-embedding lookup can serve every online pass
         if "mlm" in on:
@@ -227,7 +228,7 @@ class SimlaForPretraining(SimlaModel):
             )
             selected = mlm_labels != -100  # the vocabulary heads run on these positions only
             targets.update(mlm_labels=mlm_labels, masked_ids=masked_ids)
-        # The caption inputs of the online passes: ids, or (shared plan) word vectors from ONE lookup. Every
+        # The caption inputs of the online passes: ids, or (simla's execution) word vectors from ONE lookup. Every
         # lookup's backward writes a dense vocabulary-sized gradient (94 MB in the paper model), and the text,
         # ITM, MLM and MIM passes would otherwise each make one.
         words, masked_words = ids, masked_ids if "mlm" in on else None

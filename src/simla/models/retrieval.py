@@ -96,7 +96,7 @@ class SimlaForRetrieval(SimlaModel):
             uniform=o.itm_negatives == "random")
         rows = torch.arange(batch_size, device=ids.device)
         texts, masks = torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]])
-        if o.pass_plan == "shared":  # each image's cross-attention keys/values projected once, not per caption
+        if o.execution == "simla":  # each image's cross-attention keys/values projected once, not per caption
             hidden = self.text_encoder(texts, masks, mode="multimodal", encoder_hidden_states=image_embeds,
                                        context_index=torch.cat([rows, neg_image, rows]))
             itm_logits = self.itm_head(hidden[:, 0])

@@ -65,6 +65,7 @@ class SimlaBackbone(nn.Module):
         if text_layers is not None:
             t = dataclasses.replace(t, num_layers=text_layers)
         self.text_encoder = SharedEncoder(t, encoder_width=v.width)
+        self.text_encoder.set_uniform_dropout(config.objectives.execution == "simla")
         self._tokenizer = None
 
     @property

@@ -121,6 +121,7 @@ class SimlaForVQA(SimlaBackbone):
         # The decoder's cross-attention reads the encoder's question states (text width), not image tokens.
         self.text_decoder = SharedEncoder(dataclasses.replace(t, num_layers=config.decoder_layers),
                                           encoder_width=t.hidden_size)
+        self.text_decoder.set_uniform_dropout(config.objectives.execution == "simla")
         self.answer_head = MLMHead(t)
         self.visual_encoder_m = make_momentum_copy(self.visual_encoder)
         self.text_encoder_m = make_momentum_copy(self.text_encoder)
