@@ -152,3 +152,15 @@ def test_execution_selects_the_dropout_sampler():
             assert encoder.layers[0].attention.self.uniform_dropout is uniform
             assert encoder.layers[0].output.dropout.uniform is uniform
             assert encoder.embeddings.dropout.uniform is uniform
+
+
+def test_output_positions_equal_the_full_pass_at_those_positions():
+    torch.manual_seed(0)
+    enc = SharedEncoder(TextConfig(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64),
+                        encoder_width=16).eval()
+    tokens, text = torch.randn(3, 9, 32), torch.randn(3, 5, 16)
+    positions = torch.tensor([[1, 4, 8], [2, 3, 0], [5, 6, 7]])
+    full = enc(inputs_embeds=tokens, encoder_hidden_states=text)
+    part = enc(inputs_embeds=tokens, encoder_hidden_states=text, output_positions=positions)
+    assert part.shape == (3, 3, 32)
+    torch.testing.assert_close(part, full.gather(1, positions[..., None].expand(-1, -1, 32)), atol=1e-5, rtol=1e-5)

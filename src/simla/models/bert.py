@@ -220,8 +220,13 @@ class EncoderLayer(nn.Module):
         context_mask: Tensor | None,
         want_cls_row: bool = False,
         context_index: Tensor | None = None,
+        query_positions: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        hidden, cls_row = self.attention(hidden, hidden, self_mask, want_cls_row)
+        queries = hidden
+        if query_positions is not None:
+            # Only these positions go on (every position still serves as a key/value of the self-attention).
+            queries = hidden.gather(1, query_positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        hidden, cls_row = self.attention(queries, hidden, self_mask, want_cls_row)
         if context is not None:
             hidden, _ = self.crossattention(hidden, context, context_mask, context_index=context_index)
         return self.output(self.intermediate(hidden), hidden), cls_row
@@ -336,6 +341,7 @@ class SharedEncoder(nn.Module):
         layer_image_index: Sequence[int] | None = None,
         causal: bool = False,
         context_index: Tensor | None = None,
+        output_positions: Tensor | None = None,
     ) -> Tensor:
         """Hidden states (B, L, H) after the last layer.
 
@@ -347,10 +353,14 @@ class SharedEncoder(nn.Module):
         context_index: (B,) long; text i cross-attends to row `context_index[i]` of `encoder_hidden_states`,
         which may then hold fewer rows than there are texts. Each row's per-layer keys/values are computed
         once however many texts use it (the pretraining step's ITM and MLM passes share their images).
+        output_positions: (B, K) long; only these positions' final states are computed and returned,
+        (B, K, H): the last layer runs its queries, cross-attention and FFN on them alone (every position
+        still serves as a key/value). MIM needs only the masked patches' states.
         """
         hidden, _ = self._run(
             input_ids, attention_mask, inputs_embeds, mode, encoder_hidden_states, encoder_attention_mask,
             layer_image_index, causal, cls_attention_layer=None, context_index=context_index,
+            output_positions=output_positions,
         )
         return hidden
 
@@ -401,7 +411,7 @@ class SharedEncoder(nn.Module):
         return hidden
 
     def _run(self, input_ids, attention_mask, inputs_embeds, mode, states, state_masks, layer_image_index, causal,
-             cls_attention_layer, context_index=None):
+             cls_attention_layer, context_index=None, output_positions=None):
         if mode is None:
             mode = "multimodal" if states is not None else "text"
         if mode not in MODES:
@@ -410,6 +420,8 @@ class SharedEncoder(nn.Module):
             raise ValueError("multimodal mode needs encoder_hidden_states (image tokens or, for MIM, text embeddings)")
         hidden = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds)
         self_mask = _padding_mask(attention_mask)
+        if output_positions is not None and (causal or cls_attention_layer is not None):
+            raise ValueError("output_positions cannot be combined with a causal mask or [CLS] attention")
         if causal:
             length = hidden.shape[1]
             tri = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
@@ -442,13 +454,15 @@ class SharedEncoder(nn.Module):
                 contexts[i], context_masks[i] = states[j], bool_masks[j]
 
         cls_row = None
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             want = i == cls_attention_layer
+            positions = output_positions if i == last else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden, row = checkpoint(layer, hidden, self_mask, contexts[i], context_masks[i], want, context_index,
-                                         use_reentrant=False)
+                                         positions, use_reentrant=False)
             else:
-                hidden, row = layer(hidden, self_mask, contexts[i], context_masks[i], want, context_index)
+                hidden, row = layer(hidden, self_mask, contexts[i], context_masks[i], want, context_index, positions)
             if want:
                 cls_row = row
         return hidden, cls_row

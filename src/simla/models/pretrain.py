@@ -135,13 +135,16 @@ class SimlaForPretraining(SimlaModel):
 
     # ------------------------------------------------------------------------------------- passes
     def _mim_pass(self, encoder: SharedEncoder, adapter: "MimAdapter | None", image_tokens: Tensor,
-                  text_embeds: Tensor, text_mask: Tensor) -> Tensor:
-        """Image tokens as queries over the (non-contextualised) text embeddings; returns patch states."""
+                  text_embeds: Tensor, text_mask: Tensor, masked: "_MaskedPatches") -> Tensor:
+        """Image tokens as queries over the (non-contextualised) text embeddings; returns the states of the
+        masked patches, (M, H) in row-major order."""
         if adapter is not None:
             image_tokens, text_embeds = adapter.image_in(image_tokens), adapter.text_kv(text_embeds)
         hidden = encoder(inputs_embeds=image_tokens, mode="multimodal", encoder_hidden_states=text_embeds,
-                         encoder_attention_mask=text_mask)
-        return hidden[:, 1:]  # drop the image [CLS] position
+                         encoder_attention_mask=text_mask, output_positions=masked.positions)
+        if masked.positions is None:
+            return hidden[:, 1:][masked.mask]  # drop the image [CLS] position
+        return hidden[masked.valid]
 
     def _multimodal(self, encoder: SharedEncoder, image_tokens: Tensor | None,
                     requests: Mapping[str, tuple[Tensor, Tensor, Tensor]], shared: bool,
@@ -328,18 +331,19 @@ class SimlaForPretraining(SimlaModel):
                 patch_mask = patch_mask.flatten(1)
             if visual_tokens.dim() == 3:
                 visual_tokens = visual_tokens.flatten(1)
+            masked = _MaskedPatches(patch_mask, last_layer_only=shared)
             masked_image = self.visual_encoder(image, patch_mask=patch_mask)
             patch_states = self._mim_pass(self.text_encoder, self.mim_adapter, masked_image,
-                                          self.text_encoder.embeddings(**_caption_inputs(words)), mask)
-            mim_logits = self.mim_head(patch_states[patch_mask])
+                                          self.text_encoder.embeddings(**_caption_inputs(words)), mask, masked)
+            mim_logits = self.mim_head(patch_states)
             mim_teacher = None
             if distill:
                 with torch.no_grad():
                     masked_image_m = self.visual_encoder_m(image, patch_mask=patch_mask)
                     # the teacher's keys/values are the MOMENTUM text embeddings (reference: online ones).
                     patch_states_m = self._mim_pass(self.text_encoder_m, self.mim_adapter_m, masked_image_m,
-                                                    self.text_encoder_m.embeddings(input_ids=ids), mask)
-                    mim_teacher = self.mim_head_m(patch_states_m[patch_mask])
+                                                    self.text_encoder_m.embeddings(input_ids=ids), mask, masked)
+                    mim_teacher = self.mim_head_m(patch_states_m)
             losses["mim"] = objectives.distilled_cross_entropy(mim_logits, visual_tokens[patch_mask], mim_teacher,
                                                                alpha)
 
@@ -357,6 +361,22 @@ class SimlaForPretraining(SimlaModel):
         if self.training and "itc" in on:
             self._enqueue(image_feat_m, text_feat_m, captions)
         return PretrainOutput(losses, targets)
+
+
+class _MaskedPatches:
+    """Which patches MIM predicts. With `last_layer_only`, the MIM pass's last layer runs on them alone:
+    `positions` (B, K) are each image's masked patches in order (then filler positions up to the largest
+    count K, computed and dropped), shifted by one for the image [CLS]; `valid` marks the real ones."""
+
+    def __init__(self, mask: Tensor, last_layer_only: bool) -> None:
+        self.mask, self.positions, self.valid = mask, None, None
+        counts = mask.sum(dim=1)
+        most = int(counts.max()) if last_layer_only and mask.numel() else 0  # one host read per step
+        if most > 0:
+            # A stable sort puts each row's masked patches first, in their original order.
+            order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :most]
+            self.positions = order + 1
+            self.valid = torch.arange(most, device=mask.device)[None, :] < counts[:, None]
 
 
 def _caption_inputs(captions: Tensor) -> dict[str, Tensor]:
