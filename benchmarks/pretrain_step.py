@@ -47,7 +47,7 @@ import torch
 import simla
 from simla.masking import BlockMaskGenerator
 from simla.train.compile import compile_blocks
-from simla.train.cpu_allocator import configure_cpu_allocator, resolve_cpu_allocator
+from simla.train.cpu_allocator import CPU_ALLOCATOR_POLICIES, configure_cpu_allocator, resolve_cpu_allocator
 from simla.train.optim import build_optimizer
 
 from rss import MIB as _MIB  # benchmarks/rss.py
@@ -193,7 +193,6 @@ class _Trainer:
             self.model, self.optimizer = _build(cfg, self.device)
         self.batch = synthetic_batch(self.model, cfg.batch_size, cfg.text_length, self.device, cfg.seed)
         self.alpha = self.model.config.objectives.alpha if cfg.alpha is None else cfg.alpha
-        self.loss = float("nan")
 
     def step(self) -> None:
         with _attention_kernels(self.cfg.path), _autocast(self.device, self.cfg.precision):
@@ -262,7 +261,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fast = simla's defaults; reference = the authors' execution, explicit attention and "
                              "per-tensor AdamW, eager (default fast)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every ViT block and encoder layer")
-    parser.add_argument("--cpu-allocator", choices=("auto", "keep", "release", "system"), default="auto",
+    parser.add_argument("--cpu-allocator", choices=CPU_ALLOCATOR_POLICIES, default="auto",
                         help="fast path on CPU: glibc malloc policy (simla.train.cpu_allocator; auto = release with "
                              "--grad-checkpointing, else keep; the reference path always uses system)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,

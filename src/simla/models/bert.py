@@ -122,7 +122,7 @@ class AttentionProjections(nn.Module):
         projected once per distinct context row and gathered, instead of once per query row (several
         captions of one image in a pretraining step share that image's projections, gradients included).
         """
-        q, k, v = self._heads(self.query(hidden)), self._heads(self.key(context)), self._heads(self.value(context))
+        q, (k, v) = self._heads(self.query(hidden)), self.keys_values(context)
         if context_index is not None:
             k, v = k.index_select(0, context_index), v.index_select(0, context_index)
         p = self.dropout_p if self.training else 0.0
@@ -152,7 +152,6 @@ class AttentionProjections(nn.Module):
                 cls_row = scores.softmax(-1)[:, :, 0]
         b, _, n, _ = out.shape
         return out.transpose(1, 2).reshape(b, n, -1), cls_row
-
 
     def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """The keys and values of ``context`` in head layout, (B, h, Lk, d) each (cacheable per image)."""
@@ -230,7 +229,6 @@ class EncoderLayer(nn.Module):
         if context is not None:
             hidden, _ = self.crossattention(hidden, context, context_mask, context_index=context_index)
         return self.output(self.intermediate(hidden), hidden), cls_row
-
 
     def forward_packed(self, tokens: Tensor, real: Tensor, self_mask: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """The layer on packed tokens (R, H), the real positions ``real`` (T, L) of T texts, cross-attending

@@ -152,9 +152,9 @@ class SimlaForPretraining(SimlaModel):
         """Multimodal hidden states of each request (captions, mask, image rows) over rows of `image_tokens`;
         captions are token ids or word vectors.
 
-        shared (simla's execution): ONE pass over all requests' captions in which every image's cross-attention keys/values are
-        projected once and gathered per caption; otherwise a pass per request over gathered image tokens
-        (the reference). Returns (states by request name, [CLS] self-attention probabilities of layer
+        shared (simla's execution): ONE pass over all requests' captions in which every image's
+        cross-attention keys/values are projected once and gathered per caption; otherwise a pass per request
+        over gathered image tokens (the reference). Returns (states by request name, [CLS] self-attention probabilities of layer
         `objectives.psl_layer` for the request named `cls_attention_for`, or None).
         """
         layer = self.config.objectives.psl_layer
@@ -370,8 +370,10 @@ class _MaskedPatches:
 
     def __init__(self, mask: Tensor, last_layer_only: bool) -> None:
         self.mask, self.positions, self.valid = mask, None, None
+        if not last_layer_only or mask.numel() == 0:
+            return
         counts = mask.sum(dim=1)
-        most = int(counts.max()) if last_layer_only and mask.numel() else 0  # one host read per step
+        most = int(counts.max())  # one host read per step
         if most > 0:
             # A stable sort puts each row's masked patches first, in their original order.
             order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :most]
