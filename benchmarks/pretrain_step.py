@@ -397,6 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         memory = f"{r['peak_memory']:.3f}x" if r["peak_memory"] is not None else "n/a"
         print(f"ratio vs baseline: {r['samples_per_s']:.3f}x samples/s ({r['step_time']:.3f}x step time), "
               f"{memory} peak memory")
+        if args.repeats > 1:  # the spread, so one lucky repeat cannot pass for the typical ratio
+            pairs = zip(runs["baseline"], runs["run"])
+            print("per repeat (baseline / run s/step, ratio): " + "; ".join(
+                f"{b.s_per_step:.2f} / {m.s_per_step:.2f} = {b.s_per_step / m.s_per_step:.3f}x" for b, m in pairs))
     return 0
 
 

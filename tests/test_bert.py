@@ -144,6 +144,46 @@ def test_uniform_dropout_keeps_the_right_share_unbiased_and_only_in_training():
     assert dropout(x, 0.1, training=False, uniform=True) is x
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_mask_draws_both_halves_of_each_integer_at_the_rate_independently(p):
+    from simla.models.bert import keep_mask
+
+    torch.manual_seed(0)
+    mask = keep_mask(torch.empty(3, 100_001), p)  # odd size: the last integer's second half is unused
+    assert mask.shape == (3, 100_001) and mask.dtype == torch.bool
+    flat = mask.flatten()
+    low, high = flat[0::2][:150_000].float(), flat[1::2][:150_000].float()  # the two halves of each draw
+    for half in (low, high):
+        assert abs(half.mean().item() - (1 - p)) < 0.005
+    assert abs((low * high).mean().item() - (1 - p) ** 2) < 0.005  # halves are independent
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask(torch.empty(3, 100_001), p), mask)  # torch's generator: seeded, repeatable
+
+
+def test_attention_with_integer_dropout_masks_is_dropout_of_the_probabilities(monkeypatch):
+    import math
+
+    from simla.models import bert
+
+    torch.manual_seed(0)
+    attention = bert.AttentionProjections(hidden_size=32, num_heads=4, kv_width=16, dropout=0.25).train()
+    attention.uniform_dropout = True
+    hidden, context = torch.randn(2, 5, 32), torch.randn(2, 7, 16)
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., 5:] = False
+    drawn = []
+    real_keep_mask = bert.keep_mask
+    monkeypatch.setattr(bert, "keep_mask", lambda like, p: drawn.append(real_keep_mask(like, p)) or drawn[-1])
+    out, _ = attention(hidden, context, mask)
+
+    heads = lambda x: x.view(2, -1, 4, 8).transpose(1, 2)  # noqa: E731
+    q, k, v = heads(attention.query(hidden)), heads(attention.key(context)), heads(attention.value(context))
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~mask, float("-inf"))
+    expected = (scores.softmax(-1) * drawn[0] / 0.75) @ v
+    torch.testing.assert_close(out, expected.transpose(1, 2).reshape(2, 5, 32))
+    assert drawn[0].shape == (2, 4, 5, 7) and not drawn[0].all()
+
+
 def test_execution_selects_the_dropout_sampler():
     fast = simla.create_model("simla_tiny", queue_size=8)
     reference = simla.create_model("simla_tiny", queue_size=8, execution="reference")
