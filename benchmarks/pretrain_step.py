@@ -16,6 +16,8 @@ Two execution paths compute the same losses:
 Examples:
     # CPU speed: the fast path against the reference path, in one process (baseline first)
     python benchmarks/pretrain_step.py --model simla_base --batch-size 4 --compile --baseline reference
+    # CPU speed, steadiest: both paths alive in their own processes, their timed steps alternating
+    python benchmarks/pretrain_step.py --model simla_base --batch-size 4 --warmup 2 --steps 6 --baseline reference --interleave
     # CPU memory: checkpointing against the plain fast path, each configuration in its own process
     python benchmarks/pretrain_step.py --model simla_base --batch-size 8 --grad-checkpointing --baseline plain --isolate
 
@@ -36,6 +38,7 @@ import dataclasses
 import gc
 import json
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -218,7 +221,7 @@ def run(cfg: RunConfig) -> RunResult:
     _free(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start_rss = current_rss_bytes() if device.type == "cpu" else None
+    start_rss = _start_rss_mib(device)
     sampler = RssSampler()
     with sampler if device.type == "cpu" else contextlib.nullcontext():
         trainer = _Trainer(cfg)
@@ -230,14 +233,100 @@ def run(cfg: RunConfig) -> RunResult:
             trainer.step()
         _sync(device)
         elapsed = time.perf_counter() - start
-    if device.type == "cuda":
-        peak, kind, lifetime = torch.cuda.max_memory_allocated(device) / _MIB, "cuda_max_allocated", None
-    else:
-        peak, kind, lifetime = sampler.peak / _MIB, "cpu_sampled_rss", lifetime_peak_rss_mib()
-    result = trainer.result(elapsed / cfg.steps, peak, kind, lifetime, None if start_rss is None else start_rss / _MIB)
+    result = trainer.result(elapsed / cfg.steps, *_peak_memory(device, sampler), start_rss)
     del trainer
     _free(device)
     return result
+
+
+def _peak_memory(device: torch.device, sampler: RssSampler) -> tuple[float, str, float | None]:
+    """(peak MiB, what it measures, process-lifetime peak RSS MiB on CPU) of the configuration just run."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / _MIB, "cuda_max_allocated", None
+    return sampler.peak / _MIB, "cpu_sampled_rss", lifetime_peak_rss_mib()
+
+
+def _serve(cfg: RunConfig) -> None:
+    """--interleave worker: build `cfg`, print "ready", then run one timed step per "step" line on stdin and
+    print its seconds; on "result", print the RunResult (median of the steps after `cfg.warmup`) as JSON."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start_rss = _start_rss_mib(device)
+    times: list[float] = []
+    sampler = RssSampler()
+    with sampler if device.type == "cpu" else contextlib.nullcontext():
+        trainer = _Trainer(cfg)
+        print("ready", flush=True)
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            _sync(device)
+            start = time.perf_counter()
+            trainer.step()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+            print(times[-1], flush=True)
+    result = trainer.result(statistics.median(times[cfg.warmup:]), *_peak_memory(device, sampler), start_rss)
+    print(json.dumps(asdict(result)), flush=True)
+
+
+def _start_rss_mib(device: torch.device) -> float | None:
+    rss = current_rss_bytes() if device.type == "cpu" else None
+    return None if rss is None else rss / _MIB
+
+
+class _Worker:
+    """One configuration's persistent process for --interleave: built once, then stepped on request. Its
+    warnings and errors go to this process's stderr."""
+
+    def __init__(self, cfg: RunConfig, threads: int | None) -> None:
+        self.cfg = cfg
+        command = [sys.executable, __file__, "--serve", json.dumps(asdict(cfg))]
+        if threads is not None:
+            command += ["--threads", str(threads)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self._send(None) != "ready":
+            raise RuntimeError(f"configuration {cfg} did not start")
+
+    def _send(self, command: str | None) -> str:
+        if command is not None:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"configuration {self.cfg} failed (its error is printed above)")
+        return line.strip()
+
+    def step(self) -> float:
+        return float(self._send("step"))
+
+    def finish(self) -> RunResult:
+        payload = json.loads(self._send("result"))
+        self.process.wait()
+        payload["config"] = RunConfig(**payload["config"])
+        return RunResult(**payload)
+
+
+def _run_interleaved(baseline: RunConfig, main: RunConfig, threads: int | None
+                     ) -> tuple[RunResult, RunResult, list[float], list[float]]:
+    """Both configurations in their own live processes, their timed steps alternating one by one, so that a
+    machine whose speed drifts affects both alike. Returns both results and every timed step's seconds."""
+    workers = [_Worker(baseline, threads), _Worker(main, threads)]  # built one after the other
+    try:
+        for worker in workers:
+            for _ in range(worker.cfg.warmup):
+                worker.step()
+        times: list[list[float]] = [[], []]
+        for _ in range(main.steps):
+            for worker, own in zip(workers, times):
+                own.append(worker.step())
+        base_result, main_result = (worker.finish() for worker in workers)
+    finally:
+        for worker in workers:
+            if worker.process.poll() is None:
+                worker.process.kill()
+    return base_result, main_result, times[0], times[1]
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -280,6 +369,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "and report each one's median (a machine whose speed drifts then affects both alike)")
     parser.add_argument("--isolate", action="store_true",
                         help="run every configuration in its own fresh process (for memory comparisons on CPU)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="with --baseline: keep the baseline and the run alive in their own processes and "
+                             "alternate their timed steps one by one; ratios are the medians' and each step "
+                             "pair's (the steadiest comparison on a machine whose speed drifts)")
     parser.add_argument("--alpha", type=float, default=None,
                         help="distillation weight of every step (default: the preset's, 0.4; 0 = the first step of "
                              "a run, or no distillation: simla then skips the teacher work that only distils)")
@@ -289,6 +382,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and the synthetic batch")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # --isolate: run this JSON RunConfig, print its result
+    parser.add_argument("--serve", help=argparse.SUPPRESS)  # --interleave: step this JSON RunConfig on request
     args = parser.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -303,6 +397,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batch-size must be >= 2 (ITM draws in-batch negatives)")
     if args.repeats < 1 or (args.repeats > 1 and not args.isolate):
         parser.error("--repeats must be >= 1, and above 1 only with --isolate")
+    if args.interleave and (args.baseline is None or args.isolate or args.repeats > 1):
+        parser.error("--interleave needs --baseline, and replaces --isolate and --repeats")
     if args.compile and args.warmup < 3:
         parser.error("--compile needs --warmup >= 3: the first steps compile, and timing them measures the compiler")
     return args
@@ -344,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         print(json.dumps(asdict(run(RunConfig(**json.loads(args.worker))))))
         return 0
+    if args.serve is not None:
+        _serve(RunConfig(**json.loads(args.serve)))
+        return 0
     base = dict(model=args.model, batch_size=args.batch_size, device=args.device, steps=args.steps,
                 text_length=args.text_length, queue_size=args.queue_size, seed=args.seed, alpha=args.alpha)
     main_config = RunConfig(precision=args.precision, grad_checkpointing=args.grad_checkpointing, path=args.path,
@@ -358,7 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     elif args.baseline == "plain":
         baseline_config = dataclasses.replace(main_config, grad_checkpointing=False)
     runs: dict[str, list[RunResult]] = {"baseline": [], "run": []}
-    for _ in range(args.repeats):
+    step_times: dict[str, list[float]] = {}
+    if args.interleave:
+        baseline_config = dataclasses.replace(baseline_config, warmup=args.warmup)
+        base_result, main_result, step_times["baseline"], step_times["run"] = _run_interleaved(
+            baseline_config, main_config, args.threads)
+        runs = {"baseline": [base_result], "run": [main_result]}
+    for _ in range(0 if args.interleave else args.repeats):
         if args.baseline is not None:
             # First, because on CPU the lifetime peak RSS would otherwise include the main run.
             runs["baseline"].append(execute(baseline_config))
@@ -369,9 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "torch": torch.__version__,
         "device_name": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "isolated": args.isolate,
+        "isolated": args.isolate or args.interleave,
+        "interleaved": args.interleave,
         "repeats": args.repeats,
         "s_per_step_all": {name: [r.s_per_step for r in results] for name, results in runs.items() if results},
+        "step_times": step_times,
         "result": asdict(result),
     }
     if baseline is not None:
@@ -381,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
             "step_time": result.s_per_step / baseline.s_per_step,
             "peak_memory": result.peak_memory_mib / baseline.peak_memory_mib,
         }
+        if step_times:
+            pairs = [b / m for b, m in zip(step_times["baseline"], step_times["run"])]
+            report["ratio_vs_baseline"]["step_pairs"] = pairs
+            report["ratio_vs_baseline"]["step_pairs_median"] = statistics.median(pairs)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -388,6 +499,7 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}; {args.warmup} warm-up + {args.steps} timed steps; "
           f"{result.parameters / 1e6:.2f}M parameters ({result.trainable_parameters / 1e6:.2f}M trainable)"
           f"{'; each configuration in its own process' if args.isolate else ''}"
+          f"{'; both in their own live processes, timed steps alternating' if args.interleave else ''}"
           f"{f'; {args.repeats} alternating repeats, medians' if args.repeats > 1 else ''}")
     if baseline is not None:
         print("baseline  " + _describe(baseline))
@@ -401,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
             pairs = zip(runs["baseline"], runs["run"])
             print("per repeat (baseline / run s/step, ratio): " + "; ".join(
                 f"{b.s_per_step:.2f} / {m.s_per_step:.2f} = {b.s_per_step / m.s_per_step:.3f}x" for b, m in pairs))
+        if step_times:
+            print(f"step pairs (baseline / run s, ratio), median {r['step_pairs_median']:.3f}x: " + "; ".join(
+                f"{b:.2f} / {m:.2f} = {b / m:.3f}x" for b, m in zip(step_times["baseline"], step_times["run"])))
     return 0
 
 

@@ -31,6 +31,18 @@ def test_pretrain_step_compares_the_fast_path_with_the_reference_path_in_separat
     assert report["ratio_vs_baseline"]["samples_per_s"] > 0
 
 
+def test_pretrain_step_interleaves_the_timed_steps_of_two_live_processes():
+    done = _run("pretrain_step.py", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--queue-size", "16",
+                "--baseline", "reference", "--interleave", "--threads", "1", "--json")
+    report = json.loads(done.stdout)
+    assert report["interleaved"] and report["isolated"]
+    assert [len(report["step_times"][name]) for name in ("baseline", "run")] == [2, 2]
+    pairs = report["ratio_vs_baseline"]["step_pairs"]
+    assert pairs == [b / m for b, m in zip(report["step_times"]["baseline"], report["step_times"]["run"])]
+    assert report["baseline"]["config"]["path"] == "reference" and report["result"]["config"]["path"] == "fast"
+    assert report["baseline"]["config"]["warmup"] == 1 and report["result"]["peak_memory_mib"] > 0
+
+
 def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     done = _run("gpu_pretrain.py", "--device", "cpu", "--model", "simla_tiny", "--batch-size", "4", "--steps", "1",

@@ -121,8 +121,8 @@ class ObjectiveConfig:
     # once (4B captions over B images), the teacher's MLM and PSL passes likewise, one word-embedding
     # lookup serves every online pass, with alpha = 0 the teacher work that only feeds distillation (the
     # masked momentum ViT, the teacher MIM and MLM passes, the teacher concept head) is skipped, and on CPU
-    # dropout masks come from uniform draws (torch.rand; torch's CPU Bernoulli sampler is slower) with the
-    # same keep probability. "reference": the authors' execution (separate passes, keys/values projected
+    # dropout masks come from 16-bit halves of torch's integer draws (torch's CPU Bernoulli sampler is three
+    # times slower) with the same keep probability. "reference": the authors' execution (separate passes, keys/values projected
     # per caption, teachers always run, torch's dropout), the baseline benchmarks/pretrain_step.py
     # measures against.
     execution: Literal["simla", "reference"] = "simla"
