@@ -147,7 +147,7 @@ class AttentionProjections(nn.Module):
             k, v = k.index_select(0, context_index), v.index_select(0, context_index)
         p = self.dropout_p if self.training else 0.0
         # SDPA's CPU kernels cannot drop attention probabilities, so with dropout it computes them explicitly
-        # anyway; computing them here lets the uniform sampler draw the mask.
+        # anyway; computing them here lets keep_mask draw the mask.
         integer_mask = p > 0 and self.uniform_dropout and q.device.type == "cpu"
         explicit = self.capture or integer_mask
         if explicit:
