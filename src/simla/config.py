@@ -122,9 +122,9 @@ class ObjectiveConfig:
     # lookup serves every online pass, with alpha = 0 the teacher work that only feeds distillation (the
     # masked momentum ViT, the teacher MIM and MLM passes, the teacher concept head) is skipped, and on CPU
     # dropout masks come from 16-bit halves of torch's integer draws (torch's CPU Bernoulli sampler is three
-    # times slower) with the same keep probability. "reference": the authors' execution (separate passes, keys/values projected
-    # per caption, teachers always run, torch's dropout), the baseline benchmarks/pretrain_step.py
-    # measures against.
+    # times slower) with the same keep probability. "reference": the authors' execution (separate passes,
+    # keys/values projected per caption, teachers always run, torch's dropout), the baseline
+    # benchmarks/pretrain_step.py measures against.
     execution: Literal["simla", "reference"] = "simla"
     # The objectives a pretraining step computes (the paper: all five). A left-out objective costs nothing:
     # its passes, heads and teacher work are not there, so the paper's ablation rows are one override each

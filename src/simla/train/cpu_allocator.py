@@ -15,8 +15,9 @@ maximum (32 MiB) and stops trimming below 1 GiB, so activations are recycled fro
 paper-size step on a 2-core CPU, the same peak memory). `"release"` (the default with gradient
 checkpointing) serves every block from 4 MiB up with its own mapping that is unmapped when freed, so
 RSS follows the live tensors (a checkpointed batch-8 step: 6.2 GB instead of 8.7, at the price of page
-faults: about 30 GB zero-filled per step, 1.47x the plain step's time instead of 1.08x). `"system"` leaves glibc's defaults. The settings are process-wide and
-take effect for later allocations; other C libraries (musl, a preloaded jemalloc/tcmalloc) are left alone.
+faults: about 30 GB zero-filled per step, 1.47x the plain step's time instead of 1.08x). `"system"` leaves
+glibc's defaults. The settings are process-wide and take effect for later allocations; other C libraries
+(musl, a preloaded jemalloc/tcmalloc) are left alone.
 """
 
 from __future__ import annotations
