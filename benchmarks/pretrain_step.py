@@ -397,6 +397,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batch-size must be >= 2 (ITM draws in-batch negatives)")
     if args.repeats < 1 or (args.repeats > 1 and not args.isolate):
         parser.error("--repeats must be >= 1, and above 1 only with --isolate")
+    if args.model not in simla.list_models():
+        parser.error(f"--model {args.model!r} is not a preset; choose from {', '.join(simla.list_models())}")
     if args.interleave and (args.baseline is None or args.isolate or args.repeats > 1):
         parser.error("--interleave needs --baseline, and replaces --isolate and --repeats")
     if args.compile and args.warmup < 3:
