@@ -347,8 +347,8 @@ class SharedEncoder(nn.Module):
         self.gradient_checkpointing = enable
 
     def set_uniform_dropout(self, enable: bool = True) -> None:
-        """Draw every dropout mask of this encoder (hidden states and attention probabilities) from uniform
-        draws on CPU (:func:`dropout`); off, torch's own sampler (the reference's random stream)."""
+        """Draw every dropout mask of this encoder (hidden states and attention probabilities) with
+        :func:`keep_mask` on CPU; off, torch's own sampler (the reference's random stream)."""
         for module in self.modules():
             if isinstance(module, _Dropout):
                 module.uniform = enable

@@ -97,9 +97,7 @@ class SimlaForRetrieval(SimlaModel):
         rows = torch.arange(batch_size, device=ids.device)
         texts, masks = torch.cat([ids, ids, ids[neg_text]]), torch.cat([mask, mask, mask[neg_text]])
         if o.execution == "simla":  # each image's cross-attention keys/values projected once, not per caption
-            hidden = self.text_encoder(texts, masks, mode="multimodal", encoder_hidden_states=image_embeds,
-                                       context_index=torch.cat([rows, neg_image, rows]))
-            itm_logits = self.itm_head(hidden[:, 0])
+            itm_logits = self.itm_logits(image_embeds, texts, masks, image_index=torch.cat([rows, neg_image, rows]))
         else:
             itm_logits = self.itm_logits(torch.cat([image_embeds, image_embeds[neg_image], image_embeds]), texts, masks)
         labels = torch.cat([torch.ones(batch_size, dtype=torch.long, device=ids.device),

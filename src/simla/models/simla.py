@@ -169,12 +169,17 @@ class SimlaModel(SimlaBackbone):
         """L2-normalised ITC feature of the text [CLS] token (text-mode hidden states)."""
         return F.normalize(self.text_proj(text_hidden[:, 0]), dim=-1)
 
-    def fuse(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Multimodal hidden states: the caption's tokens cross-attending to the image tokens."""
-        return self.text_encoder(input_ids, attention_mask, mode="multimodal", encoder_hidden_states=image_tokens)
+    def fuse(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor,
+             image_index: Tensor | None = None) -> Tensor:
+        """Multimodal hidden states: the caption's tokens cross-attending to the image tokens. With
+        `image_index` (one entry per caption), caption i attends to image row `image_index[i]`, and each
+        image's cross-attention keys/values are computed once however many captions use it."""
+        return self.text_encoder(input_ids, attention_mask, mode="multimodal", encoder_hidden_states=image_tokens,
+                                 context_index=image_index)
 
-    def itm_logits(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        return self.itm_head(self.fuse(image_tokens, input_ids, attention_mask)[:, 0])
+    def itm_logits(self, image_tokens: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                   image_index: Tensor | None = None) -> Tensor:
+        return self.itm_head(self.fuse(image_tokens, input_ids, attention_mask, image_index)[:, 0])
 
     # ------------------------------------------------------------------------------------ user API
     def encode_image(self, pixels: Tensor) -> Tensor:
