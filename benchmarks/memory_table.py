@@ -6,6 +6,8 @@ process's RSS does not shrink back after a configuration, so configurations neve
 Markdown table of peak memory and seconds per step, ready for the README:
 
     python benchmarks/memory_table.py --model simla_base --batch-sizes 2 4 8
+    # the same cells under tcmalloc (simla's cpu_allocator=tcmalloc)
+    python benchmarks/memory_table.py --model simla_base --precisions fp32 --cpu-allocator tcmalloc
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_step import RunConfig, _run_isolated  # noqa: E402
 
+from simla.train.cpu_allocator import CPU_ALLOCATOR_POLICIES, PRELOADED_ALLOCATORS, find_allocator_library  # noqa: E402
+
 VARIANTS = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))
 
 
@@ -32,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=1, help="timed steps per cell (default 1)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per cell (default 1)")
     parser.add_argument("--text-length", type=int, default=20, help="padded caption length (default 20)")
+    parser.add_argument("--cpu-allocator", choices=CPU_ALLOCATOR_POLICIES, default="auto",
+                        help="CPU malloc policy of every cell (simla.train.cpu_allocator; default auto)")
     parser.add_argument("--output", type=Path, default=None, help="also write the cells as JSON here")
     args = parser.parse_args(argv)
+    if args.cpu_allocator in PRELOADED_ALLOCATORS and find_allocator_library(args.cpu_allocator) is None:
+        parser.error(f"--cpu-allocator {args.cpu_allocator}: the {args.cpu_allocator} library is not installed here")
     if min(args.batch_sizes) < 2:
         parser.error("batch sizes must be >= 2 (ITM draws in-batch negatives)")
 
@@ -47,10 +55,12 @@ def main(argv: list[str] | None = None) -> int:
             if precision not in args.precisions:
                 continue
             cfg = RunConfig(model=args.model, batch_size=batch_size, precision=precision, device=args.device,
-                            steps=args.steps, warmup=args.warmup, grad_checkpointing=checkpointing, path="fast", cpu_allocator="auto",
+                            steps=args.steps, warmup=args.warmup, grad_checkpointing=checkpointing, path="fast",
+                            cpu_allocator=args.cpu_allocator,
                             compile=False, text_length=args.text_length, queue_size=None, seed=0)
             result = _run_isolated(cfg, None)
             cells.append({"batch_size": batch_size, "precision": precision, "grad_checkpointing": checkpointing,
+                          "cpu_allocator": args.cpu_allocator, "malloc": result.malloc,
                           "peak_memory_mib": result.peak_memory_mib, "memory_kind": result.memory_kind,
                           "s_per_step": result.s_per_step})
             row.append(f"{result.peak_memory_mib / 1024:.1f} GiB ({result.s_per_step:.1f} s)")

@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -50,7 +51,9 @@ import torch
 import simla
 from simla.masking import BlockMaskGenerator
 from simla.train.compile import compile_blocks
-from simla.train.cpu_allocator import CPU_ALLOCATOR_POLICIES, configure_cpu_allocator, resolve_cpu_allocator
+from simla.train.cpu_allocator import (CPU_ALLOCATOR_POLICIES, PRELOADED_ALLOCATORS, active_allocator,
+                                      configure_cpu_allocator, find_allocator_library, preload_environment,
+                                      resolve_cpu_allocator)
 from simla.train.optim import build_optimizer
 
 from rss import MIB as _MIB  # benchmarks/rss.py
@@ -68,7 +71,7 @@ class RunConfig:
     grad_checkpointing: bool
     path: str  # "fast" or "reference"
     compile: bool
-    cpu_allocator: str  # simla.train.cpu_allocator policy on CPU: "auto" (the fast path's), or "system"
+    cpu_allocator: str  # simla.train.cpu_allocator policy on CPU: "auto" (the fast path's), "system", a malloc
     text_length: int
     queue_size: int | None
     seed: int
@@ -87,6 +90,7 @@ class RunResult:
     final_loss: float
     parameters: int
     trainable_parameters: int
+    malloc: str | None = None  # CPU only: the malloc that served the process (simla.train.cpu_allocator)
 
 
 # ------------------------------------------------------------------------------------------- memory
@@ -212,7 +216,8 @@ class _Trainer:
         return RunResult(config=self.cfg, samples_per_s=self.cfg.batch_size / s_per_step, s_per_step=s_per_step,
                          peak_memory_mib=peak, memory_kind=kind, peak_rss_mib=lifetime, start_rss_mib=start_rss,
                          final_loss=float(self.last_total.float().item()), parameters=parameters,
-                         trainable_parameters=trainable)
+                         trainable_parameters=trainable,
+                         malloc=active_allocator() if self.device.type == "cpu" else None)
 
 
 def run(cfg: RunConfig) -> RunResult:
@@ -285,7 +290,8 @@ class _Worker:
         command = [sys.executable, __file__, "--serve", json.dumps(asdict(cfg))]
         if threads is not None:
             command += ["--threads", str(threads)]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env=_worker_environment(cfg))
         if self._send(None) != "ready":
             raise RuntimeError(f"configuration {cfg} did not start")
 
@@ -351,8 +357,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "per-tensor AdamW, eager (default fast)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every ViT block and encoder layer")
     parser.add_argument("--cpu-allocator", choices=CPU_ALLOCATOR_POLICIES, default="auto",
-                        help="fast path on CPU: glibc malloc policy (simla.train.cpu_allocator; auto = release with "
-                             "--grad-checkpointing, else keep; the reference path always uses system)")
+                        help="fast path on CPU: malloc policy (simla.train.cpu_allocator). keep/release set glibc's; "
+                             "tcmalloc/jemalloc/mimalloc run the configuration's process under that library "
+                             "(needs --isolate or --interleave); auto = release with --grad-checkpointing, else "
+                             "keep. The reference path always uses system")
+    parser.add_argument("--baseline-cpu-allocator", choices=CPU_ALLOCATOR_POLICIES, default=None,
+                        help="with --baseline plain: the baseline's malloc policy (default: --cpu-allocator's), e.g. "
+                             "checkpointing under tcmalloc against the plain step under auto")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="device (default: cuda when available, else cpu)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
@@ -401,6 +412,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--model {args.model!r} is not a preset; choose from {', '.join(simla.list_models())}")
     if args.interleave and (args.baseline is None or args.isolate or args.repeats > 1):
         parser.error("--interleave needs --baseline, and replaces --isolate and --repeats")
+    preloaded = {args.cpu_allocator, args.baseline_cpu_allocator} & set(PRELOADED_ALLOCATORS)
+    for name in sorted(preloaded - {active_allocator()}):
+        if not (args.isolate or args.interleave):
+            parser.error(f"--cpu-allocator {name} starts the configuration's process under {name}: add --isolate "
+                         f"or --interleave (or run this script with LD_PRELOAD set)")
+        if find_allocator_library(name) is None:
+            parser.error(f"--cpu-allocator {name}: the {name} library is not installed here")
+    if args.baseline_cpu_allocator is not None and args.baseline != "plain":
+        parser.error("--baseline-cpu-allocator goes with --baseline plain")
     if args.compile and args.warmup < 3:
         parser.error("--compile needs --warmup >= 3: the first steps compile, and timing them measures the compiler")
     return args
@@ -412,8 +432,15 @@ def _describe(result: RunResult) -> str:
     line = (f"{tag:<28} {result.samples_per_s:8.3f} samples/s  {result.s_per_step * 1000:9.1f} ms/step  "
             f"peak {result.peak_memory_mib:8.1f} MiB ({result.memory_kind})")
     if result.peak_rss_mib is not None:
-        line += f"  (RSS at start {result.start_rss_mib:.1f})"
+        line += f"  (RSS at start {result.start_rss_mib:.1f}; malloc {result.malloc})"
     return line + f"  loss {result.final_loss:.4f}"
+
+
+def _worker_environment(cfg: RunConfig) -> dict[str, str]:
+    """The environment of `cfg`'s worker process: this one's, plus LD_PRELOAD when `cfg` names a malloc."""
+    if cfg.cpu_allocator in PRELOADED_ALLOCATORS:
+        return preload_environment(cfg.cpu_allocator)
+    return dict(os.environ)
 
 
 def _run_isolated(cfg: RunConfig, threads: int | None) -> RunResult:
@@ -421,7 +448,7 @@ def _run_isolated(cfg: RunConfig, threads: int | None) -> RunResult:
     command = [sys.executable, __file__, "--worker", json.dumps(asdict(cfg))]
     if threads is not None:
         command += ["--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env=_worker_environment(cfg))
     if done.returncode != 0:
         raise RuntimeError(f"configuration {cfg} failed:\n{done.stderr[-4000:]}")
     payload = json.loads(done.stdout.strip().splitlines()[-1])
@@ -457,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                                     cpu_allocator="system",
                                     warmup=min(args.warmup, 2), **base)
     elif args.baseline == "plain":
-        baseline_config = dataclasses.replace(main_config, grad_checkpointing=False)
+        baseline_config = dataclasses.replace(main_config, grad_checkpointing=False,
+                                              cpu_allocator=args.baseline_cpu_allocator or main_config.cpu_allocator)
     runs: dict[str, list[RunResult]] = {"baseline": [], "run": []}
     step_times: dict[str, list[float]] = {}
     if args.interleave:

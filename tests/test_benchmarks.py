@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -41,6 +43,25 @@ def test_pretrain_step_interleaves_the_timed_steps_of_two_live_processes():
     assert pairs == [b / m for b, m in zip(report["step_times"]["baseline"], report["step_times"]["run"])]
     assert report["baseline"]["config"]["path"] == "reference" and report["result"]["config"]["path"] == "fast"
     assert report["baseline"]["config"]["warmup"] == 1 and report["result"]["peak_memory_mib"] > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
+def test_pretrain_step_runs_checkpointing_under_a_named_malloc_against_the_plain_default():
+    from simla.train.cpu_allocator import PRELOADED_ALLOCATORS, find_allocator_library
+
+    name = next(n for n in PRELOADED_ALLOCATORS if find_allocator_library(n) is not None)  # dev extra: mimalloc
+    done = _run("pretrain_step.py", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--queue-size", "16",
+                "--grad-checkpointing", "--cpu-allocator", name, "--baseline", "plain",
+                "--baseline-cpu-allocator", "auto", "--isolate", "--json")
+    report = json.loads(done.stdout)
+    base, run = report["baseline"], report["result"]
+    assert (base["config"]["cpu_allocator"], base["malloc"]) == ("auto", "glibc")
+    assert (run["config"]["cpu_allocator"], run["malloc"]) == (name, name)
+    assert run["config"]["grad_checkpointing"] and not base["config"]["grad_checkpointing"]
+    # without a process of its own, the named malloc cannot be loaded: one argparse error, before any work
+    refused = subprocess.run([sys.executable, str(BENCHMARKS / "pretrain_step.py"), "--cpu-allocator", name],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "add --isolate or --interleave" in refused.stderr
 
 
 def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import simla
+from simla.errors import ConfigError
 from simla.train.compile import compile_blocks
 from simla.train.cpu_allocator import configure_cpu_allocator, resolve_cpu_allocator
 
@@ -34,4 +39,94 @@ def test_allocator_policies_apply_on_glibc():
     assert configure_cpu_allocator("keep") is True  # the process continues with simla's training default
     assert configure_cpu_allocator("system") is False
     with pytest.raises(ValueError, match="cpu_allocator"):
+        configure_cpu_allocator("ptmalloc")
+
+
+# ------------------------------------------------------------------------------------ preloaded mallocs
+_ON_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def _installed_malloc() -> tuple[str, str] | None:
+    """A malloc library installed here (mimalloc comes with the dev extra), as (name, path)."""
+    from simla.train.cpu_allocator import PRELOADED_ALLOCATORS, find_allocator_library
+
+    for name in PRELOADED_ALLOCATORS:
+        if (library := find_allocator_library(name)) is not None:
+            return name, str(library)
+    return None
+
+
+def _python(code: str, **environment: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "SIMLA_MALLOC_RESTARTED")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, **environment})
+
+
+@pytest.mark.skipif(not _ON_GLIBC, reason="glibc only")
+def test_the_test_process_runs_on_glibc_and_named_mallocs_need_a_preload():
+    from simla.train.cpu_allocator import active_allocator
+
+    assert active_allocator() == "glibc"
+    installed = _installed_malloc()
+    assert installed is not None, "the dev extra installs mimalloc"
+    name, library = installed
+    with pytest.raises(ConfigError, match=f"LD_PRELOAD={library}"):
+        configure_cpu_allocator(name)
+
+
+def test_a_missing_malloc_library_is_a_config_error_with_the_install_command(monkeypatch):
+    from simla.train import cpu_allocator
+
+    monkeypatch.setattr(cpu_allocator, "find_allocator_library", lambda name: None)
+    monkeypatch.setattr(cpu_allocator, "active_allocator", lambda: "glibc")
+    with pytest.raises(ConfigError, match="apt install libtcmalloc-minimal4"):
+        cpu_allocator.restart_under_allocator("tcmalloc")
+    with pytest.raises(ConfigError, match="not found"):
         configure_cpu_allocator("jemalloc")
+
+
+def test_find_allocator_library_looks_in_the_python_environment(tmp_path, monkeypatch):
+    from simla.train.cpu_allocator import find_allocator_library
+
+    library = tmp_path / "cmeel.prefix" / "lib" / "libmimalloc.so.3"
+    library.parent.mkdir(parents=True)
+    library.write_bytes(b"")
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])
+    assert find_allocator_library("mimalloc") == library
+    with pytest.raises(ValueError, match="unknown malloc"):
+        find_allocator_library("ptmalloc")
+
+
+@pytest.mark.skipif(not _ON_GLIBC, reason="glibc only")
+def test_a_preloaded_malloc_is_detected_and_auto_leaves_it_alone():
+    name, library = _installed_malloc()
+    done = _python("from simla.train.cpu_allocator import *\n"
+                   "print(active_allocator(), resolve_cpu_allocator('auto', True), configure_cpu_allocator('keep'),\n"
+                   f"      configure_cpu_allocator('{name}'))", LD_PRELOAD=library)
+    assert done.returncode == 0, done.stderr
+    # mallopt would change glibc's unused heap: keep/release leave a preloaded malloc alone
+    assert done.stdout.split() == [name, name, "False", "True"]
+
+
+@pytest.mark.skipif(not _ON_GLIBC, reason="glibc only")
+def test_restart_under_allocator_replaces_the_process_once():
+    name, _ = _installed_malloc()
+    done = _python("import sys\nfrom simla.train.cpu_allocator import active_allocator, restart_under_allocator\n"
+                   "print(active_allocator(), sys.argv[1:], flush=True)\n"
+                   f"restart_under_allocator('{name}')\n"
+                   "print('after', active_allocator())")
+    assert done.returncode == 0, done.stderr
+    # the first process prints, then becomes the second, which finds the malloc in place and goes on
+    assert done.stdout.splitlines() == ["glibc []", f"{name} []", f"after {name}"]
+
+
+def test_a_restart_that_does_not_take_stops_with_an_error(monkeypatch):
+    from simla.train import cpu_allocator
+
+    installed = _installed_malloc()
+    name = installed[0] if installed else "tcmalloc"
+    monkeypatch.setattr(cpu_allocator, "find_allocator_library", lambda _: Path("/usr/lib/libnothing.so"))
+    monkeypatch.setattr(cpu_allocator, "active_allocator", lambda: "glibc")
+    monkeypatch.setenv("SIMLA_MALLOC_RESTARTED", name)
+    with pytest.raises(ConfigError, match="malloc still comes from glibc"):
+        cpu_allocator.restart_under_allocator(name)

@@ -231,3 +231,24 @@ def test_a_dataset_of_mostly_bad_samples_stops_with_counts(tmp_path, minilm_dir)
                                               kmeans_fit_images=400))
     with pytest.raises(RuntimeError, match="bad"):
         run_pretraining(recipe)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
+def test_simla_pretrain_restarts_itself_under_a_named_malloc(tmp_path, minilm_dir):
+    from simla.train.cpu_allocator import PRELOADED_ALLOCATORS, find_allocator_library
+
+    name = next((n for n in PRELOADED_ALLOCATORS if find_allocator_library(n) is not None), None)
+    assert name is not None, "the dev extra installs mimalloc"
+    root = tmp_path / "data"
+    root.mkdir()
+    write_json(root / "pairs.json", make_pairs(root, 8))
+    overrides = tiny_overrides(tmp_path, minilm_dir, train_file=str(root / "pairs.json"), image_root=str(root),
+                               max_steps=1, cpu_allocator=name, grad_checkpointing=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "SIMLA_MALLOC_RESTARTED")}
+    done = subprocess.run([sys.executable, "-m", "simla.cli", "-v", "pretrain", *overrides], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # The first process restarts before building anything; the second trains under the library.
+    assert f"cpu_allocator={name}: restarting under LD_PRELOAD=" in done.stderr
+    assert f"cpu_allocator={name}: malloc comes from {name}" in done.stderr
+    assert done.stdout.count("finished at step 1") == 1

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def _count_parameters(name: str) -> dict[str, int]:
@@ -60,14 +61,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_recipe(args: argparse.Namespace, cls: type | None = None) -> Any:
+    """Load a training command's recipe (every check happens here, before any work). When `simla` is the
+    process's entry point and the recipe names a malloc to preload (cpu_allocator=tcmalloc, ...), the
+    process restarts under it here, before anything heavy has been built."""
+    from .train.cpu_allocator import restart_under_allocator
+    from .train.recipe import PretrainRecipe, load_recipe
+
+    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+    recipe = load_recipe(args.config, overrides, cls=cls or PretrainRecipe)
+    if getattr(args, "entry_point", False):
+        restart_under_allocator(recipe.cpu_allocator)
+    return recipe
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train.pretrain import run_pretraining
-    from .train.recipe import load_recipe
 
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append(f"resume={args.resume}")
-    recipe = load_recipe(args.config, overrides)  # every check happens here, before any work
+    recipe = _training_recipe(args)
     result = run_pretraining(recipe)
     print(f"finished at step {result.state.step}; run folder: {recipe.output_dir}")
     return 0
@@ -75,34 +86,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_finetune_retrieval(args: argparse.Namespace) -> int:
     from .train.finetune_retrieval import RetrievalRecipe, run_retrieval_finetune
-    from .train.recipe import load_recipe
 
-    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
-    recipe = load_recipe(args.config, overrides, cls=RetrievalRecipe)
-    results = run_retrieval_finetune(recipe)
+    results = run_retrieval_finetune(_training_recipe(args, RetrievalRecipe))
     print(json.dumps(results, indent=2))
     return 0
 
 
 def cmd_finetune_vqa(args: argparse.Namespace) -> int:
     from .train.finetune_vqa import VQARecipe, run_vqa_finetune
-    from .train.recipe import load_recipe
 
-    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
-    recipe = load_recipe(args.config, overrides, cls=VQARecipe)
-    results = run_vqa_finetune(recipe)
+    results = run_vqa_finetune(_training_recipe(args, VQARecipe))
     print(json.dumps(results, indent=2))
     return 0
 
 
 def cmd_finetune_task(args: argparse.Namespace) -> int:
-    """finetune nlvr-ta | nlvr | ve: load the task's recipe (every check before work) and run it."""
-    from .train.recipe import load_recipe
-
+    """finetune nlvr-ta | nlvr | ve | grounding: load the task's recipe (every check before work) and run it."""
     recipe_class, run = _task_runner(args.task)
-    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
-    recipe = load_recipe(args.config, overrides, cls=recipe_class)
-    print(json.dumps(run(recipe), indent=2))
+    print(json.dumps(run(_training_recipe(args, recipe_class)), indent=2))
     return 0
 
 
@@ -321,6 +322,8 @@ def _one_line(err: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `simla` command. User errors print `simla: error: ...` and return 2; `-v` shows tracebacks."""
     args = build_parser().parse_args(argv)
+    # Only a process that `simla` started may restart itself (under a preloaded malloc); never a caller's.
+    args.entry_point = argv is None
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

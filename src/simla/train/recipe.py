@@ -66,9 +66,11 @@ class PretrainRecipe:
     grad_checkpointing: bool = field_(False, "recompute activations in the backward pass to save memory")
     compile: bool = field_(False, "torch.compile every ViT block and encoder layer (the first steps compile; "
                                   "measured no faster on a 2-core CPU, where matrix products dominate)")
-    cpu_allocator: Literal["auto", "keep", "release", "system"] = field_(
-        "auto", "CPU runs on glibc: 'keep' recycles freed activations (faster), 'release' unmaps them (lower peak "
-                "memory), 'system' leaves malloc alone; auto = release with grad_checkpointing, else keep")
+    cpu_allocator: Literal["auto", "keep", "release", "tcmalloc", "jemalloc", "mimalloc", "system"] = field_(
+        "auto", "CPU malloc: on glibc 'keep' recycles freed activations (faster), 'release' unmaps them (lower "
+                "peak memory); 'tcmalloc', 'jemalloc', 'mimalloc': the simla command restarts under that library "
+                "(with grad_checkpointing, tcmalloc gives release's memory at keep's speed); 'system' leaves malloc "
+                "alone; auto = a preloaded malloc if any, else release with grad_checkpointing, else keep")
     # ---- run
     output_dir: str = field_("runs/pretrain", "run folder: config, log.jsonl, checkpoints/, tensorboard/")
     save_every: int = field_(1000, "write checkpoints/last.pt every N optimizer steps (and at the end)")

@@ -42,9 +42,11 @@ class FinetuneRecipe:
     grad_checkpointing: bool = field_(False, "recompute activations to save memory")
     compile: bool = field_(False, "torch.compile every ViT block and encoder layer (the first steps compile; "
                                   "measured no faster on a 2-core CPU, where matrix products dominate)")
-    cpu_allocator: Literal["auto", "keep", "release", "system"] = field_(
-        "auto", "CPU runs on glibc: 'keep' recycles freed activations (faster), 'release' unmaps them (lower peak "
-                "memory), 'system' leaves malloc alone; auto = release with grad_checkpointing, else keep")
+    cpu_allocator: Literal["auto", "keep", "release", "tcmalloc", "jemalloc", "mimalloc", "system"] = field_(
+        "auto", "CPU malloc: on glibc 'keep' recycles freed activations (faster), 'release' unmaps them (lower "
+                "peak memory); 'tcmalloc', 'jemalloc', 'mimalloc': the simla command restarts under that library "
+                "(with grad_checkpointing, tcmalloc gives release's memory at keep's speed); 'system' leaves malloc "
+                "alone; auto = a preloaded malloc if any, else release with grad_checkpointing, else keep")
     freeze_vision_encoder: bool = field_(False, "keep the ViT's loaded weights fixed (about half the step time on a "
                                                 "small model; the paper fine-tunes everything)")
     eval_batch_size: int = field_(32, "examples per forward at evaluation")
