@@ -69,8 +69,9 @@ class PretrainRecipe:
     cpu_allocator: Literal["auto", "keep", "release", "tcmalloc", "jemalloc", "mimalloc", "system"] = field_(
         "auto", "CPU malloc: on glibc 'keep' recycles freed activations (faster), 'release' unmaps them (lower "
                 "peak memory); 'tcmalloc', 'jemalloc', 'mimalloc': the simla command restarts under that library "
-                "(with grad_checkpointing, tcmalloc gives release's memory at keep's speed); 'system' leaves malloc "
-                "alone; auto = a preloaded malloc if any, else release with grad_checkpointing, else keep")
+                "(with grad_checkpointing, tcmalloc keeps release's memory with far fewer page faults); 'system' "
+                "leaves malloc alone; auto = a preloaded malloc if any, else release with grad_checkpointing, else "
+                "keep")
     # ---- run
     output_dir: str = field_("runs/pretrain", "run folder: config, log.jsonl, checkpoints/, tensorboard/")
     save_every: int = field_(1000, "write checkpoints/last.pt every N optimizer steps (and at the end)")

@@ -45,8 +45,9 @@ class FinetuneRecipe:
     cpu_allocator: Literal["auto", "keep", "release", "tcmalloc", "jemalloc", "mimalloc", "system"] = field_(
         "auto", "CPU malloc: on glibc 'keep' recycles freed activations (faster), 'release' unmaps them (lower "
                 "peak memory); 'tcmalloc', 'jemalloc', 'mimalloc': the simla command restarts under that library "
-                "(with grad_checkpointing, tcmalloc gives release's memory at keep's speed); 'system' leaves malloc "
-                "alone; auto = a preloaded malloc if any, else release with grad_checkpointing, else keep")
+                "(with grad_checkpointing, tcmalloc keeps release's memory with far fewer page faults); 'system' "
+                "leaves malloc alone; auto = a preloaded malloc if any, else release with grad_checkpointing, else "
+                "keep")
     freeze_vision_encoder: bool = field_(False, "keep the ViT's loaded weights fixed (about half the step time on a "
                                                 "small model; the paper fine-tunes everything)")
     eval_batch_size: int = field_(32, "examples per forward at evaluation")
