@@ -124,7 +124,7 @@ def find_allocator_library(name: str) -> Path | None:
     """The shared library of malloc `name` ("tcmalloc", "jemalloc", "mimalloc") on this machine, or None.
 
     Looks in the Python environment first (a pip-installed mimalloc, a conda environment's lib/), then in
-    the system's library folders.
+    the system's library folders, then in the dynamic linker's cache.
     """
     if name not in _LIBRARY_NAMES:
         raise ValueError(f"unknown malloc {name!r}; choose from {PRELOADED_ALLOCATORS}")
@@ -137,8 +137,9 @@ def find_allocator_library(name: str) -> Path | None:
             candidate = folder / filename
             if candidate.is_file():
                 return candidate
+    # Elsewhere, the dynamic linker's cache gives a name (libjemalloc.so.2) that LD_PRELOAD resolves alike.
     found = ctypes.util.find_library(_LIBRARY_NAMES[name][0][3:].split(".so")[0])
-    return Path(found) if found and Path(found).is_absolute() else None
+    return Path(found) if found else None
 
 
 def _missing_library(name: str) -> ConfigError:
