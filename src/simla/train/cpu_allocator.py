@@ -69,9 +69,9 @@ _LIBRARY_NAMES = {
     "mimalloc": ("libmimalloc.so.3", "libmimalloc.so.2", "libmimalloc.so"),
 }
 _INSTALL_HINTS = {
-    "tcmalloc": "apt install libtcmalloc-minimal4 (Debian, Ubuntu), dnf install gperftools-libs (Fedora)",
-    "jemalloc": "apt install libjemalloc2 (Debian, Ubuntu), dnf install jemalloc (Fedora)",
-    "mimalloc": 'pip install "simla[mimalloc]", or apt install libmimalloc2.0 (Debian, Ubuntu)',
+    "tcmalloc": "`apt install libtcmalloc-minimal4` on Debian or Ubuntu, `dnf install gperftools-libs` on Fedora",
+    "jemalloc": "`apt install libjemalloc2` on Debian or Ubuntu, `dnf install jemalloc` on Fedora",
+    "mimalloc": '`pip install "simla[mimalloc]"`',
 }
 # Set by restart_under_allocator in the restarted process, so that a preload that does not take stops there.
 _RESTART_MARK = "SIMLA_MALLOC_RESTARTED"
@@ -144,7 +144,7 @@ def find_allocator_library(name: str) -> Path | None:
 
 def _missing_library(name: str) -> ConfigError:
     return ConfigError(f"cpu_allocator={name}: the {name} library was not found on this machine; install it "
-                       f"({_INSTALL_HINTS[name]}) or choose one of {GLIBC_POLICIES + ('auto', 'system')}")
+                       f"({_INSTALL_HINTS[name]}), or use cpu_allocator=auto, keep, release or system")
 
 
 def preload_environment(name: str, environment: dict[str, str] | None = None) -> dict[str, str]:
