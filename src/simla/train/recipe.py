@@ -20,6 +20,14 @@ from ..config import check_type, get_config
 from ..errors import ConfigError
 
 
+#: The `cpu_allocator` field's help, shared by every recipe (simla.train.cpu_allocator has the details).
+CPU_ALLOCATOR_HELP = (
+    "CPU malloc: on glibc 'keep' recycles freed activations (faster), 'release' unmaps them (lower peak memory); "
+    "'tcmalloc', 'jemalloc', 'mimalloc': the simla command restarts under that library (with grad_checkpointing, "
+    "tcmalloc keeps release's memory with far fewer page faults); 'system' leaves malloc alone; auto = a "
+    "preloaded malloc if any, else release with grad_checkpointing, else keep")
+
+
 def field_(default: Any, help: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
@@ -67,11 +75,7 @@ class PretrainRecipe:
     compile: bool = field_(False, "torch.compile every ViT block and encoder layer (the first steps compile; "
                                   "measured no faster on a 2-core CPU, where matrix products dominate)")
     cpu_allocator: Literal["auto", "keep", "release", "tcmalloc", "jemalloc", "mimalloc", "system"] = field_(
-        "auto", "CPU malloc: on glibc 'keep' recycles freed activations (faster), 'release' unmaps them (lower "
-                "peak memory); 'tcmalloc', 'jemalloc', 'mimalloc': the simla command restarts under that library "
-                "(with grad_checkpointing, tcmalloc keeps release's memory with far fewer page faults); 'system' "
-                "leaves malloc alone; auto = a preloaded malloc if any, else release with grad_checkpointing, else "
-                "keep")
+        "auto", CPU_ALLOCATOR_HELP)
     # ---- run
     output_dir: str = field_("runs/pretrain", "run folder: config, log.jsonl, checkpoints/, tensorboard/")
     save_every: int = field_(1000, "write checkpoints/last.pt every N optimizer steps (and at the end)")

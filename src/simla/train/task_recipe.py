@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Literal
 
-from .recipe import check_model_overrides, field_
+from .recipe import CPU_ALLOCATOR_HELP, check_model_overrides, field_
 
 
 @dataclass
@@ -43,11 +43,7 @@ class FinetuneRecipe:
     compile: bool = field_(False, "torch.compile every ViT block and encoder layer (the first steps compile; "
                                   "measured no faster on a 2-core CPU, where matrix products dominate)")
     cpu_allocator: Literal["auto", "keep", "release", "tcmalloc", "jemalloc", "mimalloc", "system"] = field_(
-        "auto", "CPU malloc: on glibc 'keep' recycles freed activations (faster), 'release' unmaps them (lower "
-                "peak memory); 'tcmalloc', 'jemalloc', 'mimalloc': the simla command restarts under that library "
-                "(with grad_checkpointing, tcmalloc keeps release's memory with far fewer page faults); 'system' "
-                "leaves malloc alone; auto = a preloaded malloc if any, else release with grad_checkpointing, else "
-                "keep")
+        "auto", CPU_ALLOCATOR_HELP)
     freeze_vision_encoder: bool = field_(False, "keep the ViT's loaded weights fixed (about half the step time on a "
                                                 "small model; the paper fine-tunes everything)")
     eval_batch_size: int = field_(32, "examples per forward at evaluation")
