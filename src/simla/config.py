@@ -278,6 +278,19 @@ class SimlaConfig:
         return config
 
 
+
+def config_for_task(config: SimlaConfig, task: str) -> SimlaConfig:
+    """A copy of `config` as the model of `task` uses it; `config` itself is never changed.
+
+    Only pretraining with MIM has the ViT mask token (the MIM pass masks patches). Every other model has
+    none, so the MIM pass's limits (the 512 text positions that would have to place 577 image tokens at
+    384 px) do not bind it: the paper model is valid at 384 px for every task but pretraining.
+    """
+    adapted = copy.deepcopy(config)
+    adapted.vision.use_mask_token = task == "pretrain" and "mim" in adapted.objectives.losses
+    return adapted
+
+
 _SECTIONS = ("vision", "text", "objectives", "vqa", "nlvr", "explain")
 
 
