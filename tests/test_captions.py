@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from simla.data.captions import pre_caption, pre_question
+from simla.tokenizers.captions import pre_caption, pre_question
 
 
 @pytest.mark.parametrize(

@@ -80,12 +80,10 @@ def test_convert_user_errors(tmp_path, capsys):
 
 
 def test_demo_and_models(capsys, monkeypatch):
-    import simla.demos as demos
+    import importlib.util
 
-    def missing_extra(**kwargs):
-        raise simla.errors.MissingExtraError('the demos need the easy-VQA images: pip install "simla[demo]"')
-
-    monkeypatch.setitem(demos.DEMOS, "retrieval", missing_extra)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "easy_vqa" else real_find_spec(name, *a))
     _one_line_error(capsys, ["demo", "--quick"], "simla[demo]")
     assert main(["models"]) == 0 and "simla_tiny" in capsys.readouterr().out
 

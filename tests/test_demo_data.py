@@ -21,7 +21,7 @@ from PIL import Image
 
 easy_vqa = pytest.importorskip("easy_vqa")
 
-from simla.data.captions import pre_caption  # noqa: E402
+from simla.tokenizers.captions import pre_caption  # noqa: E402
 from simla.data.readers import read_json_records  # noqa: E402
 from simla.demos.easy_vqa import (  # noqa: E402
     CAPTION_TEMPLATES,

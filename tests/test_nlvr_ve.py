@@ -133,7 +133,7 @@ def test_text_assignment_model_trains_its_head_from_a_pretraining_checkpoint(tmp
     torch.manual_seed(0)
     config = deep_config(2, None)
     pretrained = build_model(copy.deepcopy(config), "pretrain")
-    model = build_model(copy.deepcopy(config), "nlvr_ta")
+    model = build_model(copy.deepcopy(config), "nlvr-ta")
     report = load_state_into(model, pretrained.state_dict(), source="ours")
     assert report.new_head == ["ta_head.weight", "ta_head.bias"]
     assert not model.vision_proj.weight.requires_grad  # only ranks negatives

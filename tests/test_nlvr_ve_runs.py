@@ -74,7 +74,7 @@ def nlvr_run(task_data, text_assignment, tmp_path_factory) -> Path:
 
 def test_text_assignment_checkpoint_has_the_deep_encoder_and_its_head(text_assignment):
     model = load_checkpoint(text_assignment)
-    assert model.TASK == "nlvr_ta" and len(model.text_encoder.layers) == 3
+    assert model.TASK == "nlvr-ta" and len(model.text_encoder.layers) == 3
     log = [json.loads(line) for line in (text_assignment.parent.parent / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all("loss_ta" in r for r in log)
 
@@ -98,12 +98,12 @@ def test_nlvr_scores_each_split_by_name_and_keeps_the_best_dev_checkpoint(nlvr_r
 
 
 def test_the_momentum_teachers_start_from_the_loaded_weights(task_data, text_assignment, tmp_path):
-    from simla.train.finetune_classify import NLVRRecipe
+    from simla.train.finetune_classification import NLVRRecipe
     from simla.train.recipe import load_recipe
     from simla.train.runner import TaskRun, load_task_model
 
     recipe = load_recipe(None, nlvr_args(task_data, text_assignment, tmp_path)[2:], cls=NLVRRecipe)
-    model = load_task_model(recipe, TaskRun(torch.device("cpu"), 0, 1, tmp_path, None), "nlvr")
+    model = load_task_model(recipe, TaskRun(torch.device("cpu"), 0, 1, tmp_path, None))
     ta = load_checkpoint(text_assignment)
     assert torch.equal(model.text_encoder_m.layers[2].attention.self.query.weight,
                        ta.text_encoder.layers[2].attention.self.query.weight)
@@ -111,7 +111,7 @@ def test_the_momentum_teachers_start_from_the_loaded_weights(task_data, text_ass
 
 
 def test_an_interrupted_nlvr_run_resumes_exactly(task_data, text_assignment, nlvr_run, tmp_path):
-    from simla.train.finetune_classify import NLVRRecipe, run_classification_finetune
+    from simla.train.finetune_classification import NLVRRecipe, run_classification_finetune
     from simla.train.recipe import load_recipe
 
     class Stop(Exception):

@@ -15,7 +15,8 @@ import simla
 from simla.data.pretrain_data import (AnnotationData, BatchSpec, CaptionBatches, EpochBatchPlan, SampleBuilder,
                                       ShardBatches)
 from simla.data.readers import read_records
-from simla.data.retrieval import FinetuneView, RetrievalSampleBuilder, read_retrieval_train
+from simla.data.transforms import FinetuneView
+from simla.data.retrieval import RetrievalSampleBuilder, read_retrieval_train
 from simla.data.shards import ShardStream, expand_shards
 from simla.data.transforms import PretrainViewConfig, PretrainViews
 from simla.masking import BlockMaskGenerator

@@ -15,7 +15,8 @@ from simla.checkpoint import load_checkpoint, load_state_into, save_checkpoint
 from simla.data.readers import DataFormatError
 from simla.data.vqa import answer_weights, read_answer_list, read_vqa_eval, read_vqa_train
 from simla.factory import build_model
-from simla.models.vqa import add_decoder_init, tokenize_answers
+from simla.models.vqa import add_decoder_init
+from simla.tokenizers.text import tokenize_answers
 from simla.task_objectives import answer_token_losses, weighted_answer_loss
 from simla.tokenizers.text import get_tokenizer
 
@@ -86,7 +87,7 @@ def test_our_pretraining_checkpoint_initialises_the_decoder_and_the_teachers_cop
             p.add_(1.0)  # teachers that differ from the students: they must not survive into the VQA model
     path = save_checkpoint(pretrained, tmp_path / "pretrain.pt")
     recipe = VQARecipe(checkpoint=str(path), train_file="unused.json", image_size=32)
-    model = load_task_model(recipe, TaskRun(torch.device("cpu"), 0, 1, tmp_path, None), "vqa")
+    model = load_task_model(recipe, TaskRun(torch.device("cpu"), 0, 1, tmp_path, None))
     assert model.visual_encoder.pos_embed.shape[1] == 1 + 4 * 4  # resampled to the task resolution
     assert torch.equal(model.text_decoder.encoder.layer[0].intermediate.dense.weight,
                        pretrained.text_encoder.encoder.layer[1].intermediate.dense.weight)

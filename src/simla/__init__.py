@@ -8,8 +8,12 @@ Public API:
     save_checkpoint(model, path) / save_pretrained(model, directory)
     get_tokenizer(name_or_path)
     SimlaForVQA.answer(images, questions, answer_list, top=5)
+    tasks: the task registry (`simla.tasks.all_tasks()`, `register_task(TaskSpec(...))`)
+
+Importing simla registers the built-in tasks (`simla.tasks`), so every task name resolves everywhere.
 """
 
+from . import tasks
 from .checkpoint import ImportReport, load_checkpoint, save_checkpoint, save_pretrained
 from .config import ObjectiveConfig, SimlaConfig, TextConfig, VisionConfig, VQAConfig, get_config, list_models
 from .factory import build_model, create_model
@@ -17,9 +21,9 @@ from .models.pretrain import LOSS_NAMES, PretrainOutput, SimlaForPretraining
 from .models.retrieval import SimlaForRetrieval
 from .models.simla import SimlaBackbone, SimlaModel
 from .models.vqa import SimlaForVQA
+from .tasks import TaskSpec, register_task
 from .tokenizers import get_tokenizer
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "LOSS_NAMES",
@@ -32,6 +36,7 @@ __all__ = [
     "SimlaForRetrieval",
     "SimlaForVQA",
     "SimlaModel",
+    "TaskSpec",
     "TextConfig",
     "VQAConfig",
     "VisionConfig",
@@ -42,5 +47,7 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "save_checkpoint",
+    "register_task",
     "save_pretrained",
+    "tasks",
 ]

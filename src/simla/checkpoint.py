@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 # Reading files, and the errors it raises, are re-exported: callers import them from here.
 from .checkpoint_files import (  # noqa: F401
     FORMAT, CorruptCheckpointError, NotACheckpointError, UntrustedCheckpointError, read_checkpoint,
 )
-from .config import SimlaConfig
+from .config import SimlaConfig, apply_overrides, config_for_task
 from .errors import CheckpointError
+from .models.registry import build_model, canonical_task
 from .models.simla import SimlaBackbone
 from .models.vision import resample_pos_embed
 
@@ -229,7 +231,8 @@ _MIM_MASKED_FRACTION, _MIM_MIN_BLOCK_FRACTION = 75 / 256, 16 / 256
 
 
 def infer_reference_config(state: dict[str, Tensor], head_dim: int = 64) -> SimlaConfig:
-    """A config matching a reference state dict's shapes.
+    """A config matching a reference state dict's shapes (not yet validated: the caller validates it as the
+    task's model will use it, see `config_for_task`).
 
     The weights determine every width, depth and vocabulary size, the image resolution and patch size,
     the queue size, the presence of the mask token and the MIM codebook size. They cannot tell:
@@ -284,7 +287,6 @@ def infer_reference_config(state: dict[str, Tensor], head_dim: int = 64) -> Siml
         "config inferred from the weights; assumed (not stored in the file): %d vision and %d text heads "
         "(%d-wide), MIM masks %d of %d patches in blocks of >= %d, PSL layer %d",
         v.num_heads, t.num_heads, head_dim, o.mim_num_masked, patches, o.mim_min_block, o.psl_layer)
-    config.validate()
     return config
 
 
@@ -303,9 +305,6 @@ def model_from_checkpoint(data: dict[str, Any], *, source: str, task: str | None
                           **overrides: Any) -> SimlaBackbone:
     """`load_checkpoint` for a file already read with `read_checkpoint` (whose other entries, e.g. the
     training recipe, the caller may want too)."""
-    from .config import apply_overrides
-    from .factory import build_model
-
     state = data["model"]
     if data.get("format") == FORMAT:
         config = SimlaConfig.from_dict(data["config"])
@@ -315,11 +314,9 @@ def model_from_checkpoint(data: dict[str, Any], *, source: str, task: str | None
         has_pretrain_heads = any(k.startswith(("mim_head.", "concept_head.")) for k in state)
         task = task or ("pretrain" if has_pretrain_heads and config.vision.use_mask_token else "base")
     apply_overrides(config, overrides)
-    if task != "pretrain":
-        # Downstream models have no mask token, so the MIM pass's limits (e.g. 512 positions for the image
-        # tokens) do not bind them: a pretraining checkpoint evaluated at 384 px must load.
-        config.vision.use_mask_token = False
-    config.validate()
+    # Validated as the task's model uses it: a downstream model has no mask token, so the MIM pass's limits
+    # (e.g. 512 positions for the image tokens) do not bind it and a pretraining checkpoint loads at 384 px.
+    config_for_task(config, canonical_task(task)).validate()
     model = build_model(config, task)
     load_state_into(model, state, source=source, strict=strict)
     return model
@@ -345,8 +342,6 @@ def save_checkpoint(model: SimlaBackbone, path: str | os.PathLike, **extra: Any)
 def save_pretrained(model: SimlaBackbone, directory: str | os.PathLike, include_momentum: bool = False) -> Path:
     """Release form: `model.safetensors` + `config.json`. Momentum copies and queues are
     training state and are left out unless asked for."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()

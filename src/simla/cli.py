@@ -9,14 +9,25 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from . import tasks
+from .checkpoint import load_checkpoint, save_checkpoint, save_pretrained
+from .cli_evaluate import add_evaluate_commands
+from .cli_search import add_search_commands
+from .config import get_config, list_models
+from .distributed import evaluation_group
+from .errors import USER_OS_ERRORS, ConfigError, SimlaError
+from .explain.run import explain_pairs, read_pairs
+from .models.registry import build_model, model_tasks
+from .train.cpu_allocator import configure_cpu_allocator, restart_under_allocator
+from .train.recipe import TrainingRecipe, load_recipe, recipe_help
+
+logger = logging.getLogger(__name__)
+
 
 def _count_parameters(name: str) -> dict[str, int]:
     """Parameter counts of a preset, built on the meta device (no memory, no weights)."""
-    import torch
-
-    from .config import get_config
-    from .factory import build_model
-
     with torch.device("meta"):
         model = build_model(get_config(name), task="pretrain")
     online = model.num_parameters(trainable_only=True)
@@ -30,8 +41,6 @@ def _count_parameters(name: str) -> dict[str, int]:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .config import get_config, list_models
-
     rows = []
     for name in list_models():
         config = get_config(name)
@@ -50,8 +59,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import load_checkpoint, save_checkpoint, save_pretrained
-
     model = load_checkpoint(args.checkpoint, task=args.task, trust_pickle=args.trust_pickle,
                             strict=not args.non_strict)
     out = save_checkpoint(model, args.output)
@@ -61,68 +68,59 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _training_recipe(args: argparse.Namespace, cls: type | None = None) -> Any:
-    """Load a training command's recipe (every check happens here, before any work). When `simla` is the
-    process's entry point and the recipe names a malloc to preload (cpu_allocator=tcmalloc, ...), the
-    process restarts under it here, before anything heavy has been built."""
-    from .train.cpu_allocator import restart_under_allocator
-    from .train.recipe import PretrainRecipe, load_recipe
-
+def _training_recipe(args: argparse.Namespace, cls: type[TrainingRecipe]) -> TrainingRecipe:
+    """Load a training command's recipe (every check happens here, before any work), then decide the
+    process's malloc: only the command does that, never the library. When `simla` is the process's entry
+    point and the recipe names a malloc to preload (cpu_allocator=tcmalloc, ...), the process restarts under
+    it here, before anything heavy has been built; on a CPU run glibc's policy is set (keep or release)."""
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
-    recipe = load_recipe(args.config, overrides, cls=cls or PretrainRecipe)
-    if getattr(args, "entry_point", False):
+    recipe = load_recipe(args.config, overrides, cls=cls)
+    if args.entry_point:
         restart_under_allocator(recipe.cpu_allocator)
+    if _runs_on_cpu(recipe.device):
+        configure_cpu_allocator(recipe.cpu_allocator, recipe.grad_checkpointing)
+    else:
+        logger.info("cpu_allocator=%s: not applied, the run uses %s", recipe.cpu_allocator, recipe.device)
     return recipe
 
 
-def cmd_pretrain(args: argparse.Namespace) -> int:
-    from .train.pretrain import run_pretraining
+def _runs_on_cpu(device: str) -> bool:
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
-    recipe = _training_recipe(args)
-    result = run_pretraining(recipe)
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    spec = tasks.get_task(tasks.PRETRAIN)
+    recipe = _training_recipe(args, spec.recipe)
+    result = tasks.finetune(spec.name, recipe)
     print(f"finished at step {result.state.step}; run folder: {recipe.output_dir}")
     return 0
 
 
-def cmd_finetune_retrieval(args: argparse.Namespace) -> int:
-    from .train.finetune_retrieval import RetrievalRecipe, run_retrieval_finetune
-
-    results = run_retrieval_finetune(_training_recipe(args, RetrievalRecipe))
-    print(json.dumps(results, indent=2))
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """simla finetune TASK: load the task's recipe (every check before work) and run it."""
+    spec = tasks.get_task(args.task)
+    print(json.dumps(tasks.finetune(spec.name, _training_recipe(args, spec.recipe)), indent=2))
     return 0
 
 
-def cmd_finetune_vqa(args: argparse.Namespace) -> int:
-    from .train.finetune_vqa import VQARecipe, run_vqa_finetune
-
-    results = run_vqa_finetune(_training_recipe(args, VQARecipe))
-    print(json.dumps(results, indent=2))
+def cmd_tasks(args: argparse.Namespace) -> int:
+    rows = [{"task": spec.name, "model": spec.model.__name__, "recipe": spec.recipe.__name__ if spec.recipe else None,
+             "train": "simla pretrain" if spec.name == tasks.PRETRAIN else ("simla finetune" if spec.train else None),
+             "evaluate": spec.evaluation is not None, "demo": spec.demo is not None,
+             "seed_stream": spec.seed_stream, "help": spec.help} for spec in tasks.all_tasks()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'task':<10} {'model':<27} {'train':<15} {'evaluate':<9} {'demo':<5} {'seed':>4}  help")
+    for row in rows:
+        print(f"{row['task']:<10} {row['model']:<27} {row['train'] or '-':<15} {'yes' if row['evaluate'] else '-':<9} "
+              f"{'yes' if row['demo'] else '-':<5} {row['seed_stream'] if row['seed_stream'] is not None else '-':>4}  "
+              f"{row['help']}")
     return 0
-
-
-def cmd_finetune_task(args: argparse.Namespace) -> int:
-    """finetune nlvr-ta | nlvr | ve | grounding: load the task's recipe (every check before work) and run it."""
-    recipe_class, run = _task_runner(args.task)
-    print(json.dumps(run(_training_recipe(args, recipe_class)), indent=2))
-    return 0
-
-
-def _task_runner(task: str):
-    from .train.finetune_classify import NLVRRecipe, VERecipe, run_classification_finetune
-    from .train.finetune_grounding import GroundingRecipe, run_grounding_finetune
-    from .train.finetune_nlvr_ta import TextAssignmentRecipe, run_text_assignment
-
-    return {"nlvr-ta": (TextAssignmentRecipe, run_text_assignment), "nlvr": (NLVRRecipe, run_classification_finetune),
-            "ve": (VERecipe, run_classification_finetune), "grounding": (GroundingRecipe, run_grounding_finetune)}[task]
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Explain (image, text) pairs: PNG sheets and explanations.json in --output."""
-    from .checkpoint import load_checkpoint
-    from .distributed import evaluation_group
-    from .errors import ConfigError
-    from .explain.run import explain_pairs, read_pairs
-
     if args.pairs:
         if args.inputs:
             raise ConfigError("give either --pairs FILE or IMAGE ... TEXT, not both")
@@ -146,9 +144,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demos import run_demo
-    from .errors import ConfigError
-
     options = {"output": args.output or ("runs/demo" if args.task == "retrieval" else f"runs/demo_{args.task}"),
                "quick": args.quick, "steps": args.steps}
     if args.ablation:
@@ -159,7 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.task == "retrieval":
             raise ConfigError("--from belongs to the task demos (e.g. simla demo vqa --from runs/demo)")
         options["source"] = args.source
-    report = run_demo(args.task, **options)
+    report = tasks.run_demo(args.task, **options)
     print(report["summary"])
     return 0
 
@@ -173,77 +168,48 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the model presets with their parameter counts")
     models.add_argument("--json", action="store_true", help="print machine-readable JSON")
     models.set_defaults(func=cmd_models)
+    listing = sub.add_parser("tasks", help="list the tasks: model class, training command, evaluation, demo")
+    listing.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    listing.set_defaults(func=cmd_tasks)
 
-    from .train.recipe import recipe_help
+    _add_training_commands(sub)
+    add_evaluate_commands(sub)
+    add_search_commands(sub)
+    _add_explain_command(sub)
+    _add_demo_command(sub)
+    _add_convert_command(sub)
+    return parser
 
+
+def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML recipe (fields below); omitted = all defaults")
+    parser.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint ('auto': the run's last.pt)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (values parsed as YAML)")
+
+
+def _add_training_commands(sub: Any) -> None:
+    """`simla pretrain` and one `simla finetune TASK` per trainable task of the registry."""
+    spec = tasks.get_task(tasks.PRETRAIN)
     pretrain = sub.add_parser(
-        "pretrain",
-        help="pretrain SIMLA on image-caption pairs (same command under torchrun)",
+        "pretrain", help="pretrain SIMLA on image-caption pairs (same command under torchrun)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Pretrain with a YAML recipe plus key=value overrides, e.g.\n"
-        "  simla pretrain --config configs/pretrain_tiny.yaml train_file=pairs.json image_root=images/\n"
+        description="Pretrain with a YAML recipe plus key=value overrides, e.g.\n  " + spec.example + "\n"
         "  torchrun --nproc_per_node 8 -m simla.cli pretrain --config configs/pretrain_4m.yaml",
-        epilog="recipe fields (key = default):\n" + recipe_help(),
-    )
-    pretrain.add_argument("--config", help="YAML recipe (fields below); omitted = all defaults")
-    pretrain.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint ('auto': the run's last.pt)")
-    pretrain.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (values parsed as YAML)")
+        epilog="recipe fields (key = default):\n" + recipe_help(spec.recipe))
+    _add_recipe_arguments(pretrain)
     pretrain.set_defaults(func=cmd_pretrain)
 
     finetune = sub.add_parser("finetune", help="fine-tune a pretrained SIMLA on a downstream task")
     finetune_tasks = finetune.add_subparsers(dest="task", required=True)
-    from .train.finetune_retrieval import RetrievalRecipe
-    from .train.finetune_vqa import VQARecipe
-
-    retrieval = finetune_tasks.add_parser(
-        "retrieval", help="image-text retrieval (ITC + ITM with image-id-aware targets)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="simla finetune retrieval --config configs/retrieval_coco.yaml checkpoint=runs/pretrain/checkpoints/last.pt",
-        epilog="recipe fields (key = default):\n" + recipe_help(RetrievalRecipe))
-    retrieval.add_argument("--config", help="YAML recipe")
-    retrieval.add_argument("--resume", metavar="PATH|auto", help="continue an interrupted fine-tuning run")
-    retrieval.add_argument("overrides", nargs="*", metavar="key=value")
-    retrieval.set_defaults(func=cmd_finetune_retrieval)
-
-    vqa = finetune_tasks.add_parser(
-        "vqa", help="visual question answering (answer decoder; ranking over an answer list)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="simla finetune vqa --config configs/vqa.yaml checkpoint=runs/pretrain/checkpoints/last.pt",
-        epilog="recipe fields (key = default):\n" + recipe_help(VQARecipe))
-    vqa.add_argument("--config", help="YAML recipe")
-    vqa.add_argument("--resume", metavar="PATH|auto", help="continue an interrupted fine-tuning run")
-    vqa.add_argument("overrides", nargs="*", metavar="key=value")
-    vqa.set_defaults(func=cmd_finetune_vqa)
-
-    from .train.finetune_classify import NLVRRecipe, VERecipe
-    from .train.finetune_grounding import GroundingRecipe
-    from .train.finetune_nlvr_ta import TextAssignmentRecipe
-
-    for name, recipe_class, text, example in (
-            ("nlvr-ta", TextAssignmentRecipe, "NLVR2 stage 1: text assignment on image-caption pairs",
-             "simla finetune nlvr-ta --config configs/nlvr_ta.yaml checkpoint=runs/pretrain/checkpoints/last.pt"),
-            ("nlvr", NLVRRecipe, "NLVR2: is the sentence true of the image pair (deepened, tied encoder)",
-             "simla finetune nlvr --config configs/nlvr.yaml checkpoint=runs/nlvr_ta/checkpoints/last.pt"),
-            ("ve", VERecipe, "SNLI-VE: does the image entail, contradict or not decide the sentence",
-             "simla finetune ve --config configs/ve.yaml checkpoint=runs/pretrain/checkpoints/last.pt"),
-            ("grounding", GroundingRecipe, "weakly supervised grounding (RefCOCO+): ITC + ITM on referring expressions",
-             "simla finetune grounding --config configs/grounding.yaml checkpoint=runs/pretrain/checkpoints/last.pt")):
-        task = finetune_tasks.add_parser(name, help=text, description=example,
+    for spec in tasks.finetune_tasks():
+        task = finetune_tasks.add_parser(spec.name, help=spec.help, description=spec.example,
                                          formatter_class=argparse.RawDescriptionHelpFormatter,
-                                         epilog="recipe fields (key = default):\n" + recipe_help(recipe_class))
-        task.add_argument("--config", help="YAML recipe")
-        task.add_argument("--resume", metavar="PATH|auto", help="continue an interrupted fine-tuning run")
-        task.add_argument("overrides", nargs="*", metavar="key=value")
-        task.set_defaults(func=cmd_finetune_task)
+                                         epilog="recipe fields (key = default):\n" + recipe_help(spec.recipe))
+        _add_recipe_arguments(task)
+        task.set_defaults(func=cmd_finetune)
 
-    from .cli_evaluate import add_evaluate_commands
 
-    add_evaluate_commands(sub)
-
-    from .cli_search import add_search_commands
-
-    add_search_commands(sub)
-
+def _add_explain_command(sub: Any) -> None:
     explain = sub.add_parser(
         "explain", help="Grad-CAM maps per word and per caption, and concept tags, as PNG sheets + JSON",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -266,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--trust-pickle", action="store_true", help="allow unpickling reference checkpoints")
     explain.set_defaults(func=cmd_explain)
 
-    from .demos import DEMOS
 
+def _add_demo_command(sub: Any) -> None:
     demo = sub.add_parser("demo", help="offline end-to-end demos on easy-VQA shapes (pretrain, fine-tune, evaluate, report)",
                           description="simla demo [TASK]: 'retrieval' (the default) pretrains a small SIMLA on the "
                           "easy-VQA images for five minutes (about six with evaluation), evaluates zero-shot "
@@ -279,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "alone (weakly supervised) and draws explain sheets; "
                           "'search' indexes the easy-VQA test images with that model and reports the precision@10 "
                           "of class queries with and without ITM re-ranking, with an HTML results page.")
-    demo.add_argument("task", nargs="?", default="retrieval", choices=sorted(DEMOS), help="which demo (default retrieval)")
+    demo.add_argument("task", nargs="?", default="retrieval", choices=sorted(tasks.demos()), help="which demo (default retrieval)")
     demo.add_argument("--output", help="report folder (default runs/demo, runs/demo_vqa for vqa)")
     demo.add_argument("--quick", action="store_true", help="a reduced run of about a minute (for CI)")
     demo.add_argument("--steps", type=int, help="training steps (default: the demo's; retrieval 60 quick, 600 full)")
@@ -289,13 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="task demos: start from the pretrained model of this finished `simla demo` folder")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_convert_command(sub: Any) -> None:
     convert = sub.add_parser("convert", help="import a reference SIMLA/ALBEF .pth (or re-save one of ours)")
     convert.add_argument("checkpoint", help="path of the checkpoint to read")
     convert.add_argument("output", help="our .pt checkpoint to write")
     convert.add_argument("--export", metavar="DIR", help="also write model.safetensors + config.json into DIR")
     convert.add_argument("--trust-pickle", action="store_true",
                          help="allow arbitrary unpickling (reference files pickle their config); trusted files only")
-    convert.add_argument("--task", choices=("pretrain", "retrieval", "vqa", "nlvr_ta", "nlvr", "ve", "base"),
+    convert.add_argument("--task", choices=model_tasks(),
                          help="model to convert into; 'retrieval' keeps a retrieval/ALBEF checkpoint's momentum "
                               "teachers and queues, 'base' keeps the online weights only (default: the checkpoint's "
                               "own task; for a reference file 'pretrain' when it has MIM/PSL heads, else 'base')")
@@ -303,12 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="accept missing/unexpected keys and shape mismatches (all listed; mismatched tensors "
                               "keep fresh weights) instead of failing")
     convert.set_defaults(func=cmd_convert)
-    return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .errors import USER_OS_ERRORS, SimlaError
-
     return (SimlaError, *USER_OS_ERRORS)
 
 

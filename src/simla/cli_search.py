@@ -6,12 +6,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from .data.images import load_image
+from .distributed import evaluation_group, get_rank
+from .search import Index
+from .search.html import render_results_page
+from .search.index import jpeg_thumbnail
+from .search.server import serve
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from .distributed import evaluation_group, get_rank
-    from .search import Index
-
     with evaluation_group(args.device) as device:
         index = Index.build(args.source, args.output, checkpoint=args.checkpoint, image_root=args.image_root,
                             batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
@@ -23,9 +28,6 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_update(args: argparse.Namespace) -> int:
-    from .distributed import evaluation_group, get_rank
-    from .search import Index
-
     with evaluation_group(args.device) as device:
         index = Index.open(args.index, checkpoint=args.checkpoint, device=device)
         summary = index.update(batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
@@ -36,8 +38,6 @@ def cmd_index_update(args: argparse.Namespace) -> int:
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
-    from .search import Index
-
     index = Index.open(args.index)
     info = index.info()
     errors = [e.__dict__ for e in index.errors()] if args.errors else None
@@ -64,9 +64,6 @@ def _print_table(hits) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .search import Index
 
     index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, backend=args.backend)
     dedup = args.dedup
@@ -78,14 +75,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         _print_table(hits)
     if args.html:
-        from .search.html import render_results_page
-
         query = {"text": args.text, "k": args.k, "rerank": args.rerank, "offset": args.offset, "dedup": dedup,
                  "itc_weight": args.itc_weight}
         if args.image:
-            from .data.images import load_image
-            from .search.index import jpeg_thumbnail
-
             query["image_thumbnail"] = jpeg_thumbnail(load_image(args.image))  # the page embeds it
         overlays = index.explain(args.text, [h.item_id for h in hits]) if args.explain and args.text else None
         page = render_results_page(query, hits, lambda hit: index.thumbnail(hit.item_id), overlays)
@@ -97,9 +89,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .search import Index
-    from .search.server import serve
-
     index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, backend=args.backend)
     index.search("warm-up", k=1, dedup=None)  # load the model and the features before the first visitor
     print(f"serving {index.path} ({len(index):,} images) on http://{args.host}:{args.port}  (Ctrl-C to stop)")

@@ -1,35 +1,25 @@
-"""`create_model`: build a SIMLA model from a preset name, with validated overrides and initial weights."""
+"""`create_model`: build a SIMLA model from a preset name, with validated overrides and initial weights.
+
+Layering: this module sits above `simla.checkpoint` (it loads `pretrained=` weights through it); the
+model classes are found by task name in `simla.models.registry`, below both.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any
 
-from .config import SimlaConfig, apply_overrides, get_config
+from .checkpoint import load_weights_into
+from .config import apply_overrides, config_for_task, get_config
 from .hub import find_hf_weights, load_weight_file, resolve_hf_directory, text_overrides_from_hf_config
 from .models.bert import load_hf_bert_state
-from .models.pretrain import SimlaForPretraining
-from .models.retrieval import SimlaForRetrieval
-from .models.simla import SimlaBackbone, SimlaModel
-from .models.classification import SimlaForVE
-from .models.nlvr import SimlaForNLVR, SimlaForNLVRPretraining
-from .models.vqa import SimlaForVQA
+from .models.registry import build_model
+from .models.simla import SimlaBackbone
+from .models.vision import load_vision_weights
 
 logger = logging.getLogger(__name__)
 
-Task = Literal["pretrain", "retrieval", "vqa", "nlvr_ta", "nlvr", "ve", "base"]
-_TASKS: dict[str, type[SimlaBackbone]] = {"pretrain": SimlaForPretraining, "retrieval": SimlaForRetrieval,
-                                          "vqa": SimlaForVQA, "nlvr_ta": SimlaForNLVRPretraining,
-                                          "nlvr": SimlaForNLVR, "ve": SimlaForVE, "base": SimlaModel}
-
-
-def build_model(config: SimlaConfig, task: Task = "pretrain") -> SimlaBackbone:
-    """Instantiate the model class for `task` with random weights (no file or network access)."""
-    if task not in _TASKS:
-        raise ValueError(f"unknown task {task!r}; allowed: {sorted(_TASKS)}")
-    if task != "pretrain" and config.vision.use_mask_token:
-        config.vision.use_mask_token = False  # downstream models have no mask token
-    return _TASKS[task](config)
+__all__ = ["build_model", "create_model"]
 
 
 def create_model(
@@ -38,7 +28,7 @@ def create_model(
     pretrained: str | None = None,
     text_encoder: str | None = None,
     vision_encoder: str | None = None,
-    task: Task = "pretrain",
+    task: str = "pretrain",
     trust_pickle: bool = False,
     **overrides: Any,
 ) -> SimlaBackbone:
@@ -52,12 +42,7 @@ def create_model(
     vision_encoder: DeiT/timm weights for the ViT (local file, timm model name or URL).
     overrides: config fields, e.g. `queue_size=1024`, `vision={"depth": 4}` or `**{"text.num_layers": 6}`.
     """
-    config = get_config(name)
-    if task != "pretrain":
-        # Downstream models have no mask token, so the MIM pass's limits (512 positions for the image
-        # tokens) do not bind them: the paper model is valid at 384 px for every task but pretraining.
-        config.vision.use_mask_token = False
-    apply_overrides(config, overrides)
+    config = apply_overrides(get_config(name), overrides)
     if text_encoder is not None:
         directory = resolve_hf_directory(text_encoder)
         apply_overrides(config, {f"text.{k}": v for k, v in text_overrides_from_hf_config(directory).items()})
@@ -66,15 +51,14 @@ def create_model(
             config.text.tokenizer = str(directory)
     if vision_encoder is not None:
         config.vision.init = vision_encoder
-    config.validate()
+    # A downstream model has no mask token, so the MIM pass's limits do not bind it (the paper model is
+    # valid at 384 px for every task but pretraining): validate the config as the task's model uses it.
+    config_for_task(config, task).validate()
     model = build_model(config, task)
     _initialise(model)
-    if hasattr(model, "copy_params_to_momentum"):
-        # Teachers copy the online weights AFTER the initial weights are loaded.
-        model.copy_params_to_momentum()
+    # Teachers copy the online weights AFTER the initial weights are loaded.
+    model.copy_params_to_momentum()
     if pretrained is not None:
-        from .checkpoint import load_weights_into
-
         # Momentum weights come from the file when it has them, else are copied from the loaded weights.
         load_weights_into(model, pretrained, trust_pickle=trust_pickle)
     return model
@@ -84,8 +68,6 @@ def _initialise(model: SimlaBackbone) -> None:
     """Load the DeiT and BERT initial weights named in the config (network only if they are hub names)."""
     config = model.config
     if config.vision.init:
-        from .models.vision import load_vision_weights
-
         report = load_vision_weights(model.visual_encoder, config.vision.init)
         logger.info("vision encoder initialised from %s: %s", config.vision.init, report)
     if config.text.init:

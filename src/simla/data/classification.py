@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from .captions import pre_caption
+from ..tokenizers.captions import pre_caption
 from .images import load_image
 from .readers import DataFormatError
-from .retrieval import FinetuneView, _field, _join, _load_list
+from .annotations import join_image_root, load_json_list, record_field
+from .transforms import FinetuneView
 
 NLVR_LABELS = {"False": 0, "True": 1}
 VE_LABELS = {"contradiction": 0, "neutral": 1, "entailment": 2}
@@ -40,7 +41,7 @@ class PairRecord:
 
 
 def _sentence(path: str, index: int, obj: Any, max_words: int) -> str:
-    sentence = pre_caption(_field(path, index, obj, "sentence", (str,)), max_words)
+    sentence = pre_caption(record_field(path, index, obj, "sentence", (str,)), max_words)
     if not sentence:
         raise DataFormatError(f"{path}, record {index}, field 'sentence': empty sentence", path=path,
                               record=str(index), field="sentence")
@@ -62,14 +63,14 @@ def _image_path(path: str, index: int, value: Any, root: str | None, default_ext
                               path=path, record=str(index), field="image")
     if default_extension and not os.path.splitext(value)[1]:
         value += default_extension
-    return _join(root, value)
+    return join_image_root(root, value)
 
 
 def read_nlvr(path: str | os.PathLike, image_root: str | None = None, max_words: int = 30) -> list[PairRecord]:
     path = str(path)
     records = []
-    for i, obj in enumerate(_load_list(path)):
-        images = _field(path, i, obj, "images", (list,))
+    for i, obj in enumerate(load_json_list(path)):
+        images = record_field(path, i, obj, "images", (list,))
         if len(images) != 2:
             raise DataFormatError(f"{path}, record {i}, field 'images': NLVR2 needs exactly two images, got "
                                   f"{len(images)}", path=path, record=str(i), field="images")
@@ -82,8 +83,8 @@ def read_nlvr(path: str | os.PathLike, image_root: str | None = None, max_words:
 def read_ve(path: str | os.PathLike, image_root: str | None = None, max_words: int = 30) -> list[PairRecord]:
     path = str(path)
     records = []
-    for i, obj in enumerate(_load_list(path)):
-        image = _image_path(path, i, _field(path, i, obj, "image", (str,)), image_root, ".jpg")
+    for i, obj in enumerate(load_json_list(path)):
+        image = _image_path(path, i, record_field(path, i, obj, "image", (str,)), image_root, ".jpg")
         records.append(PairRecord((image,), _sentence(path, i, obj, max_words), _label(path, i, obj, VE_LABELS),
                                   f"{path}[{i}]"))
     return records

@@ -19,7 +19,8 @@ from functools import cached_property
 from typing import Any
 
 from .readers import DataFormatError
-from .retrieval import RetrievalRecord, _field, _join, _load_list, load_json
+from .annotations import join_image_root, load_json, load_json_list, record_field
+from .retrieval import RetrievalRecord
 
 __all__ = ["INSTANCES_FILE", "REFS_FILE", "GroundingRef", "UnsafePickleError", "load_plain_pickle", "read_detections",
            "read_grounding_refs", "read_grounding_train"]
@@ -62,7 +63,7 @@ def _as_box(value: Any) -> Box:
 
 
 def _nonempty_str(path: str, index: int, obj: Any, key: str) -> str:
-    value = _field(path, index, obj, key, (str,))
+    value = record_field(path, index, obj, key, (str,))
     if not value.strip():
         raise _error(path, index, key, "empty string")
     return value
@@ -70,14 +71,14 @@ def _nonempty_str(path: str, index: int, obj: Any, key: str) -> str:
 
 def read_grounding_train(path: str | os.PathLike, image_root: str | None = None) -> list[RetrievalRecord]:
     """Training pairs; the dense image id comes from the file name, so one image's expressions share it."""
-    data, path = _load_list(path), str(path)
+    data, path = load_json_list(path), str(path)
     dense: dict[str, int] = {}
     records = []
     for i, obj in enumerate(data):
         image = _nonempty_str(path, i, obj, "image")
         text = _nonempty_str(path, i, obj, "text")
         name = image.rsplit("/", 1)[-1]
-        records.append(RetrievalRecord(_join(image_root, image), (text,), f"{path}[{i}]",
+        records.append(RetrievalRecord(join_image_root(image_root, image), (text,), f"{path}[{i}]",
                                        dense.setdefault(name, len(dense))))
     return records
 
@@ -129,7 +130,7 @@ class _Refer:
             raise DataFormatError(f"{path}: expected a list of refs, got {type(data).__name__}", path=path)
         for i, ref in enumerate(data):
             for key, kinds in (("ref_id", (int,)), ("ann_id", (int, str)), ("image_id", (int, str)), ("split", (str,))):
-                _field(path, i, ref, key, kinds)
+                record_field(path, i, ref, key, kinds)
         return {ref["ref_id"]: ref for ref in data}
 
     @cached_property
@@ -143,7 +144,7 @@ class _Refer:
     @cached_property
     def boxes(self) -> dict[str, Any]:
         """Annotation id (as a string) -> its raw bbox, checked when used."""
-        return {str(_field(self.instances_path, i, a, "id", (int, str))): a.get("bbox")
+        return {str(record_field(self.instances_path, i, a, "id", (int, str))): a.get("bbox")
                 for i, a in enumerate(self._instances["annotations"])}
 
     @cached_property
@@ -151,8 +152,8 @@ class _Refer:
         """Image id (as a string) -> (height, width)."""
         path, sizes = self.instances_path, {}
         for i, img in enumerate(self._instances["images"]):
-            size = (_field(path, i, img, "height", (int,)), _field(path, i, img, "width", (int,)))
-            sizes[str(_field(path, i, img, "id", (int, str)))] = size
+            size = (record_field(path, i, img, "height", (int,)), record_field(path, i, img, "width", (int,)))
+            sizes[str(record_field(path, i, img, "id", (int, str)))] = size
         return sizes
 
     def ref(self, path: str, index: int, ref_id: int) -> dict[str, Any]:
@@ -175,7 +176,7 @@ class _Refer:
 def _size(path: str, index: int, obj: dict[str, Any]) -> tuple[int, int] | None:
     if "height" not in obj and "width" not in obj:
         return None
-    height, width = (_field(path, index, obj, key, (int,)) for key in ("height", "width"))
+    height, width = (record_field(path, index, obj, key, (int,)) for key in ("height", "width"))
     if height <= 0 or width <= 0:
         raise _error(path, index, "height" if height <= 0 else "width", f"must be positive, got {height}x{width}")
     return height, width
@@ -183,8 +184,8 @@ def _size(path: str, index: int, obj: dict[str, Any]) -> tuple[int, int] | None:
 
 def _ref_row(path: str, index: int, obj: Any) -> dict[str, Any]:
     """The record's own facts, checked; missing facts are left out for REFER to fill in."""
-    row = {"image": _nonempty_str(path, index, obj, "image"), "text": _field(path, index, obj, "text", (str,)),
-           "ref_id": _field(path, index, obj, "ref_id", (int,)), "size": _size(path, index, obj)}
+    row = {"image": _nonempty_str(path, index, obj, "image"), "text": record_field(path, index, obj, "text", (str,)),
+           "ref_id": record_field(path, index, obj, "ref_id", (int,)), "size": _size(path, index, obj)}
     if "bbox" in obj:
         problem = _box_problem(obj["bbox"], exact=True, positive=True)
         if problem:
@@ -193,7 +194,7 @@ def _ref_row(path: str, index: int, obj: Any) -> dict[str, Any]:
     if "split" in obj:
         row["split"] = _nonempty_str(path, index, obj, "split")
     if "image_id" in obj:
-        row["image_id"] = str(_field(path, index, obj, "image_id", (int, str)))
+        row["image_id"] = str(record_field(path, index, obj, "image_id", (int, str)))
     return row
 
 
@@ -214,14 +215,14 @@ def _complete(path: str, index: int, row: dict[str, Any], refer: _Refer | None, 
     box = row["bbox"] if "bbox" in row else refer.box(ref)
     image_id = row["image_id"] if "image_id" in row else str(ref["image_id"])
     size = row["size"] or (refer.sizes.get(image_id) if refer is not None else None)
-    return GroundingRef(row["ref_id"], _join(image_root, row["image"]), row["text"], image_id,
+    return GroundingRef(row["ref_id"], join_image_root(image_root, row["image"]), row["text"], image_id,
                         row["split"] if "split" in row else ref["split"], box, size)
 
 
 def read_grounding_refs(path: str | os.PathLike, image_root: str | None = None,
                         refer_dir: str | os.PathLike | None = None) -> list[GroundingRef]:
     """Evaluation refs with their ground truth; everything is checked before any image is touched."""
-    data, path = _load_list(path), str(path)
+    data, path = load_json_list(path), str(path)
     rows = [_ref_row(path, i, obj) for i, obj in enumerate(data)]
     _check_unique(path, rows)
     needs_refer = any(row["size"] is None or any(key not in row for key in FACTS) for row in rows)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from ..errors import DataError, UnusableDataError
 from ..masking import BlockMaskGenerator
 from ..tokenizers.text import TextTokenizer
-from .captions import pre_caption
+from ..tokenizers.captions import pre_caption
 from .images import BadSampleError, load_image
 from .readers import CaptionRecord
 from .shards import ShardStream, sample_image_and_caption

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 
 import torch.utils.data
 
+from simla.data.images import BadSampleError
 from simla.data.readers import brace_expand, split_shard_spec
+
 
 __all__ = [
     "RawSample",
@@ -243,9 +245,6 @@ def sample_image_and_caption(sample: RawSample) -> tuple[bytes, str]:
     Raises:
         simla.data.images.BadSampleError: no image member, no caption, or an undecodable caption.
     """
-    # Imported here so this module stays importable while the image module is optional/in progress.
-    from simla.data.images import BadSampleError
-
     image = next((sample.files[ext] for ext in IMAGE_EXTENSIONS if ext in sample.files), None)
     if image is None:
         raise BadSampleError(source=sample.source, reason=f"no image member (found: {sorted(sample.files)})",

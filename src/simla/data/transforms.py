@@ -402,3 +402,34 @@ class EvalView:
         _check_rgb(img)
         resized = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
         return _normalize(to_tensor(resized), self.mean, self.std)
+
+
+@dataclass
+class FinetuneView:
+    """Fine-tuning train view: RandomResizedCrop(scale 0.5-1, bicubic), flip, RandAugment, normalise.
+
+    crop=False resizes the whole image instead (the grounding view: a crop could cut the referred object
+    out); hflip=False keeps left and right (a flip contradicts "the man on the left").
+    """
+
+    image_size: int = 384
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    randaugment: bool = True
+    crop: bool = True
+    hflip: bool = True
+
+    def __post_init__(self) -> None:
+        self._augment = RandAugment() if self.randaugment else None
+
+    def __call__(self, img: Image.Image, rng: random.Random) -> torch.Tensor:
+        if self.crop:
+            box = sample_crop_box(img.width, img.height, self.scale, self.ratio, rng)
+            img = _resized_crop(img, box, self.image_size)
+        else:
+            img = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+        if self.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self._augment is not None:
+            img = self._augment(img, rng)
+        return _normalize(to_tensor(img), CLIP_MEAN, CLIP_STD)

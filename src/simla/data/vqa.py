@@ -22,11 +22,14 @@ from typing import Any
 
 import torch
 
-from .captions import pre_question
+from ..errors import DataError
+from ..tokenizers.captions import pre_question
+from ..tokenizers.text import tokenize_answers
 from .images import BadSampleError, load_image
 from .pretrain_data import read_image
 from .readers import DataFormatError
-from .retrieval import FinetuneView, _field, _join, _load_list
+from .annotations import join_image_root, load_json_list, record_field
+from .transforms import FinetuneView
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +70,14 @@ def _error(path: str, index: int, key: str, message: str) -> DataFormatError:
 
 
 def _question(path: str, index: int, obj: Any, max_words: int) -> str:
-    question = pre_question(_field(path, index, obj, "question", (str,)), max_words)
+    question = pre_question(record_field(path, index, obj, "question", (str,)), max_words)
     if not question.strip():
         raise _error(path, index, "question", "empty question")
     return question
 
 
 def _answers(path: str, index: int, obj: Any, key: str = "answer") -> list[str]:
-    raw = _field(path, index, obj, key, (str, list))
+    raw = record_field(path, index, obj, key, (str, list))
     answers = [raw] if isinstance(raw, str) else raw
     if not answers:
         raise _error(path, index, key, "empty answer list")
@@ -98,15 +101,15 @@ def read_vqa_train(paths: str | os.PathLike | Sequence[str | os.PathLike], image
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     records = []
     for path in map(str, paths):
-        for i, obj in enumerate(_load_list(path)):
-            image = _field(path, i, obj, "image", (str,))
+        for i, obj in enumerate(load_json_list(path)):
+            image = record_field(path, i, obj, "image", (str,))
             question = _question(path, i, obj, max_words)
             dataset = obj.get("dataset", "vqa")
             if dataset not in DATASET_TAGS:
                 raise _error(path, i, "dataset", f"unknown dataset tag {dataset!r}; expected one of {list(DATASET_TAGS)}")
             answers, weights = answer_weights(_answers(path, i, obj), dataset)
             root = vg_image_root if dataset == "vg" else image_root
-            records.append(VQARecord(_join(root, image), question, answers, weights, f"{path}[{i}]",
+            records.append(VQARecord(join_image_root(root, image), question, answers, weights, f"{path}[{i}]",
                                      obj.get("question_id")))
     return records
 
@@ -116,14 +119,14 @@ def read_vqa_eval(path: str | os.PathLike, image_root: str | None = None, max_wo
     path = str(path)
     data = VQAEvalSet(source=path)
     seen: dict[Any, int] = {}
-    for i, obj in enumerate(_load_list(path)):
-        image = _field(path, i, obj, "image", (str,))
+    for i, obj in enumerate(load_json_list(path)):
+        image = record_field(path, i, obj, "image", (str,))
         question = _question(path, i, obj, max_words)
-        question_id = _field(path, i, obj, "question_id", (int, str))
+        question_id = record_field(path, i, obj, "question_id", (int, str))
         if question_id in seen:
             raise _error(path, i, "question_id", f"duplicate question id {question_id!r} (also record {seen[question_id]})")
         seen[question_id] = i
-        data.images.append(_join(image_root, image))
+        data.images.append(join_image_root(image_root, image))
         data.questions.append(question)
         data.question_ids.append(question_id)
         data.answers.append(_answers(path, i, obj) if "answer" in obj else None)
@@ -180,8 +183,6 @@ class VQASampleBuilder:
 
 def collate_vqa(samples: list[dict[str, Any]], tokenizer, max_length: int, sep_token_id: int) -> dict[str, Any]:
     """Stack images, tokenise questions (truncated to max_length) and every answer as `[CLS] a [SEP]`."""
-    from ..models.vqa import tokenize_answers
-
     questions = tokenizer([s["question"] for s in samples], max_length=max_length, clean=False)
     answer_ids, answer_mask = tokenize_answers(tokenizer, [a for s in samples for a in s["answers"]], sep_token_id)
     return {
@@ -201,3 +202,15 @@ def load_eval_image(path: str, view) -> tuple[torch.Tensor, str | None]:
     except BadSampleError as err:
         size = view.image_size
         return torch.zeros(3, size, size), f"{err.kind}: {err.reason}"
+
+
+def check_overlap(data: VQAEvalSet, train: list[VQARecord], allow: bool) -> None:
+    """Refuse an evaluation whose questions were trained on, unless allowed (then warn)."""
+    overlap = overlapping_questions(data, train)
+    if not overlap:
+        return
+    message = (f"{data.source}: {len(overlap)} question(s) also occur in the training data (e.g. {overlap[:5]}); "
+               "accuracy on them measures memory, not answering")
+    if not allow:
+        raise DataError(message + ". Pass allow_overlap=true (--allow-overlap) to evaluate anyway.")
+    logger.warning("%s (allowed)", message)

@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from .retrieval import run_retrieval_demo
+
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,8 +27,6 @@ def pretrained_demo(source: str | Path | None, out: Path, quick: bool, seed: int
             raise FileNotFoundError(f"{source} is not a finished `simla demo` folder: "
                                     f"{folder / 'pretrain' / 'checkpoints' / 'last.pt'} is missing")
         return folder
-    from .retrieval import run_retrieval_demo
-
     logger.info("no --from folder: pretraining the demo model first (simla demo%s)", " --quick" if quick else "")
     run_retrieval_demo(out / "pretrained", quick=quick, seed=seed)
     return out / "pretrained"

@@ -34,7 +34,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import load_checkpoint
+from ..data.grounding import read_detections, read_grounding_refs
+from ..eval.grounding import describe, evaluate_grounding
+from ..explain.run import explain_pairs
+from ..train.finetune_grounding import GroundingRecipe, run_grounding_finetune
+from ..train.recipe import load_recipe
 from .common import as_overrides, checkpoint_of, finetune_overrides, pretrained_demo
+from .grounding_data import build_grounding_set
+
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +66,6 @@ QUICK = GroundingDemoSettings(steps=30, train_canvases=120, test_canvases=25, sh
 
 
 def _recipe(settings: GroundingDemoSettings, checkpoint: Path, files: Any, out: Path, seed: int):
-    from ..train.finetune_grounding import GroundingRecipe
-    from ..train.recipe import load_recipe
-
     overrides = finetune_overrides(checkpoint, out / "grounding", steps=settings.steps, batch_size=settings.batch_size,
                                    lr=settings.lr, num_workers=settings.num_workers, seed=seed)
     overrides.update({"train_file": str(files.train_file), "image_root": str(files.root),
@@ -72,8 +77,6 @@ def _recipe(settings: GroundingDemoSettings, checkpoint: Path, files: Any, out: 
 
 def _explain_examples(model: Any, refs: list[Any], count: int, out: Path) -> list[str]:
     """Explain sheets of the first `count` test expressions (one per canvas) into out/; their file names."""
-    from ..explain.run import explain_pairs
-
     chosen, seen = [], set()
     for ref in refs:
         if ref.image_id not in seen:
@@ -88,12 +91,6 @@ def _explain_examples(model: Any, refs: list[Any], count: int, out: Path) -> lis
 def run_grounding_demo(output: str | Path = "runs/demo_grounding", *, quick: bool = False, steps: int | None = None,
                        source: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
     """Build the canvases, fine-tune, ground, draw and write the report; returns the report dict."""
-    from ..checkpoint import load_checkpoint
-    from ..data.grounding import read_detections, read_grounding_refs
-    from ..eval.grounding import describe, evaluate_grounding
-    from ..train.finetune_grounding import run_grounding_finetune
-    from .grounding_data import build_grounding_set
-
     settings = QUICK if quick else FULL
     if steps is not None:
         settings = replace(settings, steps=steps)

@@ -36,12 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from ..config import LOSS_NAMES
+from ..data.retrieval import read_retrieval_eval
+from ..eval.metrics import format_table
+from ..eval.retrieval import evaluate_retrieval
+from ..train.pretrain import run_pretraining
+from ..train.recipe import load_recipe
 from .easy_vqa import CAPTION_TEMPLATES, ShapeImage, label_easy_vqa, write_pretraining_json, write_retrieval_json
-from .evaluation import (CLASSES, ShapeProbe, confusion_matrix, itm_pair_accuracy, score_classes,
-                         zero_shot_accuracy)
+from .evaluation import CLASSES, ShapeProbe, confusion_matrix, itm_pair_accuracy, score_classes, zero_shot_accuracy
 from .plots import plot_accuracy_curve, plot_confusion, plot_examples, plot_losses
+
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +87,6 @@ QUICK = DemoSettings(steps=60, train_images=1000, test_images=200, curve_images=
 
 
 def _recipe(settings: DemoSettings, train_json: Path, run_dir: Path, seed: int, losses: list[str] | None):
-    from ..train.recipe import load_recipe
-
     model = dict(settings.model)
     if losses is not None:
         model["losses"] = losses
@@ -106,8 +108,6 @@ def _recipe(settings: DemoSettings, train_json: Path, run_dir: Path, seed: int, 
 def _pretrain(settings: DemoSettings, train_json: Path, run_dir: Path, seed: int, curve_probe: ShapeProbe | None,
               losses: list[str] | None = None):
     """Pretrain; with a probe, record ITC zero-shot accuracy every steps/curve_points steps."""
-    from ..train.pretrain import run_pretraining
-
     curve: list[dict[str, float]] = []
     every = max(1, settings.steps // max(1, settings.curve_points))
 
@@ -122,9 +122,6 @@ def _pretrain(settings: DemoSettings, train_json: Path, run_dir: Path, seed: int
 
 
 def _evaluate(model, probe: ShapeProbe, test_json: Path, k: int) -> dict[str, Any]:
-    from ..data.retrieval import read_retrieval_eval
-    from ..eval.retrieval import evaluate_retrieval
-
     scores = score_classes(model, probe)
     metrics = evaluate_retrieval(model, read_retrieval_eval(test_json), k=k, num_workers=0)
     return {
@@ -220,8 +217,6 @@ def _ablation(settings: DemoSettings, train_json: Path, test_json: Path, probe: 
 
 
 def _summary(report: dict[str, Any]) -> str:
-    from ..eval.metrics import format_table
-
     itm, itc, pairs = report["zero_shot_accuracy_itm"], report["zero_shot_accuracy_itc"], report["itm_pair_accuracy"]
     lines = [
         f"simla demo ({report['mode']}): {report['steps']} pretraining steps on {report['train_images']} easy-VQA "

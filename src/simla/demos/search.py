@@ -14,7 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+from ..search import Index
+from ..search.html import render_results_page
 from .common import checkpoint_of, pretrained_demo
+from .easy_vqa import COLOURS, SHAPES, label_easy_vqa, write_retrieval_json
+
 
 K = 10
 RERANK = {"full": 50, "quick": 20}
@@ -31,11 +36,6 @@ def _precision(index: Any, label_of: dict[str, str], query: str, rerank: int) ->
 def run_search_demo(output: str | Path = "runs/demo_search", *, quick: bool = False, steps: int | None = None,
                     source: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
     """Index, query, write report.json, report.md and results.html; returns the report dict."""
-    from ..errors import ConfigError
-    from ..search import Index
-    from ..search.html import render_results_page
-    from .easy_vqa import COLOURS, SHAPES, label_easy_vqa, write_retrieval_json
-
     if steps is not None:
         raise ConfigError("the search demo trains nothing; --steps belongs to the other demos")
     mode = "quick" if quick else "full"

@@ -30,8 +30,15 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import load_checkpoint
+from ..data.vqa import read_answer_list, read_vqa_eval
+from ..eval.vqa import evaluate_vqa
+from ..train.finetune_vqa import VQARecipe, run_vqa_finetune
+from ..train.recipe import load_recipe
 from .common import as_overrides, checkpoint_of, finetune_overrides, pretrained_demo
 from .easy_vqa import COLOURS, SHAPES
+from .plots import plot_confusion
+
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +100,6 @@ def write_vqa_files(out: Path, settings: VQADemoSettings, seed: int) -> dict[str
 
 
 def _recipe(settings: VQADemoSettings, checkpoint: Path, out: Path, seed: int):
-    from ..train.finetune_vqa import VQARecipe
-    from ..train.recipe import load_recipe
-
     overrides = finetune_overrides(checkpoint, out / "vqa", steps=settings.steps, batch_size=settings.batch_size,
                                    lr=settings.lr, num_workers=settings.num_workers, seed=seed)
     overrides["train_file"] = str(out / "vqa_train.json")
@@ -106,11 +110,6 @@ def _recipe(settings: VQADemoSettings, checkpoint: Path, out: Path, seed: int):
 def run_vqa_demo(output: str | Path = "runs/demo_vqa", *, quick: bool = False, steps: int | None = None,
                  source: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
     """Fine-tune, evaluate, draw and write the report; returns the report dict (with a printable summary)."""
-    from ..data.vqa import read_answer_list, read_vqa_eval
-    from ..eval.vqa import evaluate_vqa
-    from ..train.finetune_vqa import run_vqa_finetune
-    from .plots import plot_confusion
-
     settings = QUICK if quick else FULL
     if steps is not None:
         settings = replace(settings, steps=steps)
@@ -124,8 +123,6 @@ def run_vqa_demo(output: str | Path = "runs/demo_vqa", *, quick: bool = False, s
     finetune_started = time.perf_counter()
     run_vqa_finetune(_recipe(settings, checkpoint, out, seed))
     finetune_seconds = time.perf_counter() - finetune_started
-
-    from ..checkpoint import load_checkpoint
 
     model = load_checkpoint(out / "vqa" / "checkpoints" / "last.pt", task="vqa")
     test = read_vqa_eval(out / "vqa_test.json")

@@ -7,6 +7,7 @@ dropped: an accuracy over a silently shrunken set would flatter the model.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -15,11 +16,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..data.classification import PairRecord, blank, image_keys
+from ..checkpoint import load_checkpoint
+from ..data.classification import PairRecord, blank, image_keys, read_nlvr, read_ve
 from ..data.images import BadSampleError, load_image
 from ..data.transforms import EvalView
-from ..distributed import get_rank
+from ..distributed import evaluation_group, get_rank
 from ..models.classification import SimlaClassifier
+from ..tokenizers.text import get_tokenizer
+from .command import Evaluation, Option, checkpoint_options, size_override
 from .sharding import eval_loader, gather_in_order, this_rank_share
 
 logger = logging.getLogger(__name__)
@@ -121,3 +125,41 @@ def describe(metrics: dict[str, Any]) -> str:
     for name, row in metrics["per_class"].items():
         lines.append(f"  {name:<14} {row['accuracy']}%  ({row['examples']} examples)")
     return "\n".join(lines)
+
+
+def evaluate_classifier_checkpoint(task: str, *, checkpoint: str, data: str, output: str, image_root: str | None = None,
+                                   split: str | None = None, max_text_length: int = 40, image_size: int | None = None,
+                                   tokenizer: str | None = None, batch_size: int = 32, num_workers: int = 2,
+                                   device: str = "auto", trust_pickle: bool = False) -> tuple[dict[str, Any], str]:
+    """`simla evaluate nlvr | ve`: accuracy (per class, confusion matrix) in `output`; under torchrun the
+    examples are split across the processes."""
+    records = (read_nlvr if task == "nlvr" else read_ve)(data, image_root)
+    with evaluation_group(device) as chosen:
+        model = load_checkpoint(checkpoint, task=task, trust_pickle=trust_pickle, **size_override(image_size))
+        if tokenizer:
+            model.tokenizer = get_tokenizer(tokenizer)
+        model.to(chosen)
+        metrics = evaluate_classifier(model, records, split or Path(data).stem, output, batch_size=batch_size,
+                                      num_workers=num_workers, max_length=max_text_length, progress=get_rank() == 0)
+    if get_rank() != 0:
+        return metrics, ""
+    return metrics, f"{describe(metrics)}\nwrote {Path(output) / 'results.json'} and metrics.json"
+
+
+def classifier_evaluation(task: str, help: str, form: str) -> Evaluation:
+    """`simla evaluate nlvr` and `simla evaluate ve` differ only in the task and the data form."""
+    return Evaluation(
+        help=help,
+        run=functools.partial(evaluate_classifier_checkpoint, task),
+        options=(
+            Option("--data", f"eval JSON: {form}", required=True),
+            Option("--output", "folder for results.json (predictions) and metrics.json", required=True),
+            Option("--split", "the split's name in metrics.json (default: the data file's stem)"),
+            Option("--max-text-length", "sentence tokens incl. [CLS]", type=int, default=40),
+            *checkpoint_options(f"a {task} checkpoint", batch_size=32, per="examples"),
+        ))
+
+
+NLVR_EVALUATION = classifier_evaluation("nlvr", "NLVR2 accuracy", "[{images: [left, right], sentence, label: True|False}]")
+VE_EVALUATION = classifier_evaluation("ve", "SNLI-VE accuracy, per class and confusion matrix",
+                                      "[{image: flickr id, sentence, label: entailment|neutral|contradiction}]")

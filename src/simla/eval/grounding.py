@@ -22,12 +22,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..data.grounding import GroundingRef
+from ..checkpoint import load_checkpoint
+from ..data.grounding import GroundingRef, read_detections, read_grounding_refs
 from ..data.images import BadSampleError, load_image
 from ..data.transforms import EvalView
-from ..distributed import all_gather_objects, get_rank
+from ..distributed import all_gather_objects, evaluation_group, get_rank
 from ..explain.gradcam import gradcam, upsample_map
 from ..models.simla import SimlaModel
+from .command import Evaluation, Option, checkpoint_options, size_override
 from .grounding_boxes import GroundingTally, box_iou, choose_box, random_pick_hit_rate
 from .sharding import eval_loader, gather_in_order, this_rank_share
 
@@ -141,3 +143,37 @@ def describe(metrics: dict[str, Any]) -> str:
                  f"{metrics['chance']:.2f}%), layer {metrics['layer']}, {metrics['expressions_per_second']} "
                  "expressions/s")
     return "\n".join(lines)
+
+
+def evaluate_grounding_checkpoint(*, checkpoint: str, refs: str, dets: str, output: str, refer_dir: str | None = None,
+                                  image_root: str | None = None, layer: int | None = None, image_size: int | None = None,
+                                  batch_size: int = 16, num_workers: int = 2, device: str = "auto",
+                                  trust_pickle: bool = False) -> tuple[dict[str, Any], str]:
+    """`simla evaluate grounding`: ground every expression of `refs`; under torchrun the expressions are split
+    across the processes."""
+    expressions = read_grounding_refs(refs, image_root, refer_dir)
+    proposals = read_detections(dets)
+    with evaluation_group(device) as chosen:
+        model = load_checkpoint(checkpoint, task="base", trust_pickle=trust_pickle, **size_override(image_size))
+        metrics = evaluate_grounding(model.to(chosen), expressions, proposals, output, layer=layer,
+                                     batch_size=batch_size, num_workers=num_workers, progress=get_rank() == 0)
+    if get_rank() != 0:
+        return metrics, ""
+    return metrics, f"{describe(metrics)}\nwrote {Path(output) / 'results.json'} and metrics.json"
+
+
+GROUNDING_EVALUATION = Evaluation(
+    help="weakly supervised grounding: Grad-CAM picks a detector proposal per expression; accuracy (IoU >= 0.5) "
+         "per split",
+    run=evaluate_grounding_checkpoint,
+    options=(
+        Option("--refs", "expressions JSON: [{image, text, ref_id[, bbox, split, image_id, height, width]}] (the "
+                         "reference's refcoco+_val/test.json)", required=True),
+        Option("--dets", "detections JSON: {image_id: [[x, y, w, h], ...]}", required=True),
+        Option("--refer-dir", "folder with REFER's refs(unc).p and instances.json (boxes, splits and image ids of "
+                              "records that lack them)"),
+        Option("--output", "folder for results.json (chosen boxes) and metrics.json", required=True),
+        Option("--layer", "explained cross-attention layer (default: the config's explain.gradcam_layer, 8 of 12)",
+               type=int),
+        *checkpoint_options("a grounding/retrieval checkpoint", batch_size=16, per="expressions", tokenizer=False),
+    ))

@@ -19,9 +19,12 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.transforms import EvalView
-from ..data.vqa import VQAEvalSet, load_eval_image
-from ..distributed import all_gather_objects, get_rank
+from ..checkpoint import model_from_checkpoint, read_checkpoint
+from ..data.vqa import VQAEvalSet, check_overlap, load_eval_image, read_answer_list, read_vqa_eval, read_vqa_train
+from ..distributed import all_gather_objects, evaluation_group, get_rank
 from ..models.vqa import AnswerCandidates, SimlaForVQA
+from ..tokenizers.text import get_tokenizer
+from .command import Evaluation, Option, checkpoint_options, size_override
 from .sharding import eval_loader, gather_in_order, this_rank_share
 from .vqa_accuracy import VQAGroundTruth, format_vqa_table, vqa_accuracy
 
@@ -121,3 +124,64 @@ def describe(metrics: dict[str, Any]) -> str:
     lines.append(f"{metrics['questions']} questions answered ({metrics['unreadable_images']} from unreadable "
                  f"images), {metrics['questions_per_second']} questions/s, k_test {metrics['k_test']}")
     return "\n".join(lines)
+
+
+def evaluate_vqa_checkpoint(*, checkpoint: str, data: str, answers: str, output: str,
+                            image_root: str | None = None, k: int | None = None, answer_scoring: str | None = None,
+                            image_size: int | None = None, tokenizer: str | None = None, batch_size: int = 32,
+                            num_workers: int = 2, device: str = "auto", trust_pickle: bool = False,
+                            train_file: list[str] | None = None, allow_overlap: bool = False) -> tuple[dict, str]:
+    """`simla evaluate vqa`: every file is checked before the model is built; returns (metrics, summary text).
+    Under torchrun the questions are split across the processes."""
+    questions = read_vqa_eval(data, image_root)
+    candidates = read_answer_list(answers)
+    stored = read_checkpoint(checkpoint, trust_pickle=trust_pickle)
+    train_files = train_file
+    if not train_files and stored.get("task") == "vqa":
+        train_files = _recipe_train_files(stored.get("recipe"))
+    if train_files:
+        check_overlap(questions, read_vqa_train(train_files), allow_overlap)
+    with evaluation_group(device) as chosen:
+        overrides = size_override(image_size)
+        if answer_scoring:
+            overrides["answer_scoring"] = answer_scoring
+        model = model_from_checkpoint(stored, source=checkpoint, task="vqa", **overrides)
+        if tokenizer:
+            model.tokenizer = get_tokenizer(tokenizer)
+        model.to(chosen)
+        rank0 = get_rank() == 0
+        metrics = evaluate_vqa(model, questions, candidates, output, k=k, batch_size=batch_size, num_workers=num_workers,
+                               progress=rank0)
+    text = f"{describe(metrics)}\nwrote {Path(output) / 'results.json'} and metrics.json" if rank0 else ""
+    return metrics, text
+
+
+def _recipe_train_files(recipe: dict[str, Any] | None) -> list[str]:
+    """The training files a fine-tuned checkpoint names, where they still exist (for the overlap check)."""
+    if not recipe or not recipe.get("train_file"):
+        return []
+    files = recipe["train_file"] if isinstance(recipe["train_file"], list) else [recipe["train_file"]]
+    present = [f for f in files if Path(f).is_file()]
+    if len(present) < len(files):
+        logger.warning("cannot check question overlap against missing training file(s) %s",
+                       sorted(set(files) - set(present)))
+    return present
+
+
+VQA_EVALUATION = Evaluation(
+    help="answer questions by ranking an answer list; EvalAI results.json and, with ground truth, the official "
+         "VQA accuracy",
+    run=evaluate_vqa_checkpoint,
+    options=(
+        Option("--data", "eval JSON: [{image, question, question_id[, answer: [...]]}]", required=True),
+        Option("--answers", "JSON list of candidate answers (answer_list.json)", required=True),
+        Option("--output", "folder for results.json and metrics.json", required=True),
+        Option("--k", "candidates re-scored with the whole answer (default: the model's vqa.k_test, paper 128)",
+               type=int),
+        Option("--answer-scoring", "'reference' counts the first token's log-probability twice, as the authors' "
+               "code (default: the model's, 'simla')", choices=("simla", "reference")),
+        Option("--train-file", "training JSON to check for question overlap (default: the checkpoint's recipe)",
+               repeatable=True),
+        Option("--allow-overlap", "evaluate even when questions of --data were trained on", switch=True),
+        *checkpoint_options("a VQA checkpoint", batch_size=32, per="questions"),
+    ))

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..data.images import load_image
 from ..models.simla import SimlaModel
+
 
 Target = Literal["itm", "itc"]
 
@@ -96,8 +98,6 @@ def open_images(images: Any) -> tuple[list[Image.Image] | None, Tensor | None]:
     """Paths / PIL images -> RGB PIL images; a pixel tensor passes through as the second element."""
     if isinstance(images, Tensor):
         return None, images if images.dim() == 4 else images.unsqueeze(0)
-    from ..data.images import load_image
-
     single = isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "convert")
     items = [images] if single else list(images)
     return [item.convert("RGB") if hasattr(item, "convert") else load_image(item) for item in items], None

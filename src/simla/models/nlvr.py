@@ -7,7 +7,7 @@ is duplicated into layers 2(n - d) + d and 2(n - d) + d + 1 (the paper: 12 -> 18
 value projection (the same parameters, not two copies kept equal), so both images are read through the same
 keys and values.
 
-Two stages: text assignment (`SimlaForNLVRPretraining`, on image-caption pairs: does the caption belong to
+Two stages: text assignment (`SimlaForNLVRTextAssignment`, on image-caption pairs: does the caption belong to
 the left image, the right image, or neither?) and fine-tuning (`SimlaForNLVR`, a 2-way head on the
 multimodal [CLS], with momentum distillation).
 """
@@ -154,7 +154,7 @@ def _without_same_captions(weights: Tensor, text_ids: Tensor) -> Tensor:
     return torch.where(enough, kept, weights)
 
 
-class SimlaForNLVRPretraining(_DeepEncoderMixin, SimlaBackbone):
+class SimlaForNLVRTextAssignment(_DeepEncoderMixin, SimlaBackbone):
     """The text-assignment stage: does a caption belong to the left image, the right image, or neither?
 
     Batch: image (B, 3, R, R), text_ids, text_mask (B, L), caption b belonging to image b. Negatives are drawn
@@ -163,7 +163,7 @@ class SimlaForNLVRPretraining(_DeepEncoderMixin, SimlaBackbone):
     negative. `ta_head` reads the text [CLS] after the multimodal pass over the two images.
     """
 
-    TASK = "nlvr_ta"
+    TASK = "nlvr-ta"
     IGNORED_SOURCE_PREFIXES = SimlaBackbone.IGNORED_SOURCE_PREFIXES + (
         "text_proj", "itm_head", "temp", "mlm_head_m", "cls_head",
     )

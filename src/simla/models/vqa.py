@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from ..config import SimlaConfig
 from ..task_objectives import answer_token_losses, weighted_answer_loss
+from ..tokenizers.captions import pre_question
+from ..tokenizers.text import tokenize_answers
 from .bert import MLMHead, SharedEncoder
 from .momentum import copy_to_momentum, make_momentum_copy, momentum_update
 from .pretrain import PretrainOutput
@@ -82,21 +84,6 @@ class AnswerCandidates:
 
     def to(self, device: torch.device) -> "AnswerCandidates":
         return dataclasses.replace(self, ids=self.ids.to(device), mask=self.mask.to(device))
-
-
-def tokenize_answers(tokenizer, answers: Sequence[str], sep_token_id: int, max_length: int = 511) -> tuple[Tensor, Tensor]:
-    """(ids, mask) of answers as the decoder reads and writes them: `[CLS] wordpieces [SEP]`, padded to the longest.
-
-    Answers are not cleaned and not truncated below `max_length` (the reference leaves them untruncated).
-    """
-    text = tokenizer(list(answers), max_length=max_length, clean=False)
-    lengths = text.attention_mask.sum(1)
-    rows = torch.arange(len(answers))
-    ids = torch.cat([text.input_ids, torch.zeros_like(text.input_ids[:, :1])], dim=1)
-    mask = torch.cat([text.attention_mask, torch.zeros_like(text.attention_mask[:, :1])], dim=1)
-    ids[rows, lengths] = sep_token_id
-    mask[rows, lengths] = 1
-    return ids, mask
 
 
 class SimlaForVQA(SimlaBackbone):
@@ -249,8 +236,6 @@ class SimlaForVQA(SimlaBackbone):
         images: (B, 3, R, R) normalised pixels, or PIL images / image paths (resized as in evaluation).
         questions: B question strings (cleaned as the reference cleans questions).
         """
-        from ..data.captions import pre_question
-
         pixels = self.prepare_pixels(images)
         if isinstance(questions, str):
             questions = [questions]

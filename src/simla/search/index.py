@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .. import __version__
+from ..version import __version__
 from ..errors import SimlaError
 from ..data.images import load_image
 from .build import SyncSummary, sync_index

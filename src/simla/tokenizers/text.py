@@ -23,7 +23,7 @@ import torch
 # transformers >= 5 exports this lazily (an alias of BertTokenizer); its stubs do not list it.
 from transformers import BertTokenizerFast  # type: ignore[attr-defined]
 
-from ..data.captions import pre_caption
+from .captions import pre_caption
 from ..errors import HubError
 
 __all__ = ["TextTokenizer", "TokenizedText", "WordPieces", "get_tokenizer"]
@@ -258,7 +258,7 @@ class TextTokenizer:
             texts: a string (batch of one) or a sequence of strings.
             max_length: maximum length including [CLS]; longer texts lose their trailing wordpieces.
             padding: ``"longest"`` pads to the longest row in the batch, ``"max_length"`` to ``max_length``.
-            clean: run :func:`~simla.data.captions.pre_caption` (30 words) on each text first.
+            clean: run :func:`~simla.tokenizers.captions.pre_caption` (30 words) on each text first.
 
         Returns:
             A :class:`TokenizedText` with (B, L) long tensors.
@@ -397,3 +397,19 @@ class TextTokenizer:
 def get_tokenizer(name_or_path: str = "bert-base-uncased") -> TextTokenizer:
     """Load the text tokenizer (``bert-base-uncased`` by default, as the reference)."""
     return TextTokenizer.from_pretrained(name_or_path)
+
+
+def tokenize_answers(tokenizer, answers: Sequence[str], sep_token_id: int,
+                     max_length: int = 511) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of answers as the decoder reads and writes them: `[CLS] wordpieces [SEP]`, padded to the longest.
+
+    Answers are not cleaned and not truncated below `max_length` (the reference leaves them untruncated).
+    """
+    text = tokenizer(list(answers), max_length=max_length, clean=False)
+    lengths = text.attention_mask.sum(1)
+    rows = torch.arange(len(answers))
+    ids = torch.cat([text.input_ids, torch.zeros_like(text.input_ids[:, :1])], dim=1)
+    mask = torch.cat([text.attention_mask, torch.zeros_like(text.attention_mask[:, :1])], dim=1)
+    ids[rows, lengths] = sep_token_id
+    mask[rows, lengths] = 1
+    return ids, mask

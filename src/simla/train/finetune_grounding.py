@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..data.grounding import read_detections, read_grounding_refs, read_grounding_train
-from ..data.retrieval import FinetuneView
+from ..data.transforms import FinetuneView
 from ..distributed import finish
 from ..eval.grounding import describe, evaluate_grounding
 from .finetune_retrieval import RetrievalRecipe, train_image_text
@@ -36,7 +36,7 @@ class GroundingRecipe(RetrievalRecipe):
     lr: float = field_(1e-5, "peak learning rate")
     output_dir: str = field_("runs/grounding", "run folder")
 
-    TASK_NAME: ClassVar[str] = "grounding"  # the progress bar's label (the model is a retrieval model)
+    TASK: ClassVar[str] = "grounding"  # the model is a retrieval model
 
     def validate(self) -> None:
         super().validate()

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan, derive_seed
-from ..data.retrieval import (FinetuneView, RetrievalRecord, RetrievalSampleBuilder, read_retrieval_eval,
+from ..data.transforms import FinetuneView
+from ..data.retrieval import (RetrievalRecord, RetrievalSampleBuilder, read_retrieval_eval,
                               read_retrieval_train)
 from ..distributed import finish
 from ..eval.metrics import format_table
@@ -41,7 +42,9 @@ class RetrievalRecipe(FinetuneRecipe):
     output_dir: str = field_("runs/retrieval", "run folder")
     save_every: int = field_(500, "checkpoint every N steps (and at the end)")
 
-    POSITIVE_FIELDS = ("k_test", "max_text_length")
+    TASK: ClassVar[str] = "retrieval"
+    SEED_STREAM: ClassVar[int] = 11
+    POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ("k_test", "max_text_length")
 
 
 def run_retrieval_finetune(recipe: RetrievalRecipe) -> dict[str, Any]:
@@ -69,10 +72,10 @@ def train_image_text(recipe: RetrievalRecipe, records: list[RetrievalRecord], vi
     Retrieval and grounding differ only in their records and their training view.
     """
     run = start_task_run(recipe)
-    model = load_task_model(recipe, run, "retrieval")
+    model = load_task_model(recipe, run)
     tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
     model.tokenizer = tokenizer
-    seed = derive_seed(recipe.seed, 11)
+    seed = derive_seed(recipe.seed, recipe.SEED_STREAM)
     data = AnnotationData(CaptionBatches(records, RetrievalSampleBuilder(view), tokenizer, recipe.max_text_length, seed),
                           EpochBatchPlan(len(records), recipe.batch_size, seed, run.rank, run.world), recipe.num_workers)
     write_run_config(run, recipe, model)

@@ -13,12 +13,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan, derive_seed
-from ..data.retrieval import FinetuneView
-from ..data.vqa import (VQAEvalSet, VQARecord, VQASampleBuilder, collate_vqa, overlapping_questions, read_answer_list,
-                        read_vqa_eval, read_vqa_train)
+from ..data.transforms import FinetuneView
+from ..data.vqa import (VQARecord, VQASampleBuilder, check_overlap, collate_vqa, read_answer_list, read_vqa_eval,
+                        read_vqa_train)
 from ..distributed import finish
 from ..errors import DataError
 from ..eval.vqa import describe, evaluate_vqa
@@ -47,7 +47,9 @@ class VQARecipe(FinetuneRecipe):
     eval_batch_size: int = field_(16, "questions per forward at evaluation")
     output_dir: str = field_("runs/vqa", "run folder")
 
-    POSITIVE_FIELDS = ("max_question_length",)
+    TASK: ClassVar[str] = "vqa"
+    SEED_STREAM: ClassVar[int] = 12
+    POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ("max_question_length",)
 
     def validate(self) -> None:
         super().validate()
@@ -57,61 +59,6 @@ class VQARecipe(FinetuneRecipe):
 
 def read_training_questions(recipe: VQARecipe) -> list[VQARecord]:
     return read_vqa_train(recipe.train_file, recipe.image_root, recipe.vg_image_root or recipe.image_root)
-
-
-def check_overlap(data: VQAEvalSet, train: list[VQARecord], allow: bool) -> None:
-    """Refuse an evaluation whose questions were trained on, unless allowed (then warn)."""
-    overlap = overlapping_questions(data, train)
-    if not overlap:
-        return
-    message = (f"{data.source}: {len(overlap)} question(s) also occur in the training data (e.g. {overlap[:5]}); "
-               "accuracy on them measures memory, not answering")
-    if not allow:
-        raise DataError(message + ". Pass allow_overlap=true (--allow-overlap) to evaluate anyway.")
-    logger.warning("%s (allowed)", message)
-
-
-def evaluate_vqa_checkpoint(checkpoint: str, data_file: str, answer_file: str, output: str, *,
-                            image_root: str | None = None, k: int | None = None, answer_scoring: str | None = None,
-                            image_size: int | None = None, tokenizer: str | None = None, batch_size: int = 32,
-                            num_workers: int = 2, device: str = "auto", trust_pickle: bool = False,
-                            train_files: list[str] | None = None, allow_overlap: bool = False) -> tuple[dict, str]:
-    """`simla evaluate vqa`: every file is checked before the model is built; returns (metrics, summary text)."""
-    from ..checkpoint import model_from_checkpoint, read_checkpoint
-    from ..distributed import evaluation_group, get_rank
-
-    data = read_vqa_eval(data_file, image_root)
-    answers = read_answer_list(answer_file)
-    stored = read_checkpoint(checkpoint, trust_pickle=trust_pickle)
-    if not train_files and stored.get("task") == "vqa":
-        train_files = _recipe_train_files(stored.get("recipe"))
-    if train_files:
-        check_overlap(data, read_vqa_train(train_files), allow_overlap)
-    with evaluation_group(device) as chosen:
-        overrides: dict[str, Any] = {"image_size": image_size} if image_size else {}
-        if answer_scoring:
-            overrides["answer_scoring"] = answer_scoring
-        model = model_from_checkpoint(stored, source=checkpoint, task="vqa", **overrides)
-        if tokenizer:
-            model.tokenizer = get_tokenizer(tokenizer)
-        model.to(chosen)
-        rank0 = get_rank() == 0
-        metrics = evaluate_vqa(model, data, answers, output, k=k, batch_size=batch_size, num_workers=num_workers,
-                               progress=rank0)
-    text = f"{describe(metrics)}\nwrote {Path(output) / 'results.json'} and metrics.json" if rank0 else ""
-    return metrics, text
-
-
-def _recipe_train_files(recipe: dict[str, Any] | None) -> list[str]:
-    """The training files a fine-tuned checkpoint names, where they still exist (for the overlap check)."""
-    if not recipe or not recipe.get("train_file"):
-        return []
-    files = recipe["train_file"] if isinstance(recipe["train_file"], list) else [recipe["train_file"]]
-    present = [f for f in files if Path(f).is_file()]
-    if len(present) < len(files):
-        logger.warning("cannot check question overlap against missing training file(s) %s",
-                       sorted(set(files) - set(present)))
-    return present
 
 
 def run_vqa_finetune(recipe: VQARecipe, on_step: Callable[[Any, int], None] | None = None) -> dict[str, Any]:
@@ -124,10 +71,10 @@ def run_vqa_finetune(recipe: VQARecipe, on_step: Callable[[Any, int], None] | No
     if test is not None:
         check_overlap(test, records, recipe.allow_overlap)
     run = start_task_run(recipe)
-    model = load_task_model(recipe, run, "vqa")
+    model = load_task_model(recipe, run)
     tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
     model.tokenizer = tokenizer
-    seed = derive_seed(recipe.seed, 12)
+    seed = derive_seed(recipe.seed, recipe.SEED_STREAM)
     view = FinetuneView(recipe.image_size, scale=(recipe.crop_scale_min, 1.0), randaugment=recipe.randaugment)
     collate = functools.partial(collate_vqa, sep_token_id=model.config.text.sep_token_id)
     batches = CaptionBatches(records, VQASampleBuilder(view), tokenizer, recipe.max_question_length, seed,

@@ -18,6 +18,12 @@ import yaml
 
 from ..checkpoint import load_state_into, read_checkpoint
 from ..config import SimlaConfig, get_config
+from ..data.images import BadSampleError
+from ..data.pretrain_data import (AnnotationData, CaptionBatches, EpochBatchPlan, SampleBuilder, ShardBatches,
+                                  ShardData, derive_seed)
+from ..data.readers import CaptionRecord, is_shard_pattern, read_records
+from ..data.shards import ShardStream, count_samples, expand_shards, iter_tar_samples, sample_image_and_caption
+from ..data.transforms import PretrainViewConfig, PretrainViews
 from ..distributed import finish, get_rank, get_world_size, init_from_env, is_distributed
 from ..errors import DataError, UnusableDataError
 from ..factory import build_model, create_model
@@ -25,14 +31,10 @@ from ..masking import BlockMaskGenerator
 from ..models.pretrain import SimlaForPretraining
 from ..tokenizers.text import get_tokenizer
 from ..tokenizers.visual import KMeansTokenizer, VisualTokenizer, load_visual_tokenizer
-from ..data.pretrain_data import (AnnotationData, CaptionBatches, EpochBatchPlan, SampleBuilder, ShardBatches,
-                                  ShardData, derive_seed)
-from ..data.readers import is_shard_pattern, read_records
-from ..data.shards import ShardStream, count_samples, expand_shards
-from ..data.transforms import PretrainViewConfig, PretrainViews
 from .engine import TrainState
 from .recipe import PretrainRecipe
 from .runner import build_engine
+
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +60,6 @@ def _views(recipe: PretrainRecipe, config) -> PretrainViews:
 
 def _fit_kmeans(recipe: PretrainRecipe, builder: SampleBuilder, records, shards, config, device) -> KMeansTokenizer:
     """Fit the built-in visual tokenizer on tokenizer views of training images (bad ones are skipped)."""
-    from ..data.images import BadSampleError
-    from ..data.shards import iter_tar_samples, sample_image_and_caption
-
-    from ..data.readers import CaptionRecord
 
     rng = random.Random(recipe.seed)
     if records is not None:
@@ -89,8 +87,6 @@ def _fit_kmeans(recipe: PretrainRecipe, builder: SampleBuilder, records, shards,
 
 
 def _safe_pair(raw, extract):
-    from ..data.images import BadSampleError
-
     try:
         return extract(raw)
     except BadSampleError:
@@ -122,7 +118,7 @@ def build_data(recipe: PretrainRecipe, config, tokenizer) -> tuple[Any, SampleBu
     o = config.objectives
     masker = BlockMaskGenerator(config.grid_size, o.mim_num_masked, o.mim_min_block, min_aspect=o.mim_min_aspect)
     builder = SampleBuilder(_views(recipe, config), masker)
-    data, records, shards = caption_data(recipe, builder, tokenizer, o.max_text_length, derive_seed(recipe.seed, 7))
+    data, records, shards = caption_data(recipe, builder, tokenizer, o.max_text_length, derive_seed(recipe.seed, recipe.SEED_STREAM))
     return data, builder, records, shards
 
 

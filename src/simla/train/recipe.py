@@ -1,4 +1,7 @@
-"""The pretraining recipe: a typed dataclass loaded from YAML plus `key=value` overrides.
+"""Training recipes: typed dataclasses loaded from YAML plus `key=value` overrides.
+
+`TrainingRecipe` holds the fields every training command shares; `PretrainRecipe` extends it here and
+each task's fine-tuning recipe extends `simla.train.task_recipe.FinetuneRecipe` (itself a TrainingRecipe).
 
 Everything is validated before any work starts: malformed YAML names the file and line, an unknown or
 ill-typed key names the file (or the override) and the field, and the model overrides are checked
@@ -12,11 +15,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-from ..config import check_type, get_config
+from ..config import SimlaConfig, apply_overrides, check_type, get_config
 from ..errors import ConfigError
 
 
@@ -35,28 +38,25 @@ def field_(default: Any, help: str, **kw: Any) -> Any:
 
 
 @dataclass
-class PretrainRecipe:
-    # ---- model
-    model: str = field_("simla_base", "model preset (simla list_models)")
+class TrainingRecipe:
+    """The fields every training recipe shares (data loading, optimisation, run), declared once.
+
+    `PretrainRecipe` and every task's fine-tuning recipe extend it; a subclass re-declares a field only to
+    give it another default or a more specific help text.
+    """
+
+    # ---- model and data
     model_config: dict = field_({}, "overrides of the model config, e.g. model_config.queue_size=4096")
-    text_encoder: str | None = field_("bert-base-uncased", "Hugging Face BERT (dir or hub name) initialising the shared encoder; null = random")
-    vision_encoder: str | None = field_("deit_base_patch16_224", "DeiT/timm weights for the ViT (file, timm name or URL); null = random")
-    tokenizer: str | None = field_(None, "text tokenizer (dir or hub name); default: the text_encoder's vocabulary")
-    visual_tokenizer: str = field_("kmeans", "MIM targets: 'kmeans' (fit a built-in codebook on training images), 'kmeans:PATH' or 'dalle:PATH'")
-    kmeans_fit_images: int = field_(2000, "training images sampled to fit the built-in k-means visual tokenizer")
-    trust_pickle: bool = field_(False, "allow unpickling a DALL-E encoder.pkl (trusted files only)")
-    # ---- data
-    train_file: str | list[str] = field_("", "JSON/JSONL/CSV/TSV annotation file(s), or a WebDataset shard pattern (data/{00000..00099}.tar)")
+    tokenizer: str | None = field_(None, "text tokenizer (dir or hub name); default: the model's own vocabulary")
+    trust_pickle: bool = field_(False, "allow unpickling trusted files (reference .pth checkpoints, a DALL-E encoder.pkl)")
+    train_file: str | list[str] = field_("", "training annotation file(s)")
     image_root: str | None = field_(None, "directory that relative image paths are joined to")
-    csv_image_key: str = field_("filepath", "CSV/TSV column holding the image path")
-    csv_caption_key: str = field_("title", "CSV/TSV column holding the caption")
-    samples_per_epoch: int | None = field_(None, "WebDataset only: samples per epoch (counted from the shards when null)")
-    shuffle_buffer: int = field_(1000, "WebDataset only: shuffle buffer size per worker")
     num_workers: int = field_(4, "dataloader worker processes")
-    shared_geometry: bool = field_(True, "MIM views share one crop/flip; false = reference's independent views")
-    randaugment: bool = field_(True, "RandAugment on the encoder view (reference configuration)")
+    randaugment: bool = field_(True, "RandAugment on the training view (reference configuration)")
     crop_scale_min: float = field_(0.2, "smallest crop area fraction of RandomResizedCrop (reference 0.2)")
     max_bad_fraction: float = field_(0.5, "stop when more than this fraction of all samples read so far were bad")
+    freeze_vision_encoder: bool = field_(False, "keep the ViT's loaded weights fixed (about half the step time on a "
+                                                "small model; the paper trains everything)")
     # ---- optimisation
     batch_size: int = field_(64, "images per process per optimizer micro-step")
     grad_accum_steps: int = field_(1, "micro-batches accumulated per optimizer step")
@@ -86,11 +86,24 @@ class PretrainRecipe:
     device: str = field_("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     progress: bool = field_(True, "show a progress bar")
 
+    #: The task this recipe trains (its progress-bar label, the command named in errors).
+    TASK: ClassVar[str] = ""
+    #: The stream of the data order's random draws (`derive_seed(seed, SEED_STREAM)`): each task has its own,
+    #: and tasks that share a recipe base (grounding and retrieval; NLVR2 and SNLI-VE) share it.
+    SEED_STREAM: ClassVar[int] = 0
+    #: Integer fields that must be >= 1; each subclass lists only its own (they add up along the classes).
+    POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ("batch_size", "grad_accum_steps", "epochs", "save_every", "log_every")
+
+    @classmethod
+    def command(cls) -> str:
+        """The `simla` command that runs this recipe."""
+        return "simla pretrain" if cls.TASK == "pretrain" else f"simla finetune {cls.TASK}"
+
     def validate(self) -> None:
         if not self.train_file:
             raise ValueError("train_file: required (an annotation file, a list of them, or a shard pattern)")
-        positive = ("batch_size", "grad_accum_steps", "epochs", "save_every", "log_every", "shuffle_buffer")
-        for name in positive:
+        positive = [name for cls in reversed(type(self).__mro__) for name in vars(cls).get("POSITIVE_FIELDS", ())]
+        for name in dict.fromkeys(positive):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
@@ -103,6 +116,35 @@ class PretrainRecipe:
             raise ValueError("max_bad_fraction: must lie in (0, 1]")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device: expected auto, cpu or cuda, got {self.device!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PretrainRecipe(TrainingRecipe):
+    # ---- model
+    model: str = field_("simla_base", "model preset (simla list_models)")
+    text_encoder: str | None = field_("bert-base-uncased", "Hugging Face BERT (dir or hub name) initialising the shared encoder; null = random")
+    vision_encoder: str | None = field_("deit_base_patch16_224", "DeiT/timm weights for the ViT (file, timm name or URL); null = random")
+    tokenizer: str | None = field_(None, "text tokenizer (dir or hub name); default: the text_encoder's vocabulary")
+    visual_tokenizer: str = field_("kmeans", "MIM targets: 'kmeans' (fit a built-in codebook on training images), 'kmeans:PATH' or 'dalle:PATH'")
+    kmeans_fit_images: int = field_(2000, "training images sampled to fit the built-in k-means visual tokenizer")
+    trust_pickle: bool = field_(False, "allow unpickling a DALL-E encoder.pkl (trusted files only)")
+    # ---- data
+    train_file: str | list[str] = field_("", "JSON/JSONL/CSV/TSV annotation file(s), or a WebDataset shard pattern (data/{00000..00099}.tar)")
+    csv_image_key: str = field_("filepath", "CSV/TSV column holding the image path")
+    csv_caption_key: str = field_("title", "CSV/TSV column holding the caption")
+    samples_per_epoch: int | None = field_(None, "WebDataset only: samples per epoch (counted from the shards when null)")
+    shuffle_buffer: int = field_(1000, "WebDataset only: shuffle buffer size per worker")
+    shared_geometry: bool = field_(True, "MIM views share one crop/flip; false = reference's independent views")
+
+    TASK: ClassVar[str] = "pretrain"
+    SEED_STREAM: ClassVar[int] = 7
+    POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ("shuffle_buffer",)
+
+    def validate(self) -> None:
+        super().validate()
         vt = self.visual_tokenizer
         if vt != "kmeans" and not vt.startswith(("kmeans:", "dalle:")):
             raise ValueError(f"visual_tokenizer: expected 'kmeans', 'kmeans:PATH' or 'dalle:PATH', got {vt!r}")
@@ -111,15 +153,10 @@ class PretrainRecipe:
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"model / model_config: {err}") from err
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def check_model_overrides(overrides: dict[str, Any]) -> None:
     """Fail now, naming the field, when `model_config` overrides name no config field or have the wrong type
     (a fine-tuning recipe's model comes from its checkpoint, so only names and types can be checked early)."""
-    from ..config import SimlaConfig, apply_overrides
-
     try:
         apply_overrides(SimlaConfig(), overrides)
     except (KeyError, TypeError, ValueError) as err:
@@ -132,7 +169,7 @@ def _set(recipe: Any, key: str, value: Any, where: str) -> None:
     if name not in fields:
         close = [n for n in fields if n.split("_")[0] == name.split("_")[0]]
         hint = f" (did you mean {close}?)" if close else ""
-        raise ValueError(f"{where}: unknown key {key!r}{hint}; see `simla pretrain --help` for the fields")
+        raise ValueError(f"{where}: unknown key {key!r}{hint}; see `{type(recipe).command()} --help` for the fields")
     if sub:
         if name != "model_config":
             raise ValueError(f"{where}: {name!r} has no sub-keys (got {key!r})")

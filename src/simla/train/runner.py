@@ -18,29 +18,27 @@ from typing import Any
 import torch
 import yaml
 
-from ..checkpoint import load_state_into, read_checkpoint, save_checkpoint
-from ..config import SimlaConfig, apply_overrides
+from ..checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from ..distributed import get_rank, get_world_size, init_from_env, is_distributed
 from ..models.simla import SimlaBackbone
 from .engine import Engine, EngineConfig, ResumableData
 from .compile import compile_blocks
-from .cpu_allocator import configure_cpu_allocator
 from .optim import build_optimizer
+from .recipe import TrainingRecipe
+from .task_recipe import FinetuneRecipe
 from .schedule import LRSchedule, alpha_at
 
 
-def build_engine(model: SimlaBackbone, recipe: Any, data: ResumableData, output_dir: Path, device: torch.device,
+def build_engine(model: SimlaBackbone, recipe: TrainingRecipe, data: ResumableData, output_dir: Path, device: torch.device,
                  prepare: Callable[[dict[str, Any]], dict[str, Any]],
                  on_step: Callable[[int], None] | None = None) -> Engine:
     """Move the model, build AdamW, the LR and alpha schedules, DDP when distributed, and the engine."""
     model.to(device)
-    if getattr(recipe, "freeze_vision_encoder", False):
+    if recipe.freeze_vision_encoder:
         model.visual_encoder.requires_grad_(False)  # left out of the optimizer; its teacher stays equal to it
     if recipe.grad_checkpointing:
         model.visual_encoder.set_grad_checkpointing(True)
         model.text_encoder.set_grad_checkpointing(True)
-    if device.type == "cpu":
-        configure_cpu_allocator(recipe.cpu_allocator, recipe.grad_checkpointing)
     if recipe.compile:
         compile_blocks(model)
     optimizer = build_optimizer(model, lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -64,8 +62,8 @@ def build_engine(model: SimlaBackbone, recipe: Any, data: ResumableData, output_
         output_dir=output_dir, total_steps=total_steps, grad_accum_steps=recipe.grad_accum_steps,
         precision=recipe.precision, grad_clip=recipe.grad_clip, log_every=recipe.log_every,
         save_every=recipe.save_every, progress=recipe.progress, tensorboard=recipe.tensorboard,
-        samples_per_micro_batch=recipe.batch_size, max_bad_fraction=getattr(recipe, "max_bad_fraction", 1.0),
-        description=getattr(recipe, "TASK_NAME", None) or model.TASK)
+        samples_per_micro_batch=recipe.batch_size, max_bad_fraction=recipe.max_bad_fraction,
+        description=recipe.TASK)
     return Engine(
         model, optimizer, data, config,
         lr_at=schedule,
@@ -94,7 +92,7 @@ class TaskRun:
         return self.rank == 0
 
 
-def start_task_run(recipe: Any) -> TaskRun:
+def start_task_run(recipe: FinetuneRecipe) -> TaskRun:
     """Join torchrun's group (if any), make the run folder, seed this rank, find the checkpoint to resume."""
     device = init_from_env(recipe.device)
     rank, world = get_rank(), get_world_size()
@@ -109,35 +107,25 @@ def start_task_run(recipe: Any) -> TaskRun:
     return TaskRun(device, rank, world, out, resume)
 
 
-def load_task_model(recipe: Any, run: TaskRun, task: str) -> SimlaBackbone:
-    """The task's model at the recipe's resolution, from the run's checkpoint (resume) or `recipe.checkpoint`.
+def load_task_model(recipe: FinetuneRecipe, run: TaskRun) -> SimlaBackbone:
+    """The model of the recipe's task at the recipe's resolution, from the run's checkpoint (resume) or
+    `recipe.checkpoint`.
 
     The source may be a pretraining checkpoint, one of the task's own, an export directory or a reference
     .pth; position embeddings are resampled, the task model derives what it initialises from the source
     (e.g. the VQA decoder), everything else loads strictly with a report. A fresh run's momentum teachers
     then copy the loaded weights (never the other way round, as the reference does for some tasks).
     """
-    from ..factory import build_model
-
     source = str(run.resume or recipe.checkpoint)
     data = read_checkpoint(source, trust_pickle=recipe.trust_pickle)
-    if data.get("format") == "simla":
-        config = SimlaConfig.from_dict(data["config"])
-    else:
-        from ..checkpoint import infer_reference_config
-
-        config = infer_reference_config(data["model"])
-    apply_overrides(config, {"vision.image_size": recipe.image_size, "vision.use_mask_token": False,
-                             **recipe.model_config})
-    config.validate()
-    model = build_model(config, task)
-    load_state_into(model, data["model"], source=source)
-    if run.resume is None and hasattr(model, "copy_params_to_momentum"):
+    model = model_from_checkpoint(data, source=source, task=recipe.TASK, image_size=recipe.image_size,
+                                  **recipe.model_config)
+    if run.resume is None:
         model.copy_params_to_momentum()
     return model
 
 
-def write_run_config(run: TaskRun, recipe: Any, model: SimlaBackbone) -> None:
+def write_run_config(run: TaskRun, recipe: TrainingRecipe, model: SimlaBackbone) -> None:
     """config.yaml in the run folder: the recipe and the resolved model config."""
     if run.rank0:
         (run.output_dir / "config.yaml").write_text(
@@ -145,7 +133,7 @@ def write_run_config(run: TaskRun, recipe: Any, model: SimlaBackbone) -> None:
             encoding="utf-8")
 
 
-def train_task(run: TaskRun, model: SimlaBackbone, recipe: Any, data: ResumableData,
+def train_task(run: TaskRun, model: SimlaBackbone, recipe: FinetuneRecipe, data: ResumableData,
                on_step: Callable[[int], None] | None = None) -> Engine:
     """Train with the shared engine (logs, checkpoints, exact resume); batches are moved to the device."""
     device = run.device

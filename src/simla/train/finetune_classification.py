@@ -17,16 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import read_checkpoint, save_checkpoint
 from ..data.classification import PairRecord, PairSampleBuilder, read_nlvr, read_ve
 from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan, derive_seed
-from ..data.retrieval import FinetuneView
+from ..data.transforms import FinetuneView
 from ..distributed import finish
 from ..eval.classification import describe, evaluate_classifier
 from ..tokenizers.text import get_tokenizer
 from .recipe import field_
 from .runner import TaskRun, load_task_model, start_task_run, train_task, write_run_config
 from .task_recipe import FinetuneRecipe
+
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class ClassificationRecipe(FinetuneRecipe):
     eval_every: int | None = field_(None, "score the eval splits every N steps (null: every epoch; always at the end)")
 
     POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ("max_text_length",)
-    TASK: ClassVar[str] = ""
+    SEED_STREAM: ClassVar[int] = 13
     READER: ClassVar[Callable[..., list[PairRecord]]]
 
     def validate(self) -> None:
@@ -140,10 +141,10 @@ def run_classification_finetune(recipe: ClassificationRecipe,
     records = [r for path in _files(recipe.train_file) for r in reader(path, recipe.image_root)]
     splits = {name: reader(path, recipe.image_root) for name, path in recipe.eval_files.items()}
     run = start_task_run(recipe)
-    model = load_task_model(recipe, run, recipe.TASK)
+    model = load_task_model(recipe, run)
     tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
     model.tokenizer = tokenizer
-    seed = derive_seed(recipe.seed, 13)
+    seed = derive_seed(recipe.seed, recipe.SEED_STREAM)
     view = FinetuneView(recipe.image_size, scale=(recipe.crop_scale_min, 1.0), randaugment=recipe.randaugment)
     batches = CaptionBatches(records, PairSampleBuilder(view), tokenizer, recipe.max_text_length, seed)
     plan = EpochBatchPlan(len(records), recipe.batch_size, seed, run.rank, run.world)
@@ -153,8 +154,6 @@ def run_classification_finetune(recipe: ClassificationRecipe,
     steps_per_epoch = max(1, plan.steps_per_epoch // recipe.grad_accum_steps)
     total = recipe.max_steps or recipe.epochs * steps_per_epoch
     if run.resume is not None:
-        from ..checkpoint import read_checkpoint
-
         tracker.restore(int(read_checkpoint(run.resume)["train_state"]["step"]))
 
     every = recipe.eval_every or steps_per_epoch

@@ -28,9 +28,14 @@ from typing import Any
 
 import torch
 
+from ..train.finetune_classification import NLVRRecipe, VERecipe, run_classification_finetune
+from ..train.finetune_nlvr_text_assignment import NLVRTextAssignmentRecipe, run_nlvr_text_assignment
+from ..train.recipe import load_recipe
 from .common import as_overrides, checkpoint_of, finetune_overrides, pretrained_demo
 from .easy_vqa import label_easy_vqa
+from .plots import plot_confusion
 from .statements import nlvr_examples, ve_examples
+
 
 logger = logging.getLogger(__name__)
 
@@ -81,23 +86,16 @@ def write_examples(task: str, out: Path, settings: ClassifyDemoSettings, seed: i
 
 
 def _text_assignment(settings: ClassifyDemoSettings, demo: Path, out: Path, seed: int) -> Path:
-    from ..train.finetune_nlvr_ta import TextAssignmentRecipe, run_text_assignment
-    from ..train.recipe import load_recipe
-
     overrides = finetune_overrides(checkpoint_of(demo), out / "nlvr_ta", steps=settings.ta_steps,
                                    batch_size=settings.batch_size, lr=settings.lr, num_workers=settings.num_workers,
                                    seed=seed)
     overrides["train_file"] = str(demo / "train.json")  # the pretraining demo's image-caption pairs
-    run_text_assignment(load_recipe(None, as_overrides(overrides), cls=TextAssignmentRecipe))
+    run_nlvr_text_assignment(load_recipe(None, as_overrides(overrides), cls=NLVRTextAssignmentRecipe))
     return out / "nlvr_ta" / "checkpoints" / "last.pt"
 
 
-def run_classify_demo(task: str, output: str | Path, *, quick: bool = False, steps: int | None = None,
+def run_classification_demo(task: str, output: str | Path, *, quick: bool = False, steps: int | None = None,
                       source: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
-    from ..train.finetune_classify import NLVRRecipe, VERecipe, run_classification_finetune
-    from ..train.recipe import load_recipe
-    from .plots import plot_confusion
-
     settings = (QUICK if quick else SETTINGS)[task]
     if steps is not None:
         settings = replace(settings, steps=steps)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..data.pretrain_data import derive_seed, read_caption, read_image
-from ..data.retrieval import FinetuneView
+from ..data.transforms import FinetuneView
 from ..distributed import finish
 from ..tokenizers.text import get_tokenizer
 from .pretrain import caption_data
@@ -22,7 +22,7 @@ from .task_recipe import FinetuneRecipe
 
 
 @dataclass
-class TextAssignmentRecipe(FinetuneRecipe):
+class NLVRTextAssignmentRecipe(FinetuneRecipe):
     checkpoint: str = field_("", "pretraining checkpoint (its encoder is deepened here)")
     train_file: str | list[str] = field_("", "image-caption pairs: JSON/JSONL/CSV/TSV file(s) or a shard pattern")
     csv_image_key: str = field_("filepath", "CSV/TSV column holding the image path")
@@ -37,6 +37,8 @@ class TextAssignmentRecipe(FinetuneRecipe):
     min_lr: float = field_(1e-5, "final learning rate (reference: 1e-5)")
     output_dir: str = field_("runs/nlvr_ta", "run folder")
 
+    TASK: ClassVar[str] = "nlvr-ta"
+    SEED_STREAM: ClassVar[int] = 14
     POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ("max_text_length", "shuffle_buffer")
 
     def validate(self) -> None:
@@ -57,15 +59,15 @@ class ImageCaptionBuilder:
         return {"image": self.view(read_image(record), rng), "caption": caption}
 
 
-def run_text_assignment(recipe: TextAssignmentRecipe, on_step: Callable[[Any, int], None] | None = None) -> dict[str, Any]:
+def run_nlvr_text_assignment(recipe: NLVRTextAssignmentRecipe, on_step: Callable[[Any, int], None] | None = None) -> dict[str, Any]:
     recipe.validate()
     run = start_task_run(recipe)
-    model = load_task_model(recipe, run, "nlvr_ta")
+    model = load_task_model(recipe, run)
     tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
     model.tokenizer = tokenizer
     view = FinetuneView(recipe.image_size, scale=(recipe.crop_scale_min, 1.0), randaugment=recipe.randaugment)
     data, _, _ = caption_data(recipe, ImageCaptionBuilder(view), tokenizer, recipe.max_text_length,
-                              derive_seed(recipe.seed, 14))
+                              derive_seed(recipe.seed, recipe.SEED_STREAM))
     write_run_config(run, recipe, model)
     engine = train_task(run, model, recipe, data, (lambda step: on_step(model, step)) if on_step else None)
     finish()
