@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from simla.search import vectors
+from simla.search import backends, vectors
 from simla.search.vectors import VectorIndex, choose_backend
 
 
@@ -39,8 +39,8 @@ def brute_force(features: torch.Tensor, queries: torch.Tensor, k: int,
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Shrink the exact search's blocks so small tests cross block and query-chunk boundaries."""
-    monkeypatch.setattr(vectors, "_SCORE_BUDGET", 4096)
-    monkeypatch.setattr(vectors, "_MIN_BLOCK_ROWS", 256)
+    monkeypatch.setattr(backends, "_SCORE_BUDGET", 4096)
+    monkeypatch.setattr(backends, "_MIN_BLOCK_ROWS", 256)
 
 
 # ----------------------------------------------------------------------------------------- exact

@@ -138,6 +138,88 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _drop_deleted(index_dir: Path, manifest: Manifest, deleted: list[str], problems: list[ScanProblem],
+                  summary: SyncSummary) -> None:
+    """Rank 0, before embedding: forget deleted items, mark the index incomplete, record missing files."""
+    remove_orphans(index_dir, manifest)
+    summary.deleted = manifest.remove(deleted)
+    manifest.set_meta({"complete": False})
+    known_errors = {e.key for e in manifest.errors()}
+    new_problems = [p for p in problems if p.key not in known_errors]
+    manifest.record_errors([{"key": p.key, "path": p.path, "reason": p.reason, "kind": "missing",
+                             "size": p.size, "mtime_ns": p.mtime_ns} for p in problems])
+    summary.failed += len(new_problems)
+    summary.failures += [(p.key, p.reason) for p in new_problems]
+
+
+def _autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast context the embedding runs under for ``precision`` on ``device``."""
+    # "auto": bf16 on a GPU; fp32 on a CPU, where bf16 is slower unless the CPU has bf16 instructions
+    # (the paper model embeds at 0.56x the fp32 rate on this project's test machine).
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _embed(model, good: list[dict], autocast: torch.autocast) -> np.ndarray:
+    """(len(good), D) float32 features of the decoded images in ``good`` (a (0, 0) array for none)."""
+    if not good:
+        return np.zeros((0, 0), dtype=np.float16)
+    pixels = torch.stack([b["pixels"] for b in good]).to(model.device)
+    with autocast:
+        return model.encode_image(pixels).float().cpu().numpy()
+
+
+def _item_row(item: SourceItem, result: dict) -> dict:
+    """The manifest row of an embedded item."""
+    return {"key": item.key, "path": item.path, "member": item.member, "offset": item.offset,
+            "size": item.size, "mtime_ns": item.mtime_ns, "sha256": result["sha"],
+            "caption": item.caption, "width": result["size"][0], "height": result["size"][1]}
+
+
+def _error_row(item: SourceItem, result: dict) -> dict:
+    """The error-table row of an item that could not be read or decoded."""
+    kind, reason = result["error"]
+    return {"key": item.key, "path": item.path, "size": item.size, "mtime_ns": item.mtime_ns,
+            "kind": kind, "reason": reason}
+
+
+def _commit_batch(index_dir: Path, manifest: Manifest, model, autocast: torch.autocast, mine: list[_Work],
+                  batch: list[dict], summary: SyncSummary) -> None:
+    """Embed one loaded batch and commit it: features chunk, item rows, error rows, touched items."""
+    good = [b for b in batch if "pixels" in b]
+    features = _embed(model, good, autocast)
+    summary.embedded += len(good)
+    rows = [_item_row(mine[b["index"]].item, b) for b in good]
+    errors = []
+    for b in batch:
+        if "error" in b:
+            errors.append(_error_row(mine[b["index"]].item, b))
+            summary.failures.append((errors[-1]["key"], errors[-1]["reason"]))
+    summary.failed += len(errors)
+    same = [mine[b["index"]].item for b in batch if b.get("same_bytes")]
+    if same:
+        manifest.touch([(i.key, i.path, i.size, i.mtime_ns, i.member, i.offset) for i in same])
+        summary.touched += len(same)
+    chunk = write_chunk(index_dir, features) if rows else ""
+    manifest.add_batch(chunk, len(rows), rows, errors)
+
+
+def _embed_work(index_dir: Path, manifest: Manifest, model, mine: list[_Work], summary: SyncSummary, *,
+                batch_size: int, num_workers: int, precision: str, progress: bool) -> None:
+    """Read, embed and commit this rank's share of the work, batch by batch."""
+    model.eval()
+    view = EvalView(model.config.vision.image_size)
+    loader = DataLoader(_WorkImages(mine, view), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_as_list)
+    autocast = _autocast(model.device, precision)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(mine), desc="indexing", unit="img", disable=not progress or get_rank() != 0) as bar:
+        for batch in loader:
+            _commit_batch(index_dir, manifest, model, autocast, mine, batch, summary)
+            bar.update(len(batch))
+
+
 @torch.no_grad()
 def sync_index(index_dir: Path, manifest: Manifest, spec: SourceSpec, model, *, batch_size: int = 64,
                num_workers: int = 2, precision: str = "auto", progress: bool = True) -> SyncSummary:
@@ -153,60 +235,10 @@ def sync_index(index_dir: Path, manifest: Manifest, spec: SourceSpec, model, *, 
     summary = SyncSummary(scanned=len(items), **counts)
     _barrier()  # every rank has planned from the same manifest before rank 0 changes it
     if rank == 0:
-        remove_orphans(index_dir, manifest)
-        summary.deleted = manifest.remove(deleted)
-        manifest.set_meta({"complete": False})
-        known_errors = {e.key for e in manifest.errors()}
-        new_problems = [p for p in problems if p.key not in known_errors]
-        manifest.record_errors([{"key": p.key, "path": p.path, "reason": p.reason, "kind": "missing",
-                                 "size": p.size, "mtime_ns": p.mtime_ns} for p in problems])
-        summary.failed += len(new_problems)
-        summary.failures += [(p.key, p.reason) for p in new_problems]
+        _drop_deleted(index_dir, manifest, deleted, problems, summary)
     _barrier()
-
-    mine = work[rank::world]
-    model.eval()
-    view = EvalView(model.config.vision.image_size)
-    loader = DataLoader(_WorkImages(mine, view), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_as_list)
-    device = model.device
-    # "auto": bf16 on a GPU; fp32 on a CPU, where bf16 is slower unless the CPU has bf16 instructions
-    # (the paper model embeds at 0.56x the fp32 rate on this project's test machine).
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(mine), desc="indexing", unit="img", disable=not progress or rank != 0) as bar:
-        for batch in loader:
-            good = [b for b in batch if "pixels" in b]
-            features = np.zeros((0, 0), dtype=np.float16)
-            if good:
-                pixels = torch.stack([b["pixels"] for b in good]).to(device)
-                with autocast:
-                    features = model.encode_image(pixels).float().cpu().numpy()
-                summary.embedded += len(good)
-            rows = []
-            for b in good:
-                item = mine[b["index"]].item
-                rows.append({"key": item.key, "path": item.path, "member": item.member, "offset": item.offset,
-                             "size": item.size, "mtime_ns": item.mtime_ns, "sha256": b["sha"],
-                             "caption": item.caption, "width": b["size"][0], "height": b["size"][1]})
-            errors = []
-            for b in batch:
-                if "error" in b:
-                    item = mine[b["index"]].item
-                    kind, reason = b["error"]
-                    errors.append({"key": item.key, "path": item.path, "size": item.size,
-                                   "mtime_ns": item.mtime_ns, "kind": kind, "reason": reason})
-                    summary.failures.append((item.key, reason))
-            summary.failed += len(errors)
-            same = [mine[b["index"]].item for b in batch if b.get("same_bytes")]
-            if same:
-                manifest.touch([(i.key, i.path, i.size, i.mtime_ns, i.member, i.offset) for i in same])
-                summary.touched += len(same)
-            chunk = write_chunk(index_dir, features) if rows else ""
-            manifest.add_batch(chunk, len(rows), rows, errors)
-            bar.update(len(batch))
+    _embed_work(index_dir, manifest, model, work[rank::world], summary, batch_size=batch_size,
+                num_workers=num_workers, precision=precision, progress=progress)
     # The changed-but-same-bytes items were counted as changed in the plan; they are unchanged in fact.
     summary.changed -= summary.touched
     _barrier()
