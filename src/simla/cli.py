@@ -16,11 +16,12 @@ def _count_parameters(name: str) -> dict[str, int]:
 
     from .config import get_config
     from .factory import build_model
+    from .models.momentum import is_teacher_key
 
     with torch.device("meta"):
         model = build_model(get_config(name), task="pretrain")
     online = model.num_parameters(trainable_only=True)
-    momentum = sum(p.numel() for name, p in model.named_parameters() if name.split(".", 1)[0].endswith("_m"))
+    momentum = sum(p.numel() for name, p in model.named_parameters() if is_teacher_key(name))
     return {
         "online": online,
         "momentum": momentum,
