@@ -142,7 +142,7 @@ def test_text_assignment_model_trains_its_head_from_a_pretraining_checkpoint(tmp
     ids[:, 0] = 101
     out = model({"image": torch.randn(4, 3, 64, 64), "text_ids": ids, "text_mask": torch.ones_like(ids)})
     out["ta"].backward()
-    assert model.ta_head.weight.grad is not None and out.targets["labels"].shape == (4,)
+    assert model.ta_head.weight.grad is not None and out.labels.shape == (4,) and out.logits.shape == (4, 3)
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -54,8 +54,8 @@ def test_retrieval_model_uses_image_ids(minilm_dir):
         out = model(batch)
         assert set(out) == {"itc", "itm"} and all(torch.isfinite(v) for v in out.values())
         # ITM negatives never share the image id of their positive.
-        assert not torch.any(image_id[out.targets["itm_negative_images"]] == image_id)
-        assert not torch.any(image_id[out.targets["itm_negative_texts"]] == image_id)
+        assert not torch.any(image_id[out.itm_negative_images] == image_id)
+        assert not torch.any(image_id[out.itm_negative_texts] == image_id)
     # The image ids are enqueued with the features (A2): 3 steps x 6 into a queue of 10.
     assert int(model.queue_ptr) == 18 % 10
     # columns 0-5, then 6-9 and 0-1, then 2-7

@@ -17,6 +17,7 @@ from . import tasks
 from .checkpoint import ImportReport, load_checkpoint, save_checkpoint, save_pretrained
 from .config import ObjectiveConfig, SimlaConfig, TextConfig, VisionConfig, VQAConfig, get_config, list_models
 from .factory import build_model, create_model
+from .load_report import LoadReport
 from .models.pretrain import LOSS_NAMES, PretrainOutput, SimlaForPretraining
 from .models.retrieval import SimlaForRetrieval
 from .models.simla import SimlaBackbone, SimlaModel
@@ -28,6 +29,7 @@ from .version import __version__
 __all__ = [
     "LOSS_NAMES",
     "ImportReport",
+    "LoadReport",
     "ObjectiveConfig",
     "PretrainOutput",
     "SimlaConfig",

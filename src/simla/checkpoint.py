@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,8 @@ from .checkpoint_files import (  # noqa: F401
 )
 from .config import SimlaConfig, apply_overrides, config_for_task
 from .errors import CheckpointError
+from .load_report import LoadReport
+from .models.momentum import is_teacher_key, online_name, teacher_name
 from .models.registry import build_model, canonical_task
 from .models.simla import SimlaBackbone
 from .models.vision import resample_pos_embed
@@ -41,42 +42,8 @@ FORMAT_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------- reports
-@dataclass
-class ImportReport:
-    """What a state-dict import did. `ok` is False when anything is missing or unexpected."""
-
-    source: str
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    resampled: list[str] = field(default_factory=list)
-    zero_filled: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    # Training state absent from the file and rebuilt instead: momentum copies from the online weights,
-    # queues freshly initialised (e.g. a safetensors release loaded for further pretraining).
-    rebuilt: list[str] = field(default_factory=list)
-    # "key: checkpoint (shape) vs model (shape)" for tensors whose shape differs from the model's; a
-    # non-strict load keeps the model's own (fresh) tensor for each of them.
-    mismatched: list[str] = field(default_factory=list)
-    # A task's new head (e.g. the NLVR2/SNLI-VE classifier) absent from a checkpoint of another task: it
-    # keeps its fresh initialisation, as fine-tuning from a pretraining checkpoint expects.
-    new_head: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.missing and not self.unexpected and not self.mismatched
-
-    def __str__(self) -> str:
-        lines = [f"import of {self.source}:"]
-        for name in ("missing", "unexpected", "mismatched", "resampled", "zero_filled", "ignored", "rebuilt",
-                     "new_head"):
-            keys = getattr(self, name)
-            if keys:
-                shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
-                lines.append(f"  {name}: {shown}")
-        if len(lines) == 1:
-            lines.append("  every key matched")
-        return "\n".join(lines)
-
+# Every weight import reports with the one `LoadReport`; `ImportReport` is its former name, kept for callers.
+ImportReport = LoadReport
 
 
 def is_reference_state(state: dict[str, Tensor]) -> bool:
@@ -104,13 +71,14 @@ def map_reference_key(key: str) -> str | None:
     if not match:
         return key
     owner, rest = match.group(1), key[match.end():]
-    suffix = "_m" if owner.endswith("_m") else ""
+    teacher = is_teacher_key(owner)
     rest = rest.removeprefix("bert.")
     if rest.startswith("cls.predictions."):
         rest = rest.removeprefix("cls.predictions.")
         if rest.startswith("decoder."):
             return None
-        return f"{_HEAD_OF[owner.removesuffix('_m')]}{suffix}.{rest}"
+        head = _HEAD_OF[online_name(owner)]
+        return f"{teacher_name(head) if teacher else head}.{rest}"
     if rest == "embeddings.position_ids":
         return None
     return f"{owner}.{rest}"
@@ -118,7 +86,7 @@ def map_reference_key(key: str) -> str | None:
 
 def convert_reference_state(
     state: dict[str, Tensor], model: SimlaBackbone, source: str = "reference checkpoint"
-) -> tuple[dict[str, Tensor], ImportReport]:
+) -> tuple[dict[str, Tensor], LoadReport]:
     """Rename reference keys to ours and adapt shapes; returns the new state dict and the report.
 
     - position embeddings of the ViTs are resampled (bicubic) to the model's grid;
@@ -127,7 +95,7 @@ def convert_reference_state(
     - any other shape mismatch is listed in `report.mismatched` and left out of the returned state, so
       the caller decides: a strict load raises, a non-strict one keeps the model's fresh tensor.
     """
-    report = ImportReport(source)
+    report = LoadReport(source)
     ours = model.state_dict()
     converted: dict[str, Tensor] = {}
     mismatched: set[str] = set()
@@ -162,12 +130,12 @@ def convert_reference_state(
 
 # ------------------------------------------------------------------------------------ loading
 def _deliberately_absent(model: SimlaBackbone, name: str) -> bool:
-    return name.startswith(tuple(model.IGNORED_SOURCE_PREFIXES))
+    return name.startswith(model.ignored_source_prefixes())
 
 
 def load_state_into(
     model: SimlaBackbone, state: dict[str, Tensor], *, source: str, strict: bool = True
-) -> ImportReport:
+) -> LoadReport:
     """Load our-format or reference-format weights into `model`, raising on any mismatch when strict.
 
     strict=False loads every tensor that fits and keeps the model's own tensor for each missing key and
@@ -184,7 +152,7 @@ def load_state_into(
         converted, report = convert_reference_state(state, model, source)
         unexpected = [(key, map_reference_key(key) or key) for key in report.unexpected]
     else:
-        report = ImportReport(source)
+        report = LoadReport(source)
         ours = model.state_dict()
         unexpected = [(k, k) for k in state if k not in ours]
         report.missing = [k for k in ours if k not in state]
@@ -214,14 +182,14 @@ def load_state_into(
         logger.warning("%s: %d tensor(s) of another shape keep the model's fresh weights:\n  %s", source,
                        len(report.mismatched), "\n  ".join(report.mismatched))
     model.load_state_dict(converted, strict=False)
-    if any(k.split(".", 1)[0].endswith("_m") for k in report.rebuilt):
+    if any(is_teacher_key(k) for k in report.rebuilt):
         model.copy_params_to_momentum()  # teachers start from the loaded online weights, not fresh ones
     logger.info("%s", report)
     return report
 
 
 def load_weights_into(model: SimlaBackbone, path: str | os.PathLike, *, trust_pickle: bool = False,
-                      strict: bool = True) -> ImportReport:
+                      strict: bool = True) -> LoadReport:
     data = read_checkpoint(path, trust_pickle=trust_pickle)
     return load_state_into(model, data["model"], source=str(path), strict=strict)
 
@@ -370,4 +338,4 @@ def _without_aliases(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _is_training_state(key: str) -> bool:
     head = key.split(".", 1)[0]
-    return head.endswith("_m") or head in ("image_queue", "text_queue", "queue_ptr", "idx_queue", "caption_queue")
+    return is_teacher_key(head) or head in ("image_queue", "text_queue", "queue_ptr", "idx_queue", "caption_queue")

@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from .errors import CheckpointError
 from .hub import read_json
 
+
 FORMAT = "simla"
 
 logger = logging.getLogger(__name__)
-
 
 
 # --------------------------------------------------------------------------------- reading files
@@ -180,8 +181,6 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict
     """The raw contents of any supported checkpoint form, as {"model": state_dict, ...}."""
     path = Path(path)
     if path.is_dir():
-        from safetensors.torch import load_file
-
         weights, config = path / "model.safetensors", path / "config.json"
         if not weights.is_file() or not config.is_file():
             raise FileNotFoundError(f"{path} must hold model.safetensors and config.json")

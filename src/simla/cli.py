@@ -19,6 +19,7 @@ from .config import get_config, list_models
 from .distributed import evaluation_group
 from .errors import USER_OS_ERRORS, ConfigError, SimlaError
 from .explain.run import explain_pairs, read_pairs
+from .models.momentum import is_teacher_key
 from .models.registry import build_model, model_tasks
 from .train.cpu_allocator import configure_cpu_allocator, restart_under_allocator
 from .train.recipe import TrainingRecipe, load_recipe, recipe_help
@@ -31,7 +32,7 @@ def _count_parameters(name: str) -> dict[str, int]:
     with torch.device("meta"):
         model = build_model(get_config(name), task="pretrain")
     online = model.num_parameters(trainable_only=True)
-    momentum = sum(p.numel() for name, p in model.named_parameters() if name.split(".", 1)[0].endswith("_m"))
+    momentum = sum(p.numel() for name, p in model.named_parameters() if is_teacher_key(name))
     return {
         "online": online,
         "momentum": momentum,

@@ -33,7 +33,7 @@ from .eval.vqa import VQA_EVALUATION
 from .models.classification import SimlaForVE
 from .models.nlvr import SimlaForNLVR, SimlaForNLVRTextAssignment
 from .models.pretrain import SimlaForPretraining
-from .models.registry import register_model
+from .models.registry import register_model, unregister_model
 from .models.retrieval import SimlaForRetrieval
 from .models.simla import SimlaBackbone, SimlaModel
 from .models.vqa import SimlaForVQA
@@ -86,6 +86,12 @@ def register_task(spec: TaskSpec) -> TaskSpec:
     register_model(spec.name, spec.model)
     _TASKS[spec.name] = spec
     return spec
+
+
+def unregister_task(name: str) -> None:
+    """Remove task `name` (and its model class) from the registries; built-in tasks can be removed too."""
+    if _TASKS.pop(name, None) is not None:
+        unregister_model(name)
 
 
 def _check_seed_stream(spec: TaskSpec) -> None:

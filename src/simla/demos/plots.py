@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 
@@ -80,8 +81,6 @@ def plot_confusion(matrix: Tensor, classes: Sequence[str], png_path: Path, *,
 def plot_examples(paths: Sequence[str], probabilities: Tensor, labels: Tensor, classes: Sequence[str],
                   png_path: Path, top: int = 3) -> Path:
     """Each image with its `top` best captions and their ITM match probabilities (green = right class)."""
-    from PIL import Image
-
     plt = _pyplot()
     columns = min(4, len(paths))
     rows = (len(paths) + columns - 1) // columns

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
+
 
 __all__ = ["itm_pair_scores"]
 
@@ -52,8 +54,6 @@ def itm_pair_scores(model, image_tokens: Tensor | Callable[[Tensor], Tensor], te
                         (sorted_images[1:] != sorted_images[:-1]).nonzero().squeeze(1) + 1])
     bounds = torch.cat([starts, torch.tensor([images.numel()], device=starts.device)]).tolist()
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    from tqdm.auto import tqdm
-
     encoder = model.text_encoder
     with autocast, tqdm(total=images.numel(), desc="itm pairs", unit="pair", disable=not progress) as bar:
         for first, stop in zip(bounds[:-1], bounds[1:]):

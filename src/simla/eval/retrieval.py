@@ -14,19 +14,20 @@
 
 from __future__ import annotations
 
-import logging
 import json
-from pathlib import Path
-from typing import Any
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
-from ..data.images import load_image
 from ..checkpoint import load_checkpoint
+from ..data.images import load_image
 from ..data.retrieval import RetrievalEvalSet, read_retrieval_eval
 from ..data.transforms import EvalView
 from ..distributed import all_gather_objects, evaluation_group, get_rank, get_world_size
@@ -36,6 +37,7 @@ from .command import Evaluation, Option, checkpoint_options, size_override
 from .metrics import format_table, retrieval_metrics, validate_retrieval_maps
 from .pair_scores import itm_pair_scores
 from .rerank import gather_rows, rerank, shard_rows, topk_candidates
+
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +106,6 @@ def compute_features(model: SimlaModel, data: RetrievalEvalSet, *, tokenizer=Non
     view = EvalView(model.config.vision.image_size)
     loader = DataLoader(_Images(data.images, view), batch_size=batch_size, num_workers=num_workers)
     if progress:
-        from tqdm.auto import tqdm
-
         loader = tqdm(loader, desc="images", unit="batch")
     image_feats, image_tokens = [], []
     for pixels in loader:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from ..distributed import all_gather_objects, get_rank, get_world_size
 
@@ -27,8 +28,6 @@ def eval_loader(dataset: Dataset, *, batch_size: int, num_workers: int, progress
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(0))
     if progress:
-        from tqdm.auto import tqdm
-
         return tqdm(loader, desc=desc, unit="batch")
     return loader
 

@@ -17,6 +17,7 @@ model has a concept head, the image's top concept tags. How a map is turned into
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from .concepts import ConceptTags
 from .gradcam import Explanation, upsample_map
+
 
 MAX_OPACITY = 0.6
 COLUMNS = 6
@@ -122,8 +124,6 @@ def pixels_to_image(pixels: Tensor, mean: tuple[float, ...], std: tuple[float, .
 def overlay_png(image: Image.Image, explanation: Explanation) -> bytes:
     """The whole-text map drawn over the image exactly as in a sheet's "whole text" panel, as PNG bytes
     at the image's own size (for result pages, where one overlay per hit is shown)."""
-    import io
-
     from matplotlib import colormaps
 
     size = (image.height, image.width)

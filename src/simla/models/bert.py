@@ -18,7 +18,6 @@ import math
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
+from ..load_report import LoadReport
 
 logger = logging.getLogger(__name__)
 
@@ -522,21 +522,7 @@ class MLMHead(nn.Module):
         return F.linear(self.transform(hidden), word_embeddings, self.bias)
 
 
-@dataclass
-class HFLoadReport:
-    """What happened when a Hugging Face BERT checkpoint initialised the shared encoder."""
-
-    source: str
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        cross = sum("crossattention" in k for k in self.missing)
-        return (
-            f"{self.source}: loaded {len(self.loaded)} tensors; {cross} cross-attention tensors keep their fresh "
-            f"init; other missing: {[k for k in self.missing if 'crossattention' not in k]}; ignored: {self.ignored}"
-        )
+# The report of `load_hf_bert_state` is the one report type of every weight import (formerly its own class).
 
 
 # Keys of a BERT checkpoint that the shared encoder has no place for, by design.
@@ -551,13 +537,13 @@ def _normalise_hf_key(key: str) -> str:
 
 def load_hf_bert_state(
     encoder: SharedEncoder, mlm_head: MLMHead | None, state: dict[str, Tensor], source: str
-) -> HFLoadReport:
+) -> LoadReport:
     """Copy a Hugging Face BERT state dict into the encoder (and MLM head); strict about everything else.
 
     Cross-attention weights are absent from BERT and keep their initialisation. Any other missing tensor,
     any unexpected tensor, and any shape mismatch is an error (never a silent drop).
     """
-    report = HFLoadReport(source)
+    report = LoadReport(source)
     targets = {f"encoder_module.{k}": v for k, v in encoder.state_dict().items()}
     if mlm_head is not None:
         targets.update({f"mlm_head.{k}": v for k, v in mlm_head.state_dict().items()})
@@ -586,6 +572,10 @@ def load_hf_bert_state(
         seen.add(name)
         report.loaded.append(raw_key)
     report.missing = sorted(k.split(".", 1)[1] for k in targets if k not in seen)
+    report.unexpected, report.mismatched = list(unexpected), list(mismatched)
+    cross = sum("crossattention" in k for k in report.missing)
+    if cross:
+        report.notes.append(f"{cross} cross-attention tensors keep their fresh init (BERT has none)")
     problems = []
     if mismatched:
         problems.append(f"shape mismatches: {mismatched}")

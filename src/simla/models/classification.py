@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 from ..config import SimlaConfig
 from ..task_objectives import distilled_cross_entropy
-from .momentum import copy_to_momentum, make_momentum_copy, momentum_update
-from .pretrain import PretrainOutput
+from .outputs import ClassificationOutput
 from .simla import SimlaBackbone
 
 
@@ -33,23 +32,16 @@ class SimlaClassifier(SimlaBackbone):
     IGNORED_SOURCE_PREFIXES = SimlaBackbone.IGNORED_SOURCE_PREFIXES + (
         "vision_proj", "text_proj", "itm_head", "temp", "mlm_head_m",
     )
+    MOMENTUM_MODULES = ("visual_encoder", "text_encoder", "cls_head")
 
     def __init__(self, config: SimlaConfig, text_layers: int | None = None) -> None:
         super().__init__(config, text_layers=text_layers)
         self._prepare_encoder()
-        self.cls_head = mlp_head(config.text.hidden_size, len(self.CLASSES))
-        self.visual_encoder_m = make_momentum_copy(self.visual_encoder)
-        self.text_encoder_m = make_momentum_copy(self.text_encoder)
-        self.cls_head_m = make_momentum_copy(self.cls_head)
+        self.cls_head = mlp_head(self.config.text.hidden_size, len(self.CLASSES))
+        self.build_momentum_teachers()
 
     def _prepare_encoder(self) -> None:
         """Changes to the online encoder that its momentum copy must inherit (NLVR2 ties layers)."""
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(getattr(self, n), getattr(self, n + "_m")) for n in ("visual_encoder", "text_encoder", "cls_head")]
-
-    def copy_params_to_momentum(self) -> None:
-        copy_to_momentum(self.momentum_pairs())
 
     def fused_cls(self, batch: Mapping[str, Tensor], momentum: bool = False) -> Tensor:
         """The multimodal [CLS] state (B, H) of the batch's text over its image(s)."""
@@ -59,7 +51,7 @@ class SimlaClassifier(SimlaBackbone):
         head = self.cls_head_m if momentum else self.cls_head
         return head(self.fused_cls(batch, momentum))
 
-    def forward(self, batch: Mapping[str, Tensor], alpha: float | None = None) -> PretrainOutput:
+    def forward(self, batch: Mapping[str, Tensor], alpha: float | None = None) -> ClassificationOutput:
         missing = [k for k in self.BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"{self.TASK} batch lacks {missing}; expected keys {list(self.BATCH_KEYS)}")
@@ -69,10 +61,11 @@ class SimlaClassifier(SimlaBackbone):
         if alpha > 0:
             with torch.no_grad():
                 if self.training and self.update_momentum:
-                    momentum_update(self.momentum_pairs(), self.config.objectives.momentum)
+                    self.update_momentum_teachers(self.config.objectives.momentum)
                 teacher = self.logits(batch, momentum=True)
-        loss = distilled_cross_entropy(logits, batch["label"].long(), teacher, alpha)
-        return PretrainOutput({"cls": loss}, {"logits": logits.detach()})
+        labels = batch["label"].long()
+        loss = distilled_cross_entropy(logits, labels, teacher, alpha)
+        return ClassificationOutput({"cls": loss}, logits=logits.detach(), labels=labels)
 
 
 class SimlaForVE(SimlaClassifier):

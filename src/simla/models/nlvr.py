@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..config import SimlaConfig
 from .bert import SharedEncoder
 from .classification import SimlaClassifier
-from .pretrain import PretrainOutput
+from .outputs import ClassificationOutput
 from .simla import SimlaBackbone
 
 _LAYER_KEY = re.compile(r"^(text_encoder(?:_m)?\.(?:bert\.)?encoder\.layer\.)(\d+)\.(.+)$")
@@ -172,11 +172,11 @@ class SimlaForNLVRTextAssignment(_DeepEncoderMixin, SimlaBackbone):
     def __init__(self, config: SimlaConfig) -> None:
         super().__init__(config, text_layers=config.nlvr_layers)
         self._tie()
-        self.vision_proj = nn.Linear(config.vision.width, config.objectives.embed_dim)
+        self.vision_proj = nn.Linear(self.config.vision.width, self.config.objectives.embed_dim)
         self.vision_proj.requires_grad_(False)  # only ranks negatives (under no_grad), as the reference
-        self.ta_head = nn.Linear(config.text.hidden_size, 3)
+        self.ta_head = nn.Linear(self.config.text.hidden_size, 3)
 
-    def forward(self, batch: Mapping[str, Tensor], alpha: float | None = None) -> PretrainOutput:
+    def forward(self, batch: Mapping[str, Tensor], alpha: float | None = None) -> ClassificationOutput:
         image_embeds = self.visual_encoder(batch["image"])
         with torch.no_grad():
             features = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
@@ -188,4 +188,4 @@ class SimlaForNLVRTextAssignment(_DeepEncoderMixin, SimlaBackbone):
         cls = self.read_pair(self.text_encoder, batch["text_ids"], batch["text_mask"], image_embeds[left],
                              image_embeds[right])
         logits = self.ta_head(cls)
-        return PretrainOutput({"ta": F.cross_entropy(logits, labels)}, {"labels": labels, "logits": logits.detach()})
+        return ClassificationOutput({"ta": F.cross_entropy(logits, labels)}, labels=labels, logits=logits.detach())

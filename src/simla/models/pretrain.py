@@ -26,25 +26,14 @@ from .. import objectives
 from ..config import LOSS_NAMES, SimlaConfig
 from ..distributed import all_gather_no_grad
 from .bert import MLMHead, SharedEncoder
-from .momentum import copy_to_momentum, make_momentum_copy, momentum_update, write_to_queue
+from .momentum import momentum_update, teacher_name, write_to_queue
+from .outputs import PretrainOutput
 from .simla import SimlaModel
 
 BATCH_KEYS = ("image", "text_ids", "text_mask", "patch_mask", "visual_tokens")
 
 
 __all__ = ["BATCH_KEYS", "LOSS_NAMES", "PretrainOutput", "SimlaForPretraining"]
-
-
-class PretrainOutput(dict):
-    """The computed losses by name (`out["itc"]` ...), plus `out.targets`: intermediate targets to inspect."""
-
-    def __init__(self, losses: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> None:
-        super().__init__(losses)
-        self.targets = dict(targets)
-
-    @property
-    def total(self) -> Tensor:
-        return sum(self.values())
 
 
 class SimlaForPretraining(SimlaModel):
@@ -65,23 +54,17 @@ class SimlaForPretraining(SimlaModel):
 
     TASK = "pretrain"  # the name create_model/load_checkpoint use for this class
     IGNORED_SOURCE_PREFIXES = ("idx_queue",)
+    # The teachers, in the order they are built; those of the heads a config leaves out are not.
+    MOMENTUM_MODULES = ("visual_encoder", "vision_proj", "text_encoder", "mlm_head", "text_proj", "mim_head",
+                        "concept_head", "mim_adapter")
     _HEADS = {"mlm": ("mlm_head",), "mim": ("mim_head", "mim_adapter"), "psl": ("concept_head",)}
 
     def __init__(self, config: SimlaConfig) -> None:
-        o = config.objectives
-        self.losses = tuple(name for name in LOSS_NAMES if name in o.losses)
-        if "mim" in self.losses and not config.vision.use_mask_token:
-            raise ValueError("MIM needs vision.use_mask_token=True (the MIM pass masks patches)")
-        # Only MIM uses the mask token; an unused parameter would also stall DistributedDataParallel.
-        config.vision.use_mask_token = "mim" in self.losses
+        # The model's config copy has the ViT mask token exactly when MIM is on (see `config_for_task`): only
+        # MIM uses it, and an unused parameter would also stall DistributedDataParallel.
         super().__init__(config)
-        t, v = config.text, config.vision
-        # Tensors of the heads left out: a full pretraining checkpoint loads into an ablation model.
-        self.IGNORED_SOURCE_PREFIXES = type(self).IGNORED_SOURCE_PREFIXES + tuple(
-            prefix + suffix for name, prefixes in self._HEADS.items() if name not in self.losses
-            for prefix in prefixes for suffix in ("", "_m"))
-        if "mim" not in self.losses:
-            self.IGNORED_SOURCE_PREFIXES += ("visual_encoder.mask_token", "visual_encoder_m.mask_token")
+        t, v, o = self.config.text, self.config.vision, self.config.objectives
+        self.losses = tuple(name for name in LOSS_NAMES if name in o.losses)
         if "mlm" in self.losses:
             self.mlm_head = MLMHead(t)
         if "mim" in self.losses:
@@ -89,12 +72,10 @@ class SimlaForPretraining(SimlaModel):
             # The MIM pass feeds image tokens to the text stack and text embeddings to its cross-attention.
             # The reference needs no adapters because both widths are 768; other widths get linear maps.
             self.mim_adapter = MimAdapter(v.width, t.hidden_size) if v.width != t.hidden_size else None
-            self.mim_adapter_m = None  # replaced by the teacher copy below when there is an adapter
         if "psl" in self.losses:
             # PSL predicts keywords from the L2-normalised ITC image feature alone.
             self.concept_head = nn.Linear(o.embed_dim, t.vocab_size)
-        for online in self._momentum_names():
-            setattr(self, online + "_m", make_momentum_copy(getattr(self, online)))
+        self.build_momentum_teachers()  # mim_adapter_m is None when there is no adapter
 
         self.register_buffer("image_queue", F.normalize(torch.randn(o.embed_dim, o.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(o.embed_dim, o.queue_size), dim=0))
@@ -105,23 +86,20 @@ class SimlaForPretraining(SimlaModel):
             self.register_buffer("caption_queue", torch.full((1, o.queue_size), -1, dtype=torch.long))
 
     # ------------------------------------------------------------------------------------ momentum
-    def _momentum_names(self) -> list[str]:
-        names = ["visual_encoder", "vision_proj", "text_encoder", "mlm_head", "text_proj", "mim_head",
-                 "concept_head", "mim_adapter"]
-        return [n for n in names if getattr(self, n, None) is not None]
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(getattr(self, n), getattr(self, n + "_m")) for n in self._momentum_names()]
+    def ignored_source_prefixes(self) -> tuple[str, ...]:
+        """The class's prefixes plus the tensors of the heads (and teacher heads) left out, and the mask tokens
+        without MIM: a full pretraining checkpoint loads into an ablation model."""
+        left_out = tuple(name for objective, names in self._HEADS.items() if objective not in self.losses
+                         for prefix in names for name in (prefix, teacher_name(prefix)))
+        if "mim" not in self.losses:
+            left_out += ("visual_encoder.mask_token", f"{teacher_name('visual_encoder')}.mask_token")
+        return tuple(self.IGNORED_SOURCE_PREFIXES) + left_out
 
     @property
     def has_unused_parameters(self) -> bool:
         """True when some trained parameter gets no gradient in a step (ITC off: the temperature; ITM off:
         the ITM head), which DistributedDataParallel must be told about."""
         return "itc" not in self.losses or "itm" not in self.losses
-
-    def copy_params_to_momentum(self) -> None:
-        """Make every teacher equal to its student; call after loading online weights."""
-        copy_to_momentum(self.momentum_pairs())
 
     @torch.no_grad()
     def _enqueue(self, image_feat_m: Tensor, text_feat_m: Tensor, captions: Tensor | None) -> None:

@@ -7,7 +7,7 @@ by task name (a checkpoint stores the name of its model's task) and must not imp
 
 from __future__ import annotations
 
-from ..config import SimlaConfig, config_for_task
+from ..config import SimlaConfig
 from ..errors import ConfigError
 from .simla import SimlaBackbone
 
@@ -44,5 +44,11 @@ def model_class(task: str) -> type[SimlaBackbone]:
 
 
 def build_model(config: SimlaConfig, task: str = "pretrain") -> SimlaBackbone:
-    """The model of `task` with random weights (no file or network access); `config` is not changed."""
-    return model_class(task)(config_for_task(config, canonical_task(task)))
+    """The model of `task` with random weights (no file or network access); `config` is not changed (the
+    model keeps its own copy, as its task uses it: see `config_for_task`)."""
+    return model_class(task)(config)
+
+
+def unregister_model(task: str) -> None:
+    """Forget the model class of `task` (for a task registered only for a while, as tests do)."""
+    _MODEL_CLASSES.pop(task, None)

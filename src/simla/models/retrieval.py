@@ -11,13 +11,13 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import objectives
 from ..config import SimlaConfig
 from ..distributed import all_gather_no_grad
-from .momentum import copy_to_momentum, make_momentum_copy, momentum_update, write_to_queue
-from .pretrain import PretrainOutput
+from .momentum import write_to_queue
+from .outputs import RetrievalOutput
 from .simla import SimlaModel
 
 RETRIEVAL_BATCH_KEYS = ("image", "text_ids", "text_mask", "image_id")
@@ -30,25 +30,16 @@ class SimlaForRetrieval(SimlaModel):
     # Pretraining-only tensors a retrieval model deliberately lacks (reported as ignored on load).
     IGNORED_SOURCE_PREFIXES = ("mlm_head", "mim_head", "concept_head", "mim_adapter", "visual_encoder.mask_token",
                                "visual_encoder_m.mask_token", "caption_queue")
+    MOMENTUM_MODULES = ("visual_encoder", "vision_proj", "text_encoder", "text_proj")
 
     def __init__(self, config: SimlaConfig) -> None:
         super().__init__(config)
-        o = config.objectives
-        self.visual_encoder_m = make_momentum_copy(self.visual_encoder)
-        self.vision_proj_m = make_momentum_copy(self.vision_proj)
-        self.text_encoder_m = make_momentum_copy(self.text_encoder)
-        self.text_proj_m = make_momentum_copy(self.text_proj)
+        o = self.config.objectives
+        self.build_momentum_teachers()
         self.register_buffer("image_queue", F.normalize(torch.randn(o.embed_dim, o.queue_size), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(o.embed_dim, o.queue_size), dim=0))
         self.register_buffer("idx_queue", torch.full((1, o.queue_size), -100, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        names = ["visual_encoder", "vision_proj", "text_encoder", "text_proj"]
-        return [(getattr(self, n), getattr(self, n + "_m")) for n in names]
-
-    def copy_params_to_momentum(self) -> None:
-        copy_to_momentum(self.momentum_pairs())
 
     def prepare_source_state(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Queues of another size (a pretraining run's) are left out: this model's queues start fresh."""
@@ -65,7 +56,7 @@ class SimlaForRetrieval(SimlaModel):
         write_to_queue(self.text_queue, texts, start.clone())
         write_to_queue(self.idx_queue, ids[:, None], self.queue_ptr)  # advances the shared pointer
 
-    def forward(self, batch: Mapping[str, Tensor], alpha: float | None = None) -> PretrainOutput:
+    def forward(self, batch: Mapping[str, Tensor], alpha: float | None = None) -> RetrievalOutput:
         missing = [k for k in RETRIEVAL_BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"retrieval batch lacks {missing}; expected keys {list(RETRIEVAL_BATCH_KEYS)}")
@@ -84,7 +75,7 @@ class SimlaForRetrieval(SimlaModel):
         positives = image_id[:, None] == all_ids[None, :]
         with torch.no_grad():
             if self.training and self.update_momentum:
-                momentum_update(self.momentum_pairs(), o.momentum)
+                self.update_momentum_teachers(o.momentum)
             image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(image)[:, 0]), dim=-1)
             text_feat_m = F.normalize(self.text_proj_m(self.text_encoder_m(ids, mask, mode="text")[:, 0]), dim=-1)
         itc = objectives.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, self.image_queue,
@@ -105,5 +96,5 @@ class SimlaForRetrieval(SimlaModel):
         itm = F.cross_entropy(itm_logits, labels)
         if self.training:
             self._enqueue(image_feat_m, text_feat_m, image_id)
-        return PretrainOutput({"itc": itc.loss, "itm": itm},
-                              {"itm_negative_images": neg_image, "itm_negative_texts": neg_text})
+        return RetrievalOutput({"itc": itc.loss, "itm": itm}, itm_negative_images=neg_image,
+                               itm_negative_texts=neg_text)

@@ -16,15 +16,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import SimlaConfig
+from ..config import SimlaConfig, config_for_task
+from ..data.images import load_image
+from ..data.transforms import EvalView
+from ..tokenizers.text import get_tokenizer
 from .bert import SharedEncoder
+from .momentum import MomentumTeachers
 from .vision import VisionEncoder
+
 
 TextInput = str | Sequence[str] | Tensor | Mapping[str, Tensor] | tuple[Tensor, Tensor]
 
 
-class SimlaBackbone(nn.Module):
-    """The ViT image encoder and the ONE shared text/multimodal encoder, with the config and tokenizer."""
+class SimlaBackbone(MomentumTeachers, nn.Module):
+    """The ViT image encoder and the ONE shared text/multimodal encoder, with the config and tokenizer.
+
+    The model keeps its own copy of the config, as its task uses it (`config_for_task`): the caller's
+    config is never changed. Momentum teachers are declared in `MOMENTUM_MODULES` (see `MomentumTeachers`);
+    the backbone has none.
+    """
 
     TASK = "backbone"  # the name create_model/load_checkpoint use for a class (each task model sets its own)
     # Whether the next training forward applies the EMA update to the teachers. The training engine clears it
@@ -32,7 +42,8 @@ class SimlaBackbone(nn.Module):
     # teachers move once per optimizer step (momentum m per step, not m**k). Queues still receive every
     # micro-batch's features.
     update_momentum: bool = True
-    # Tensors of other task models that this one deliberately lacks: loading them reports "ignored".
+    # Tensors of other task models that this one deliberately lacks: loading them reports "ignored"
+    # (a model may add more per instance: see `ignored_source_prefixes`).
     IGNORED_SOURCE_PREFIXES: tuple[str, ...] = (
         "mlm_head", "mim_head", "concept_head", "mim_adapter", "visual_encoder.mask_token",
         "image_queue", "text_queue", "idx_queue", "queue_ptr", "caption_queue",
@@ -40,8 +51,13 @@ class SimlaBackbone(nn.Module):
     )
 
     def __init__(self, config: SimlaConfig, text_layers: int | None = None) -> None:
-        """`text_layers`: depth of the shared encoder when a task deepens it (NLVR2); default the config's."""
+        """`text_layers`: depth of the shared encoder when a task deepens it (NLVR2); default the config's.
+
+        `config` is copied as this model's task uses it (only pretraining with MIM has the ViT mask token);
+        the copy is `self.config`, and `config` itself is left as it was.
+        """
         super().__init__()
+        config = config_for_task(config, self.TASK)
         config.validate()
         self.config = config
         v, t = config.vision, config.text
@@ -72,11 +88,12 @@ class SimlaBackbone(nn.Module):
     def device(self) -> torch.device:
         return self.visual_encoder.cls_token.device
 
-    # ------------------------------------------------------------------------------------- momentum
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        """(online, teacher) module pairs; models without momentum teachers have none."""
-        return []
+    def ignored_source_prefixes(self) -> tuple[str, ...]:
+        """Key prefixes of source tensors this model lacks by design (loading them reports "ignored"): the
+        class's `IGNORED_SOURCE_PREFIXES`, plus what this instance leaves out (a pretraining ablation's heads)."""
+        return tuple(self.IGNORED_SOURCE_PREFIXES)
 
+    # ------------------------------------------------------------------------------------- momentum
     def train(self, mode: bool = True) -> "SimlaBackbone":
         """Training mode; the teachers keep their dropout only when `objectives.momentum_dropout` (the reference)."""
         super().train(mode)
@@ -93,8 +110,6 @@ class SimlaBackbone(nn.Module):
             name = self.config.text.tokenizer
             if name is None:
                 raise RuntimeError("this model has no text tokenizer configured; pass token ids or set config.text.tokenizer")
-            from ..tokenizers.text import get_tokenizer
-
             self._tokenizer = get_tokenizer(name)
         return self._tokenizer
 
@@ -130,9 +145,6 @@ class SimlaBackbone(nn.Module):
         """
         if isinstance(images, Tensor):
             return images.to(self.device)
-        from ..data.images import load_image
-        from ..data.transforms import EvalView
-
         view = EvalView(self.config.vision.image_size)
         single = isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "convert")
         items = [images] if single else list(images)
@@ -154,7 +166,7 @@ class SimlaModel(SimlaBackbone):
 
     def __init__(self, config: SimlaConfig) -> None:
         super().__init__(config)
-        v, t, o = config.vision, config.text, config.objectives
+        v, t, o = self.config.vision, self.config.text, self.config.objectives
         self.vision_proj = nn.Linear(v.width, o.embed_dim)
         self.text_proj = nn.Linear(t.hidden_size, o.embed_dim)
         self.itm_head = nn.Linear(t.hidden_size, 2)

@@ -18,7 +18,6 @@ import os
 import pickle
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,14 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, HubError
+from ..load_report import LoadReport
+
 
 logger = logging.getLogger(__name__)
 
@@ -285,32 +287,6 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: int, num_prefix_tokens: int 
     return torch.cat([prefix, grid], dim=1)
 
 
-@dataclass
-class LoadReport:
-    """What `load_vision_weights` did with the keys of a source state dict.
-
-    Attributes:
-        missing: Encoder keys the source did not provide (left at their current values).
-        unexpected: Source keys the encoder has no parameter for (not loaded).
-        ignored: Source keys dropped on purpose (classification head, or a mask token the encoder lacks).
-        resampled: Source keys resized to the encoder's geometry (pos_embed).
-    """
-
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    resampled: list[str] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        def fmt(keys: list[str]) -> str:
-            return ", ".join(keys) if keys else "none"
-
-        return (
-            f"missing: {fmt(self.missing)}; unexpected: {fmt(self.unexpected)}; "
-            f"ignored: {fmt(self.ignored)}; resampled: {fmt(self.resampled)}"
-        )
-
-
 def _is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
@@ -335,8 +311,6 @@ def _timm_model_name(source: str) -> str | None:
 
 def _load_local_file(path: Path) -> Any:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path), device="cpu")
     if path.suffix not in _TORCH_SUFFIXES:
         logger.warning("%s has an unrecognised suffix; loading it as a torch pickle (weights_only)", path)
@@ -420,7 +394,7 @@ def load_vision_weights(encoder: VisionEncoder, source: str, *, strict: bool = T
     """
     state = _unwrap_state_dict(_read_source(source), source)
     expected = encoder.state_dict()
-    report = LoadReport()
+    report = LoadReport(source)
 
     kept: dict[str, Tensor] = {}
     for key, value in state.items():
@@ -449,6 +423,8 @@ def load_vision_weights(encoder: VisionEncoder, source: str, *, strict: bool = T
     report.unexpected = sorted(k for k in kept if k not in expected)
     report.missing = sorted(k for k in expected if k not in kept)
     report.ignored.sort()
+    if "mask_token" in report.missing:
+        report.notes.append("mask_token keeps its zero initialisation (DeiT checkpoints have none)")
 
     mismatched = [
         f"{k}: source {tuple(v.shape)} vs encoder {tuple(expected[k].shape)}"
@@ -465,5 +441,5 @@ def load_vision_weights(encoder: VisionEncoder, source: str, *, strict: bool = T
         )
 
     encoder.load_state_dict({k: v for k, v in kept.items() if k in expected}, strict=False)
-    logger.info("loaded vision weights from %s (%s)", source, report)
+    logger.info("loaded vision weights from %s", report.summary())
     return report

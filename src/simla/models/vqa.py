@@ -21,15 +21,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..config import SimlaConfig
 from ..task_objectives import answer_token_losses, weighted_answer_loss
 from ..tokenizers.captions import pre_question
 from ..tokenizers.text import tokenize_answers
 from .bert import MLMHead, SharedEncoder
-from .momentum import copy_to_momentum, make_momentum_copy, momentum_update
-from .pretrain import PretrainOutput
+from .outputs import VQAOutput
 from .simla import SimlaBackbone
 
 VQA_BATCH_KEYS = ("image", "question_ids", "question_mask", "answer_ids", "answer_mask", "answer_weights",
@@ -101,28 +100,20 @@ class SimlaForVQA(SimlaBackbone):
     IGNORED_SOURCE_PREFIXES = SimlaBackbone.IGNORED_SOURCE_PREFIXES + (
         "vision_proj", "text_proj", "itm_head", "temp", "mlm_head_m",
     )
+    MOMENTUM_MODULES = ("visual_encoder", "text_encoder", "text_decoder", "answer_head")
 
     def __init__(self, config: SimlaConfig) -> None:
         super().__init__(config)
+        config = self.config
         t = config.text
         # The decoder's cross-attention reads the encoder's question states (text width), not image tokens.
         self.text_decoder = SharedEncoder(dataclasses.replace(t, num_layers=config.decoder_layers),
                                           encoder_width=t.hidden_size)
         self.text_decoder.set_uniform_dropout(config.objectives.execution == "simla")
         self.answer_head = MLMHead(t)
-        self.visual_encoder_m = make_momentum_copy(self.visual_encoder)
-        self.text_encoder_m = make_momentum_copy(self.text_encoder)
-        self.text_decoder_m = make_momentum_copy(self.text_decoder)
-        self.answer_head_m = make_momentum_copy(self.answer_head)
+        self.build_momentum_teachers()
 
-    # ------------------------------------------------------------------------------------ momentum
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        names = ["visual_encoder", "text_encoder", "text_decoder", "answer_head"]
-        return [(getattr(self, n), getattr(self, n + "_m")) for n in names]
-
-    def copy_params_to_momentum(self) -> None:
-        copy_to_momentum(self.momentum_pairs())
-
+    # ------------------------------------------------------------------------------ checkpoints
     def prepare_source_state(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """A pretraining checkpoint gains the decoder tensors it initialises (see `add_decoder_init`)."""
         return add_decoder_init(state, self.config.decoder_layers)
@@ -156,7 +147,7 @@ class SimlaForVQA(SimlaBackbone):
         return self.lm_logits(hidden[:, :-1], momentum)
 
     # ----------------------------------------------------------------------------------- training
-    def forward(self, batch: Mapping[str, Tensor], alpha: float | None = None) -> PretrainOutput:
+    def forward(self, batch: Mapping[str, Tensor], alpha: float | None = None) -> VQAOutput:
         missing = [k for k in VQA_BATCH_KEYS if k not in batch]
         if missing:
             raise KeyError(f"VQA batch lacks {missing}; expected keys {list(VQA_BATCH_KEYS)}")
@@ -176,12 +167,12 @@ class SimlaForVQA(SimlaBackbone):
             # alpha = 0 no teacher runs at all.
             with torch.no_grad():
                 if self.training and self.update_momentum:
-                    momentum_update(self.momentum_pairs(), self.config.objectives.momentum)
+                    self.update_momentum_teachers(self.config.objectives.momentum)
                 states_m = self.encode_question(image, q_ids, q_mask, momentum=True)
                 teacher = self.next_token_logits(states_m[owner], q_mask[owner], a_ids, a_mask, momentum=True)
         per_answer = answer_token_losses(logits, a_ids, a_mask, teacher, alpha)
         loss = weighted_answer_loss(per_answer, batch["answer_weights"], num_questions)
-        return PretrainOutput({"vqa": loss}, {"answer_losses": per_answer.detach()})
+        return VQAOutput({"vqa": loss}, answer_losses=per_answer.detach())
 
     # ---------------------------------------------------------------------------------- inference
     def answer_candidates(self, answers: Sequence[str]) -> AnswerCandidates:

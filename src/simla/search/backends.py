@@ -46,6 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import MissingExtraError
+
+
 __all__ = ["DEFAULT_NPROBE", "FAISS_IVF_MIN_ROWS", "ExactBackend", "FaissFlatBackend", "FaissIVFBackend",
            "SearchBackend", "faiss_available", "ivf_nlist"]
 
@@ -81,8 +84,6 @@ def _import_faiss() -> Any:
     try:
         import faiss
     except ImportError as error:
-        from ..errors import MissingExtraError
-
         raise MissingExtraError(_FAISS_MISSING) from error
     return faiss
 

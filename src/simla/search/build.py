@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from ..data.images import BadSampleError, load_image
 from ..data.transforms import EvalView
@@ -33,6 +34,7 @@ from ..errors import ConfigError
 from .manifest import Manifest
 from .sources import ScanProblem, SourceItem, SourceSpec, read_item_bytes, scan_source
 from .store import compact, remove_orphans, write_chunk
+
 
 __all__ = ["SyncSummary", "sync_index"]
 
@@ -212,8 +214,6 @@ def _embed_work(index_dir: Path, manifest: Manifest, model, mine: list[_Work], s
     loader = DataLoader(_WorkImages(mine, view), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_as_list)
     autocast = _autocast(model.device, precision)
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(mine), desc="indexing", unit="img", disable=not progress or get_rank() != 0) as bar:
         for batch in loader:
             _commit_batch(index_dir, manifest, model, autocast, mine, batch, summary)

@@ -32,15 +32,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..version import __version__
-from ..errors import SimlaError
+from ..checkpoint import load_checkpoint
 from ..data.images import load_image
+from ..distributed import get_rank, is_distributed
+from ..errors import SimlaError
+from ..explain import gradcam
+from ..explain.render import overlay_png
+from ..version import __version__
 from .build import SyncSummary, sync_index
 from .fingerprint import ModelMismatchError, model_fingerprint
 from .manifest import MANIFEST_NAME, Manifest, StoredItem
+from .rerank import itm_probabilities
 from .results import Hit
-from .sources import read_item_bytes, resolve_source, SourceSpec
+from .sources import SourceSpec, read_item_bytes, resolve_source
 from .store import load_live_features
+from .vectors import VectorIndex
+
 
 __all__ = ["Index", "IndexExistsError", "IndexNotFoundError", "SearchError"]
 
@@ -74,8 +81,6 @@ def jpeg_thumbnail(image: Image.Image, size: int = 256) -> bytes:
 
 
 def _load_model(checkpoint: str | os.PathLike, device: str | torch.device):
-    from ..checkpoint import load_checkpoint
-
     model = load_checkpoint(checkpoint, task="base")
     return model.to(device).eval()
 
@@ -149,8 +154,6 @@ class Index:
         if model is None:
             model = _load_model(checkpoint, device)
         folder.mkdir(parents=True, exist_ok=True)
-        from ..distributed import get_rank, is_distributed
-
         if get_rank() == 0:
             manifest = Manifest(folder / MANIFEST_NAME)
             manifest.set_meta({
@@ -238,8 +241,6 @@ class Index:
     # ------------------------------------------------------------------------------ search
     def _vector_index(self):
         if self._vectors is None:
-            from .vectors import VectorIndex
-
             ids, features = load_live_features(self.path, self.manifest)
             self._ids = ids
             self._vectors = VectorIndex(features, backend=self.backend)
@@ -293,8 +294,6 @@ class Index:
         cache = self._itm_cache
         missing = [r for r in rows if (text, r) not in cache]
         if missing:
-            from .rerank import itm_probabilities
-
             scores = itm_probabilities(self.model, text, [int(self._ids[r]) for r in missing], self, rows=missing,
                                        batch_size=batch_size)
             cache.update(((text, r), p) for r, p in scores.items())
@@ -349,9 +348,6 @@ class Index:
     # ------------------------------------------------------------------------------ explain
     def explain(self, text: str, item_ids: Sequence[int]) -> dict[int, bytes]:
         """PNG overlays of the Grad-CAM map of ``text`` over each item's image (ITM, whole-text map)."""
-        from ..explain import gradcam
-        from ..explain.render import overlay_png
-
         out: dict[int, bytes] = {}
         for item_id in item_ids:
             image = self.load_image(item_id)

@@ -23,8 +23,12 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
 from simla.data.images import BadSampleError
 from simla.search.html import image_mime, render_app_page
+from ..errors import MissingExtraError
+
 
 __all__ = ["MAX_K", "MAX_RERANK", "background_server", "create_app", "serve"]
 
@@ -43,8 +47,6 @@ def _require(module: str) -> Any:
     try:
         return __import__(module)
     except ImportError as err:
-        from ..errors import MissingExtraError
-
         raise MissingExtraError(f'the search server needs {module}: pip install "simla[serve]"') from err
 
 
@@ -67,8 +69,6 @@ def _decode_image(value: str) -> bytes:
         raise QueryError(f"image is not valid base64: {err}") from None
     if not data:
         raise QueryError("image is empty")
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.verify()

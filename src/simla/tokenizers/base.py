@@ -14,7 +14,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
+
 
 logger = logging.getLogger(__name__)
 
@@ -159,8 +161,6 @@ def _check_path(path: PathLike) -> Path:
 
 def _read_safetensors_metadata(path: Path) -> dict[str, str]:
     """The string metadata of a safetensors file ({} when it has none)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         return dict(handle.metadata() or {})
 

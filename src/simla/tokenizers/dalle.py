@@ -16,19 +16,13 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..errors import MissingExtraError, SimlaError
-from .base import (
-    FORMAT_VERSION,
-    KIND_DALLE,
-    PathLike,
-    VisualTokenizer,
-    _check_path,
-    _is_safetensors,
-    _metadata_int,
-    _read_safetensors_metadata,
-)
+from .base import (FORMAT_VERSION, KIND_DALLE, PathLike, VisualTokenizer, _check_path, _is_safetensors, _metadata_int,
+                   _read_safetensors_metadata)
+
 
 logger = logging.getLogger(__name__)
 
@@ -192,8 +186,6 @@ class DalleTokenizer(VisualTokenizer):
         file = _check_path(path)
         stored_image_size: int | None = None
         if _is_safetensors(file):
-            from safetensors.torch import load_file
-
             metadata = _read_safetensors_metadata(file)
             kind = metadata.get("kind", KIND_DALLE)
             if kind != KIND_DALLE:
@@ -220,8 +212,6 @@ class DalleTokenizer(VisualTokenizer):
         Converting the released `encoder.pkl` once with ``DalleTokenizer.from_file(pkl, trust_pickle=True)
         .save("dalle_encoder.safetensors")`` lets every later run load it safely.
         """
-        from safetensors.torch import save_file
-
         target = Path(path)
         if not _is_safetensors(target):
             raise ValueError(f"DalleTokenizer.save writes safetensors: path must end in .safetensors, not {target}")

@@ -13,17 +13,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
-from .base import (
-    FORMAT_VERSION,
-    KIND_KMEANS,
-    PathLike,
-    VisualTokenizer,
-    _check_path,
-    _is_safetensors,
-    _metadata_int,
-)
+from .base import FORMAT_VERSION, KIND_KMEANS, PathLike, VisualTokenizer, _check_path, _is_safetensors, _metadata_int
+
 
 logger = logging.getLogger(__name__)
 
@@ -226,8 +221,6 @@ class KMeansTokenizer(VisualTokenizer):
 
     def save(self, path: PathLike) -> None:
         """Write the centroids and their metadata to a `.safetensors` file."""
-        from safetensors.torch import save_file
-
         target = Path(path)
         if not _is_safetensors(target):
             raise ValueError(f"KMeansTokenizer.save writes safetensors: path must end in .safetensors, not {target}")
@@ -250,8 +243,6 @@ class KMeansTokenizer(VisualTokenizer):
         `image_size` overrides the stored input side (it must stay a multiple of the patch size; the grid
         then changes accordingly).
         """
-        from safetensors import SafetensorError, safe_open
-
         file = _check_path(path)
         try:
             with safe_open(str(file), framework="pt", device="cpu") as handle:

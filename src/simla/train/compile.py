@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 
 import torch
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from ..models.bert import EncoderLayer
+
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +32,6 @@ _RECOMPILE_LIMIT = 64
 
 
 def _is_vit_block(module: nn.Module) -> bool:
-    from timm.models.vision_transformer import Block
-
     return isinstance(module, Block)
 
 

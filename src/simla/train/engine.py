@@ -29,10 +29,12 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..distributed import all_gather_objects, gather_to_rank0, get_rank, get_world_size, is_distributed
 from ..errors import UnusableDataError
 from .optim import clip_gradients
+
 
 logger = logging.getLogger(__name__)
 
@@ -311,8 +313,6 @@ class Engine:
         self._open_tensorboard()
         bar = None
         if cfg.progress and self.rank0:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=cfg.total_steps, initial=self.state.step, desc=cfg.description, unit="step", dynamic_ncols=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         stream = self._micro_batches()
