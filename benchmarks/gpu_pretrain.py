@@ -6,7 +6,8 @@ compilation and the reference path's steps). Each configuration runs in its own 
 other, through benchmarks/pretrain_step.py:
 
   reference   fp32, eager, attention as separate score/softmax/dropout/product kernels (SDPA's math
-              backend, as the authors' code computes it), the reference execution, per-tensor AdamW
+              backend, as the authors' code computes it), the reference execution (ReferencePretraining),
+              per-tensor AdamW
   fast        bf16 autocast, SDPA's fused (flash) attention, simla's execution, fused AdamW, regional
               torch.compile, and gradient checkpointing when --grad-checkpointing is given
 

@@ -6,10 +6,10 @@ step (simla.train.optim.build_optimizer) + zero_grad, exactly what a training lo
 data loading. The batch is built once on the device and reused, so the numbers measure the model only.
 
 Two execution paths compute the same losses:
-  reference  what the authors' code does: eager, their execution (objectives.execution="reference":
-             separate passes, every caption re-projects its image's cross-attention keys/values, teachers
-             always run, torch's dropout), explicit attention (SDPA's math backend), torch's per-tensor
-             AdamW loop and glibc's malloc defaults. The baseline that speed claims are measured against.
+  reference  what the authors' code does: eager, their execution (simla.models.pretrain_reference.
+             ReferencePretraining: separate passes, every caption re-projects its image's cross-attention
+             keys/values, teachers always run, torch's dropout), explicit attention (SDPA's math backend),
+             torch's per-tensor AdamW loop and glibc's malloc defaults. The baseline that speed claims are measured against.
   fast       simla's defaults: its execution, the fused AdamW, the one-pass EMA update, the CPU allocator
              policy; plus --compile (regional torch.compile of every block) and/or --precision bf16.
 
@@ -50,6 +50,7 @@ import torch
 
 import simla
 from simla.masking import BlockMaskGenerator
+from simla.models.pretrain_reference import ReferencePretraining
 from simla.train.compile import compile_blocks
 from simla.train.cpu_allocator import (CPU_ALLOCATOR_POLICIES, PRELOADED_ALLOCATORS, active_allocator,
                                       configure_cpu_allocator, find_allocator_library, preload_environment,
@@ -145,14 +146,14 @@ def _attention_kernels(path: str) -> contextlib.AbstractContextManager:
 
 def _build(cfg: RunConfig, device: torch.device) -> tuple[simla.SimlaForPretraining, torch.optim.Optimizer]:
     """The model and optimiser of `cfg`'s path, in training mode on `device`."""
-    overrides: dict[str, Any] = {"execution": "reference" if cfg.path == "reference" else "simla"}
+    overrides: dict[str, Any] = {}
     if cfg.queue_size is not None:
         overrides["queue_size"] = cfg.queue_size
     if device.type == "cpu":  # process-wide: compare configurations with --isolate
         configure_cpu_allocator(resolve_cpu_allocator(cfg.cpu_allocator, cfg.grad_checkpointing))
-    model = simla.create_model(cfg.model, **overrides).to(device)
-    if not isinstance(model, simla.SimlaForPretraining):
-        raise TypeError(f"{cfg.model} did not build a pretraining model")
+    # The authors' execution is its own class; the fast path is simla's pretraining model.
+    model_class = ReferencePretraining if cfg.path == "reference" else simla.SimlaForPretraining
+    model = model_class(simla.get_config(cfg.model, **overrides)).to(device)
     model.train()
     if cfg.grad_checkpointing:
         model.visual_encoder.set_grad_checkpointing(True)

@@ -9,7 +9,8 @@ import torch
 
 import simla
 from simla.models.momentum import write_to_queue
-from simla.models.pretrain import LOSS_NAMES
+from simla.models.pretrain import LOSS_NAMES, SimlaForPretraining
+from simla.models.pretrain_reference import ReferencePretraining
 
 from conftest import make_batch
 
@@ -162,6 +163,12 @@ def _count_calls(model) -> dict[str, int]:
     return counts
 
 
+def _pretraining(execution: str, **overrides) -> SimlaForPretraining:
+    """A tiny pretraining model in simla's execution or (ReferencePretraining) the authors'."""
+    model_class = ReferencePretraining if execution == "reference" else SimlaForPretraining
+    return model_class(simla.get_config("simla_tiny", **overrides))
+
+
 # Encoder passes per step. simla's execution runs the ITM and MLM student passes as one, and the teacher's MLM
 # and PSL passes as one; the reference plan runs each separately.
 @pytest.mark.parametrize("losses, passes, reference_passes", [
@@ -181,7 +188,7 @@ def test_a_left_out_objective_costs_nothing(losses, passes, reference_passes, pl
     if plan == "reference":
         passes = reference_passes or passes
     torch.manual_seed(0)
-    model = simla.create_model("simla_tiny", queue_size=16, losses=losses, execution=plan)
+    model = _pretraining(plan, queue_size=16, losses=losses)
     heads = {"mlm": "mlm_head", "mim": "mim_head", "psl": "concept_head"}
     for objective, head in heads.items():
         # A left-out objective has no head and no teacher head, and the mask token exists only for MIM.
@@ -300,9 +307,8 @@ def _step(model, batch, alpha):
 def test_shared_and_reference_executions_compute_the_same_step(alpha):
     # Without dropout the two layouts draw the same negatives and masks, so losses and gradients must agree.
     torch.manual_seed(0)
-    shared = simla.create_model("simla_tiny", queue_size=16, hidden_dropout=0.0, attention_dropout=0.0)
-    reference = simla.create_model("simla_tiny", queue_size=16, hidden_dropout=0.0, attention_dropout=0.0,
-                                   execution="reference")
+    shared = _pretraining("simla", queue_size=16, hidden_dropout=0.0, attention_dropout=0.0)
+    reference = _pretraining("reference", queue_size=16, hidden_dropout=0.0, attention_dropout=0.0)
     reference.load_state_dict(shared.state_dict())
     shared.train(), reference.train()
     batch = make_batch(shared)
@@ -314,6 +320,18 @@ def test_shared_and_reference_executions_compute_the_same_step(alpha):
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_a_reference_execution_config_builds_the_reference_class(tmp_path):
+    # The authors' execution is its own class; a config asking for it (e.g. model_config.execution=reference,
+    # or a checkpoint saved from it) builds that class, with torch's dropout sampler.
+    model = simla.create_model("simla_tiny", queue_size=8, execution="reference")
+    assert type(model) is ReferencePretraining and model.config.objectives.execution == "reference"
+    assert type(simla.load_checkpoint(simla.save_checkpoint(model, tmp_path / "ref.pt"))) is ReferencePretraining
+    direct = ReferencePretraining(simla.get_config("simla_tiny", queue_size=8))
+    assert direct.config.objectives.execution == "reference"
+    assert not direct.text_encoder.layers[0].attention.self.uniform_dropout
+    assert type(simla.create_model("simla_tiny", queue_size=8)) is SimlaForPretraining
 
 
 def test_alpha_zero_skips_the_teacher_work_that_only_feeds_distillation():

@@ -124,7 +124,9 @@ class ObjectiveConfig:
     # dropout masks come from 16-bit halves of torch's integer draws (torch's CPU Bernoulli sampler is three
     # times slower) with the same keep probability. "reference": the authors' execution (separate passes,
     # keys/values projected per caption, teachers always run, torch's dropout), the baseline
-    # benchmarks/pretrain_step.py measures against.
+    # benchmarks/pretrain_step.py measures against. For pretraining it is its own class,
+    # simla.models.pretrain_reference.ReferencePretraining, which a config with "reference" builds; the
+    # encoders' dropout sampler and the retrieval and VQA models read the field directly.
     execution: Literal["simla", "reference"] = "simla"
     # The objectives a pretraining step computes (the paper: all five). A left-out objective costs nothing:
     # its passes, heads and teacher work are not there, so the paper's ablation rows are one override each

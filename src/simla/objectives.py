@@ -106,24 +106,8 @@ def itc_loss(
     Returns:
         :class:`ItcOutput` with the loss and the student logits.
     """
-    if image_feat.dim() != 2 or image_feat.shape != text_feat.shape:
-        raise ValueError(
-            f"image_feat and text_feat must both be (B, E); got {tuple(image_feat.shape)} "
-            f"and {tuple(text_feat.shape)}"
-        )
-    if image_feat_m.shape != image_feat.shape or text_feat_m.shape != text_feat.shape:
-        raise ValueError(
-            "momentum features must have the same (B, E) shape as the online features; got "
-            f"{tuple(image_feat_m.shape)} and {tuple(text_feat_m.shape)}"
-        )
-    batch, embed = image_feat.shape
-    if image_queue.dim() != 2 or image_queue.shape[0] != embed or image_queue.shape != text_queue.shape:
-        raise ValueError(
-            f"queues must both be (E={embed}, Q); got {tuple(image_queue.shape)} and "
-            f"{tuple(text_queue.shape)}"
-        )
-    if temp.dim() != 0:
-        raise ValueError(f"temp must be a 0-d tensor; got shape {tuple(temp.shape)}")
+    _check_itc_inputs(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp)
+    batch = image_feat.shape[0]
     width = batch + image_queue.shape[1]
 
     # The momentum features and queues are targets, never trained: detach so that a caller who
@@ -139,20 +123,7 @@ def itc_loss(
         sim_i2t = _at_least_fp32(image_feat) @ text_all / temp
         sim_t2i = _at_least_fp32(text_feat) @ image_all / temp
 
-    if positive_mask is None:
-        # eye(B, B+Q) puts the ones at (b, b): each pair's own momentum feature.
-        hard = torch.eye(batch, width, device=sim_i2t.device, dtype=torch.float32)
-    else:
-        if positive_mask.dtype != torch.bool:
-            raise TypeError(f"positive_mask must be a bool tensor; got {positive_mask.dtype}")
-        if positive_mask.shape != (batch, width):
-            raise ValueError(
-                f"positive_mask must be (B, B+Q) = {(batch, width)}; got {tuple(positive_mask.shape)}"
-            )
-        own = torch.eye(batch, width, device=positive_mask.device, dtype=torch.bool)
-        pos = (positive_mask | own).to(device=sim_i2t.device, dtype=torch.float32)
-        hard = pos / pos.sum(dim=1, keepdim=True)
-
+    hard = _itc_hard_targets(batch, width, positive_mask, sim_i2t.device)
     if alpha == 0:
         targets_i2t = hard
         targets_t2i = hard
@@ -165,6 +136,46 @@ def itc_loss(
 
     loss = 0.5 * (_soft_cross_entropy(sim_i2t, targets_i2t) + _soft_cross_entropy(sim_t2i, targets_t2i))
     return ItcOutput(loss=loss, sim_i2t=sim_i2t, sim_t2i=sim_t2i)
+
+
+def _check_itc_inputs(image_feat: Tensor, text_feat: Tensor, image_feat_m: Tensor, text_feat_m: Tensor,
+                      image_queue: Tensor, text_queue: Tensor, temp: Tensor) -> None:
+    """Raise on features, queues or a temperature whose shapes do not fit :func:`itc_loss`."""
+    if image_feat.dim() != 2 or image_feat.shape != text_feat.shape:
+        raise ValueError(
+            f"image_feat and text_feat must both be (B, E); got {tuple(image_feat.shape)} "
+            f"and {tuple(text_feat.shape)}"
+        )
+    if image_feat_m.shape != image_feat.shape or text_feat_m.shape != text_feat.shape:
+        raise ValueError(
+            "momentum features must have the same (B, E) shape as the online features; got "
+            f"{tuple(image_feat_m.shape)} and {tuple(text_feat_m.shape)}"
+        )
+    embed = image_feat.shape[1]
+    if image_queue.dim() != 2 or image_queue.shape[0] != embed or image_queue.shape != text_queue.shape:
+        raise ValueError(
+            f"queues must both be (E={embed}, Q); got {tuple(image_queue.shape)} and "
+            f"{tuple(text_queue.shape)}"
+        )
+    if temp.dim() != 0:
+        raise ValueError(f"temp must be a 0-d tensor; got shape {tuple(temp.shape)}")
+
+
+def _itc_hard_targets(batch: int, width: int, positive_mask: Tensor | None, device: torch.device) -> Tensor:
+    """(B, B+Q) float32 hard ITC targets: the identity on the first B columns, or the row-normalised
+    `positive_mask` with each pair's own column always set (see :func:`itc_loss`)."""
+    if positive_mask is None:
+        # eye(B, B+Q) puts the ones at (b, b): each pair's own momentum feature.
+        return torch.eye(batch, width, device=device, dtype=torch.float32)
+    if positive_mask.dtype != torch.bool:
+        raise TypeError(f"positive_mask must be a bool tensor; got {positive_mask.dtype}")
+    if positive_mask.shape != (batch, width):
+        raise ValueError(
+            f"positive_mask must be (B, B+Q) = {(batch, width)}; got {tuple(positive_mask.shape)}"
+        )
+    own = torch.eye(batch, width, device=positive_mask.device, dtype=torch.bool)
+    pos = (positive_mask | own).to(device=device, dtype=torch.float32)
+    return pos / pos.sum(dim=1, keepdim=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,9 +439,24 @@ def select_psl_keywords(
     Returns:
         (B, num_keywords) long token ids, -1 in empty slots.
     """
+    _check_psl_inputs(cls_attention, input_ids, attention_mask, num_keywords, votes_per_head)
+    length = cls_attention.shape[2]
+    ids = input_ids.long()
+    per_head = min(votes_per_head, length)
+    kept = min(num_keywords, length)
+    if reference:
+        keywords = _reference_keywords(cls_attention, ids, per_head, kept)
+    else:
+        keywords = _voted_keywords(cls_attention, ids, attention_mask, excluded_ids, per_head, kept)
+    return _pad_slots(keywords, num_keywords)
+
+
+def _check_psl_inputs(cls_attention: Tensor, input_ids: Tensor, attention_mask: Tensor, num_keywords: int,
+                      votes_per_head: int) -> None:
+    """Raise on inputs whose shapes or counts do not fit :func:`select_psl_keywords`."""
     if cls_attention.dim() != 3:
         raise ValueError(f"cls_attention must be (B, H, L); got {tuple(cls_attention.shape)}")
-    batch, heads, length = cls_attention.shape
+    batch, _, length = cls_attention.shape
     if input_ids.shape != (batch, length) or attention_mask.shape != (batch, length):
         raise ValueError(
             f"input_ids and attention_mask must be (B, L) = {(batch, length)}; got "
@@ -440,17 +466,22 @@ def select_psl_keywords(
         raise ValueError(
             f"num_keywords and votes_per_head must be >= 1; got {num_keywords} and {votes_per_head}"
         )
-    ids = input_ids.long()
-    per_head = min(votes_per_head, length)
-    kept = min(num_keywords, length)
 
-    if reference:
-        picks = cls_attention.topk(per_head, dim=-1).indices.reshape(batch, heads * per_head)
-        votes = torch.zeros(batch, length, dtype=torch.long, device=ids.device)
-        votes.scatter_add_(1, picks, torch.ones_like(picks))
-        positions = votes.topk(kept, dim=1).indices
-        return _pad_slots(ids.gather(1, positions), num_keywords)
 
+def _reference_keywords(cls_attention: Tensor, ids: Tensor, per_head: int, kept: int) -> Tensor:
+    """The reference's selection: (B, kept) ids, every position eligible, ties as torch.topk breaks them."""
+    batch, heads, length = cls_attention.shape
+    picks = cls_attention.topk(per_head, dim=-1).indices.reshape(batch, heads * per_head)
+    votes = torch.zeros(batch, length, dtype=torch.long, device=ids.device)
+    votes.scatter_add_(1, picks, torch.ones_like(picks))
+    positions = votes.topk(kept, dim=1).indices
+    return ids.gather(1, positions)
+
+
+def _voted_keywords(cls_attention: Tensor, ids: Tensor, attention_mask: Tensor, excluded_ids: Sequence[int],
+                    per_head: int, kept: int) -> Tensor:
+    """simla's selection: (B, kept) ids, -1 where no eligible position got a vote; ties to the earlier position."""
+    batch, heads, length = cls_attention.shape
     excluded = torch.as_tensor(list(excluded_ids), dtype=torch.long, device=ids.device)
     eligible = attention_mask.bool() & ~torch.isin(ids, excluded)  # (B, L)
     scores = cls_attention.float().masked_fill(~eligible[:, None, :], float("-inf"))
@@ -468,8 +499,7 @@ def select_psl_keywords(
     # Most votes first, earlier position first among equals.
     ranked_votes, positions = torch.sort(votes, dim=1, descending=True, stable=True)
     positions = positions[:, :kept]
-    keywords = ids.gather(1, positions).masked_fill(ranked_votes[:, :kept] == 0, -1)
-    return _pad_slots(keywords, num_keywords)
+    return ids.gather(1, positions).masked_fill(ranked_votes[:, :kept] == 0, -1)
 
 
 def psl_targets(keyword_ids: Tensor, vocab_size: int, zero_ids: Sequence[int] = ()) -> Tensor:

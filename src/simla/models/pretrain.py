@@ -9,14 +9,19 @@ Order of work in one step, reusing every encoder pass that can be reused:
   (PSL's [CLS] votes) -> MIM (masked ViT, image tokens as queries over the text embeddings)
   -> PSL (concept head on the image feature) -> enqueue the momentum features.
 The reference runs 4 ViT and 9 encoder passes and projects an image's keys/values once per caption that
-attends to it; `objectives.execution = "reference"` keeps that layout (as the benchmark baseline). With
-alpha = 0 simla's execution also skips the teacher work that only feeds distillation. The MLM/MIM vocabulary
-heads run only on the masked positions instead of every position.
+attends to it; `pretrain_reference.ReferencePretraining` keeps that layout (as the benchmark baseline; a
+config with `objectives.execution = "reference"` builds it). With alpha = 0 simla's execution also skips the
+teacher work that only feeds distillation. The MLM/MIM vocabulary heads run only on the masked positions
+instead of every position.
+
+`forward` is that order as named steps over one `_Step` (the plan, built once, and the tensors the steps
+hand on); the loss functions themselves are the pure functions of `simla.objectives`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -125,42 +130,49 @@ class SimlaForPretraining(SimlaModel):
         return hidden[masked.valid]
 
     def _multimodal(self, encoder: SharedEncoder, image_tokens: Tensor | None,
-                    requests: Mapping[str, tuple[Tensor, Tensor, Tensor]], shared: bool,
-                    cls_attention_for: str | None = None):
+                    requests: Mapping[str, tuple[Tensor, Tensor, Tensor]], cls_attention_for: str | None = None):
         """Multimodal hidden states of each request (captions, mask, image rows) over rows of `image_tokens`;
         captions are token ids or word vectors.
 
-        shared (simla's execution): ONE pass over all requests' captions in which every image's
-        cross-attention keys/values are projected once and gathered per caption; otherwise a pass per request
-        over gathered image tokens (the reference). Returns (states by request name, [CLS] self-attention probabilities of layer
-        `objectives.psl_layer` for the request named `cls_attention_for`, or None).
+        ONE pass over all requests' captions in which every image's cross-attention keys/values are projected
+        once and gathered per caption. Returns (states by request name, [CLS] self-attention probabilities of
+        layer `objectives.psl_layer` for the request named `cls_attention_for`, or None).
         """
-        layer = self.config.objectives.psl_layer
-        states: dict[str, Tensor] = {}
-        cls_attention = None
-        if shared and requests:
-            texts = torch.cat([r[0] for r in requests.values()])
-            masks = torch.cat([r[1] for r in requests.values()])
-            index = torch.cat([r[2] for r in requests.values()])
-            kwargs = dict(mode="multimodal", encoder_hidden_states=image_tokens, context_index=index,
-                          attention_mask=masks, **_caption_inputs(texts))
-            if cls_attention_for is None:
-                hidden, rows = encoder(**kwargs), None
-            else:
-                hidden, rows = encoder.forward_with_cls_attention(layer=layer, **kwargs)
-            sizes = [r[0].shape[0] for r in requests.values()]
-            states = dict(zip(requests, hidden.split(sizes)))
-            if rows is not None:
-                cls_attention = dict(zip(requests, rows.split(sizes)))[cls_attention_for]
+        if not requests:
+            return {}, None
+        texts = torch.cat([r[0] for r in requests.values()])
+        masks = torch.cat([r[1] for r in requests.values()])
+        index = torch.cat([r[2] for r in requests.values()])
+        kwargs = dict(mode="multimodal", encoder_hidden_states=image_tokens, context_index=index,
+                      attention_mask=masks, **_caption_inputs(texts))
+        if cls_attention_for is None:
+            hidden, rows = encoder(**kwargs), None
         else:
-            for name, (texts, masks, index) in requests.items():
-                kwargs = dict(mode="multimodal", encoder_hidden_states=image_tokens[index], attention_mask=masks,
-                              **_caption_inputs(texts))
-                if name == cls_attention_for:
-                    states[name], cls_attention = encoder.forward_with_cls_attention(layer=layer, **kwargs)
-                else:
-                    states[name] = encoder(**kwargs)
+            hidden, rows = encoder.forward_with_cls_attention(layer=self.config.objectives.psl_layer, **kwargs)
+        sizes = [r[0].shape[0] for r in requests.values()]
+        states = dict(zip(requests, hidden.split(sizes)))
+        cls_attention = dict(zip(requests, rows.split(sizes)))[cls_attention_for] if rows is not None else None
         return states, cls_attention
+
+    def _caption_words(self, step: "_Step") -> tuple[Tensor, Tensor | None]:
+        """The caption inputs of the online passes (captions, masked captions): word vectors from ONE lookup.
+        Every lookup's backward writes a dense vocabulary-sized gradient (94 MB in the paper model), and the
+        text, ITM, MLM and MIM passes would otherwise each make one."""
+        if step.masked_ids is None:
+            return self.text_encoder.embeddings.word_embeddings(step.ids), None
+        vectors = self.text_encoder.embeddings.word_embeddings(torch.cat([step.ids, step.masked_ids]))
+        return vectors[:step.batch_size], vectors[step.batch_size:]
+
+    @staticmethod
+    def _distills(alpha: float) -> bool:
+        """Whether the teacher work that only feeds distillation runs: with alpha = 0 a teacher's distillation
+        target is weighted by zero, so it is skipped."""
+        return alpha > 0
+
+    @staticmethod
+    def _masked_patches(patch_mask: Tensor) -> "_MaskedPatches":
+        """The patches MIM predicts; the MIM pass's last layer runs on them alone."""
+        return _MaskedPatches(patch_mask, last_layer_only=True)
 
     @staticmethod
     def caption_fingerprint(ids: Tensor, mask: Tensor) -> Tensor:
@@ -179,166 +191,261 @@ class SimlaForPretraining(SimlaModel):
         return same & ~stuck | eye & stuck
 
     # ------------------------------------------------------------------------------------- forward
+    def __new__(cls, config: SimlaConfig | None = None, *args, **kwargs):
+        # The authors' execution is its own class (pretrain_reference.ReferencePretraining); a config that asks
+        # for it (`objectives.execution = "reference"`, as create_model and load_checkpoint pass it) builds it.
+        if cls is SimlaForPretraining and config is not None and config.objectives.execution == "reference":
+            from .pretrain_reference import ReferencePretraining
+
+            cls = ReferencePretraining
+        return super().__new__(cls)
+
     def forward(self, batch: Mapping[str, Tensor], alpha: float | None = None) -> PretrainOutput:
+        """One step's losses, in the paper's order, over one plan of encoder passes (see the module doc)."""
+        step = self._plan(batch, alpha)
+        self._mask_captions(step)  # MLM masks first, so that ONE word lookup serves every online pass
+        self._encode(step)  # online ViT and text mode
+        self._encode_momentum(step)  # EMA update, momentum ViT and text mode
+        self._itc(step)
+        self._draw_itm_negatives(step)
+        self._student_passes(step)  # ONE multimodal pass: ITM captions and masked captions
+        self._teacher_passes(step)  # ONE teacher pass: MLM targets and PSL's [CLS] votes
+        self._itm(step)
+        self._mlm(step)
+        self._mim(step)
+        self._psl(step)
+        if self.training and "itc" in step.on:
+            self._enqueue(step.image_feat_m, step.text_feat_m, step.captions)
+        return PretrainOutput(step.losses, step.targets)
+
+    def _plan(self, batch: Mapping[str, Tensor], alpha: float | None) -> "_Step":
+        """Check the batch, clamp the temperature and lay out the step: which objectives run, with which inputs."""
         needed = BATCH_KEYS if "mim" in self.losses else BATCH_KEYS[:3]
         missing = [k for k in needed if k not in batch]
         if missing:
             raise KeyError(f"pretraining batch lacks {missing}; expected keys {list(needed)}")
-        o, t = self.config.objectives, self.config.text
-        on = set(self.losses)
+        o = self.config.objectives
+        on = frozenset(self.losses)
         alpha = o.alpha if alpha is None else float(alpha)
         image, ids, mask = batch["image"], batch["text_ids"], batch["text_mask"]
-        batch_size = image.shape[0]
-        if batch_size < 2 and "itm" in on:
+        if image.shape[0] < 2 and "itm" in on:
             raise ValueError("pretraining needs at least 2 pairs per batch (ITM draws in-batch negatives)")
-
         with torch.no_grad():
             self.temp.clamp_(o.temp_min, o.temp_max)
-        losses: dict[str, Tensor] = {}
-        targets: dict[str, Tensor] = {"temp": self.temp.detach(), "alpha": torch.tensor(alpha)}
+        step = _Step(on=on, alpha=alpha, distill=self._distills(alpha), image=image, ids=ids, mask=mask,
+                     rows=torch.arange(image.shape[0], device=ids.device))
+        step.targets.update(temp=self.temp.detach(), alpha=torch.tensor(alpha))
+        if o.duplicate_captions == "positives":
+            # Pairs with identical captions are positives of each other (in the batch and the queue).
+            step.captions = self.caption_fingerprint(ids, mask)
+            step.same_caption = step.captions[:, None] == step.captions[None, :]
+        if "mim" in on:
+            step.patch_mask, step.visual_tokens = batch["patch_mask"].bool(), batch["visual_tokens"]
+            if step.patch_mask.dim() == 3:
+                step.patch_mask = step.patch_mask.flatten(1)
+            if step.visual_tokens.dim() == 3:
+                step.visual_tokens = step.visual_tokens.flatten(1)
+        return step
 
-        shared = o.execution == "simla"
-        # With alpha = 0 a teacher's distillation target is weighted by zero: simla's execution skips it.
-        distill = alpha > 0 or not shared
-        # ---- MLM masks are drawn first, so that one word-embedding lookup can serve every online pass
-        if "mlm" in on:
-            masked_ids, mlm_labels = objectives.mask_text_tokens(
-                ids, vocab_size=t.vocab_size, mask_token_id=t.mask_token_id,
+    # ------------------------------------------------------------------------------------- steps
+    def _mask_captions(self, step: "_Step") -> None:
+        """MLM masks, then the caption inputs of the online passes."""
+        if "mlm" in step.on:
+            o, t = self.config.objectives, self.config.text
+            step.masked_ids, step.mlm_labels = objectives.mask_text_tokens(
+                step.ids, vocab_size=t.vocab_size, mask_token_id=t.mask_token_id,
                 protected_ids=(t.pad_token_id, t.cls_token_id), mlm_probability=o.mlm_probability,
                 mask_ratio=o.mlm_mask_ratio, random_ratio=o.mlm_random_ratio,
             )
-            selected = mlm_labels != -100  # the vocabulary heads run on these positions only
-            targets.update(mlm_labels=mlm_labels, masked_ids=masked_ids)
-        # The caption inputs of the online passes: ids, or (simla's execution) word vectors from ONE lookup. Every
-        # lookup's backward writes a dense vocabulary-sized gradient (94 MB in the paper model), and the text,
-        # ITM, MLM and MIM passes would otherwise each make one.
-        words, masked_words = ids, masked_ids if "mlm" in on else None
-        if shared:
-            vectors = self.text_encoder.embeddings.word_embeddings(torch.cat([ids, masked_ids]) if "mlm" in on else ids)
-            words, masked_words = (vectors[:batch_size], vectors[batch_size:]) if "mlm" in on else (vectors, None)
+            step.targets.update(mlm_labels=step.mlm_labels, masked_ids=step.masked_ids)
+        step.words, step.masked_words = self._caption_words(step)
 
-        # ---- online ViT and text-mode passes, the EMA update and the momentum passes
-        image_embeds = self.visual_encoder(image) if on & {"itc", "itm", "mlm", "psl"} else None
-        image_feat = self.image_features(image_embeds) if on & {"itc", "itm", "psl"} else None
-        text_feat = None
+    def _encode(self, step: "_Step") -> None:
+        """The online ViT and text-mode passes, and the ITC features."""
+        on = step.on
+        step.image_embeds = self.visual_encoder(step.image) if on & {"itc", "itm", "mlm", "psl"} else None
+        step.image_feat = self.image_features(step.image_embeds) if on & {"itc", "itm", "psl"} else None
         if on & {"itc", "itm"}:
-            text_feat = self.text_features(self.text_encoder(attention_mask=mask, mode="text", **_caption_inputs(words)))
-        image_embeds_m = image_feat_m = text_feat_m = None
-        with torch.no_grad():
-            if self.training and self.update_momentum:
-                momentum_update(self.momentum_pairs(), o.momentum)
-            if on & {"itc", "mlm", "psl"}:
-                image_embeds_m = self.visual_encoder_m(image)
-                image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0]), dim=-1)
-            if "itc" in on:
-                text_hidden_m = self.text_encoder_m(ids, mask, mode="text")
-                text_feat_m = F.normalize(self.text_proj_m(text_hidden_m[:, 0]), dim=-1)
+            text_hidden = self.text_encoder(attention_mask=step.mask, mode="text", **_caption_inputs(step.words))
+            step.text_feat = self.text_features(text_hidden)
 
-        # ---- ITC with queues and momentum distillation
-        # Pairs with identical captions are positives of each other when asked (in the batch and the queue).
-        captions = self.caption_fingerprint(ids, mask) if o.duplicate_captions == "positives" else None
-        same_caption = captions[:, None] == captions[None, :] if captions is not None else None
-        if "itc" in on:
-            positives = None
-            if captions is not None:
-                positives = torch.cat([same_caption, captions[:, None] == self.caption_queue], dim=1)
-            itc = objectives.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
-                                      self.image_queue, self.text_queue, self.temp, alpha, positive_mask=positives)
-            losses["itc"] = itc.loss
-            sim_i2t, sim_t2i = itc.sim_i2t[:, :batch_size], itc.sim_t2i[:, :batch_size]
-        elif "itm" in on:
+    @torch.no_grad()
+    def _encode_momentum(self, step: "_Step") -> None:
+        """The EMA update of the teachers, then the momentum ViT and text-mode passes."""
+        o = self.config.objectives
+        if self.training and self.update_momentum:
+            momentum_update(self.momentum_pairs(), o.momentum)
+        if step.on & {"itc", "mlm", "psl"}:
+            step.image_embeds_m = self.visual_encoder_m(step.image)
+            step.image_feat_m = F.normalize(self.vision_proj_m(step.image_embeds_m[:, 0]), dim=-1)
+        if "itc" in step.on:
+            text_hidden_m = self.text_encoder_m(step.ids, step.mask, mode="text")
+            step.text_feat_m = F.normalize(self.text_proj_m(text_hidden_m[:, 0]), dim=-1)
+
+    def _itc(self, step: "_Step") -> None:
+        """ITC with queues and momentum distillation; its in-batch similarities guide the ITM negatives."""
+        if "itc" not in step.on:
+            return
+        positives = None
+        if step.captions is not None:
+            positives = torch.cat([step.same_caption, step.captions[:, None] == self.caption_queue], dim=1)
+        itc = objectives.itc_loss(step.image_feat, step.text_feat, step.image_feat_m, step.text_feat_m,
+                                  self.image_queue, self.text_queue, self.temp, step.alpha, positive_mask=positives)
+        step.losses["itc"] = itc.loss
+        step.sim_i2t, step.sim_t2i = itc.sim_i2t[:, :step.batch_size], itc.sim_t2i[:, :step.batch_size]
+
+    def _draw_itm_negatives(self, step: "_Step") -> None:
+        """ITM's in-batch hard negatives: an image for each caption and a caption for each image."""
+        if "itm" not in step.on:
+            return
+        if "itc" not in step.on:
             # Hard negatives still follow the in-batch similarities, which need no queue and no gradient.
             with torch.no_grad():
-                sim_i2t = image_feat @ text_feat.t() / self.temp
-                sim_t2i = sim_i2t.t()
+                step.sim_i2t = step.image_feat @ step.text_feat.t() / self.temp
+                step.sim_t2i = step.sim_i2t.t()
+        excluded = self._itm_exclusions(step.same_caption) if step.same_caption is not None else None
+        step.neg_image, step.neg_text = objectives.sample_hard_negatives(
+            step.sim_i2t, step.sim_t2i, same_pair=excluded, uniform=self.config.objectives.itm_negatives == "random")
+        step.targets.update(itm_negative_images=step.neg_image, itm_negative_texts=step.neg_text)
 
-        # ---- ITM negatives, then the student's multimodal passes (ITM and MLM)
-        rows = torch.arange(batch_size, device=ids.device)
-        student_requests: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # name -> (captions, mask, image rows)
-        if "itm" in on:
-            excluded = self._itm_exclusions(same_caption) if same_caption is not None else None
-            neg_image, neg_text = objectives.sample_hard_negatives(sim_i2t, sim_t2i, same_pair=excluded,
-                                                                   uniform=o.itm_negatives == "random")
-            student_requests["itm"] = (torch.cat([words, words, words[neg_text]]),
-                                       torch.cat([mask, mask, mask[neg_text]]), torch.cat([rows, neg_image, rows]))
-            targets.update(itm_negative_images=neg_image, itm_negative_texts=neg_text)
-        if "mlm" in on:
-            student_requests["mlm"] = (masked_words, mask, rows)
-        student, _ = self._multimodal(self.text_encoder, image_embeds, student_requests, shared)
+    def _student_passes(self, step: "_Step") -> None:
+        """The student's multimodal passes: the ITM captions (positives, then negative images, then negative
+        captions) and the masked captions (MLM)."""
+        requests: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # name -> (captions, mask, image rows)
+        if "itm" in step.on:
+            words, mask, neg_text = step.words, step.mask, step.neg_text
+            requests["itm"] = (torch.cat([words, words, words[neg_text]]), torch.cat([mask, mask, mask[neg_text]]),
+                               torch.cat([step.rows, step.neg_image, step.rows]))
+        if "mlm" in step.on:
+            requests["mlm"] = (step.masked_words, step.mask, step.rows)
+        step.student, _ = self._multimodal(self.text_encoder, step.image_embeds, requests)
 
-        # ---- ITM: in-batch hard negatives, scored from the multimodal [CLS]
-        if "itm" in on:
-            itm_logits = self.itm_head(student["itm"][:, 0])
-            itm_labels = torch.cat([torch.ones(batch_size, dtype=torch.long, device=ids.device),
-                                    torch.zeros(2 * batch_size, dtype=torch.long, device=ids.device)])
-            losses["itm"] = F.cross_entropy(itm_logits, itm_labels)
+    @torch.no_grad()
+    def _teacher_passes(self, step: "_Step") -> None:
+        """The teacher's multimodal passes: MLM targets and PSL's [CLS] attention votes."""
+        o = self.config.objectives
+        requests: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+        if "mlm" in step.on and step.distill:
+            requests["mlm"] = (step.masked_ids, step.mask, step.rows)
+        if "psl" in step.on and o.psl_selection != "reference":
+            # simla votes with the momentum image tokens, so the vote can share the MLM teacher's pass.
+            requests["psl"] = (step.ids, step.mask, step.rows)
+        if requests:
+            step.teacher, step.cls_attention = self._multimodal(
+                self.text_encoder_m, step.image_embeds_m, requests,
+                cls_attention_for="psl" if "psl" in requests else None)
+        if "psl" in step.on and o.psl_selection == "reference":
+            # The reference feeds the ONLINE image tokens to the teacher for the vote.
+            _, step.cls_attention = self.text_encoder_m.forward_with_cls_attention(
+                step.ids, step.mask, layer=o.psl_layer, mode="multimodal",
+                encoder_hidden_states=step.image_embeds.detach())
 
-        # ---- The teacher's multimodal passes: MLM targets and PSL's [CLS] attention votes
-        psl_reference = o.psl_selection == "reference"
-        teacher: dict[str, Tensor] = {}
-        cls_attention = None
-        with torch.no_grad():
-            teacher_requests: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
-            if "mlm" in on and distill:
-                teacher_requests["mlm"] = (masked_ids, mask, rows)
-            if "psl" in on and not psl_reference:
-                # simla votes with the momentum image tokens, so the vote can share the MLM teacher's pass.
-                teacher_requests["psl"] = (ids, mask, rows)
-            if teacher_requests:
-                teacher, cls_attention = self._multimodal(self.text_encoder_m, image_embeds_m, teacher_requests, shared,
-                                                          cls_attention_for="psl" if "psl" in teacher_requests else None)
-            if "psl" in on and psl_reference:
-                # The reference feeds the ONLINE image tokens to the teacher for the vote.
-                _, cls_attention = self.text_encoder_m.forward_with_cls_attention(
-                    ids, mask, layer=o.psl_layer, mode="multimodal", encoder_hidden_states=image_embeds.detach())
+    def _itm(self, step: "_Step") -> None:
+        """ITM: in-batch hard negatives, scored from the multimodal [CLS]."""
+        if "itm" not in step.on:
+            return
+        itm_logits = self.itm_head(step.student["itm"][:, 0])
+        device, size = step.ids.device, step.batch_size
+        itm_labels = torch.cat([torch.ones(size, dtype=torch.long, device=device),
+                                torch.zeros(2 * size, dtype=torch.long, device=device)])
+        step.losses["itm"] = F.cross_entropy(itm_logits, itm_labels)
 
-        # ---- MLM: masked words predicted from the image, distilled from the teacher
-        if "mlm" in on:
-            mlm_logits = self.mlm_head(student["mlm"][selected], self.text_encoder.embeddings.word_embeddings.weight)
-            mlm_teacher = None
-            if "mlm" in teacher:
-                with torch.no_grad():
-                    mlm_teacher = self.mlm_head_m(teacher["mlm"][selected],
-                                                  self.text_encoder_m.embeddings.word_embeddings.weight)
-            losses["mlm"] = objectives.distilled_cross_entropy(mlm_logits, mlm_labels[selected], mlm_teacher, alpha)
-
-        # ---- MIM: masked patches predicted as visual tokens from the text
-        if "mim" in on:
-            patch_mask, visual_tokens = batch["patch_mask"].bool(), batch["visual_tokens"]
-            if patch_mask.dim() == 3:
-                patch_mask = patch_mask.flatten(1)
-            if visual_tokens.dim() == 3:
-                visual_tokens = visual_tokens.flatten(1)
-            masked = _MaskedPatches(patch_mask, last_layer_only=shared)
-            masked_image = self.visual_encoder(image, patch_mask=patch_mask)
-            patch_states = self._mim_pass(self.text_encoder, self.mim_adapter, masked_image,
-                                          self.text_encoder.embeddings(**_caption_inputs(words)), mask, masked)
-            mim_logits = self.mim_head(patch_states)
-            mim_teacher = None
-            if distill:
-                with torch.no_grad():
-                    masked_image_m = self.visual_encoder_m(image, patch_mask=patch_mask)
-                    # the teacher's keys/values are the MOMENTUM text embeddings (reference: online ones).
-                    patch_states_m = self._mim_pass(self.text_encoder_m, self.mim_adapter_m, masked_image_m,
-                                                    self.text_encoder_m.embeddings(input_ids=ids), mask, masked)
-                    mim_teacher = self.mim_head_m(patch_states_m)
-            losses["mim"] = objectives.distilled_cross_entropy(mim_logits, visual_tokens[patch_mask], mim_teacher,
-                                                               alpha)
-
-        # ---- PSL: keywords chosen by the teacher's multimodal [CLS] attention, predicted from the image
-        if "psl" in on:
+    def _mlm(self, step: "_Step") -> None:
+        """MLM: masked words predicted from the image, distilled from the teacher. The vocabulary heads run
+        on the masked positions only."""
+        if "mlm" not in step.on:
+            return
+        selected = step.mlm_labels != -100
+        mlm_logits = self.mlm_head(step.student["mlm"][selected], self.text_encoder.embeddings.word_embeddings.weight)
+        mlm_teacher = None
+        if "mlm" in step.teacher:
             with torch.no_grad():
-                keywords = objectives.select_psl_keywords(
-                    cls_attention, ids, mask, num_keywords=o.psl_num_keywords, votes_per_head=o.psl_votes_per_head,
-                    excluded_ids=self.config.special_token_ids, reference=psl_reference)
-                hard = objectives.psl_targets(keywords, t.vocab_size, zero_ids=(t.cls_token_id,) if psl_reference else ())
-                soft = torch.sigmoid(self.concept_head_m(image_feat_m)) if distill else None
-            losses["psl"] = objectives.psl_loss(self.concept_head(image_feat), hard, soft, alpha)
-            targets["psl_keywords"] = keywords
+                mlm_teacher = self.mlm_head_m(step.teacher["mlm"][selected],
+                                              self.text_encoder_m.embeddings.word_embeddings.weight)
+        step.losses["mlm"] = objectives.distilled_cross_entropy(mlm_logits, step.mlm_labels[selected], mlm_teacher,
+                                                                step.alpha)
 
-        if self.training and "itc" in on:
-            self._enqueue(image_feat_m, text_feat_m, captions)
-        return PretrainOutput(losses, targets)
+    def _mim(self, step: "_Step") -> None:
+        """MIM: masked patches predicted as visual tokens from the text, distilled from the teacher."""
+        if "mim" not in step.on:
+            return
+        masked = self._masked_patches(step.patch_mask)
+        masked_image = self.visual_encoder(step.image, patch_mask=step.patch_mask)
+        text_embeds = self.text_encoder.embeddings(**_caption_inputs(step.words))
+        patch_states = self._mim_pass(self.text_encoder, self.mim_adapter, masked_image, text_embeds, step.mask, masked)
+        mim_logits = self.mim_head(patch_states)
+        mim_teacher = None
+        if step.distill:
+            with torch.no_grad():
+                masked_image_m = self.visual_encoder_m(step.image, patch_mask=step.patch_mask)
+                # the teacher's keys/values are the MOMENTUM text embeddings (reference: online ones).
+                patch_states_m = self._mim_pass(self.text_encoder_m, self.mim_adapter_m, masked_image_m,
+                                                self.text_encoder_m.embeddings(input_ids=step.ids), step.mask, masked)
+                mim_teacher = self.mim_head_m(patch_states_m)
+        step.losses["mim"] = objectives.distilled_cross_entropy(
+            mim_logits, step.visual_tokens[step.patch_mask], mim_teacher, step.alpha)
+
+    def _psl(self, step: "_Step") -> None:
+        """PSL: keywords chosen by the teacher's multimodal [CLS] attention, predicted from the image."""
+        if "psl" not in step.on:
+            return
+        o, t = self.config.objectives, self.config.text
+        psl_reference = o.psl_selection == "reference"
+        with torch.no_grad():
+            keywords = objectives.select_psl_keywords(
+                step.cls_attention, step.ids, step.mask, num_keywords=o.psl_num_keywords,
+                votes_per_head=o.psl_votes_per_head, excluded_ids=self.config.special_token_ids,
+                reference=psl_reference)
+            hard = objectives.psl_targets(keywords, t.vocab_size, zero_ids=(t.cls_token_id,) if psl_reference else ())
+            soft = torch.sigmoid(self.concept_head_m(step.image_feat_m)) if step.distill else None
+        step.losses["psl"] = objectives.psl_loss(self.concept_head(step.image_feat), hard, soft, step.alpha)
+        step.targets["psl_keywords"] = keywords
+
+
+@dataclass(eq=False)
+class _Step:
+    """One step's plan, built once by `SimlaForPretraining._plan`, and the tensors its steps hand on."""
+
+    on: frozenset[str]  # the objectives computed
+    alpha: float  # the distillation weight
+    distill: bool  # whether the teacher work that only feeds distillation runs
+    image: Tensor
+    ids: Tensor
+    mask: Tensor
+    rows: Tensor  # arange(B): each caption's own image row
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    targets: dict[str, Tensor] = field(default_factory=dict)
+    # duplicate_captions="positives": caption fingerprints (B,) and which pairs share a caption (B, B)
+    captions: Tensor | None = None
+    same_caption: Tensor | None = None
+    # MIM: the masked patches (B, G*G) and their visual tokens
+    patch_mask: Tensor | None = None
+    visual_tokens: Tensor | None = None
+    # MLM: the masked captions and labels; the caption inputs of the online passes (ids or word vectors)
+    masked_ids: Tensor | None = None
+    mlm_labels: Tensor | None = None
+    words: Tensor | None = None
+    masked_words: Tensor | None = None
+    # The encoders' outputs
+    image_embeds: Tensor | None = None
+    image_feat: Tensor | None = None
+    text_feat: Tensor | None = None
+    image_embeds_m: Tensor | None = None
+    image_feat_m: Tensor | None = None
+    text_feat_m: Tensor | None = None
+    # ITM: in-batch similarities and the drawn negatives
+    sim_i2t: Tensor | None = None
+    sim_t2i: Tensor | None = None
+    neg_image: Tensor | None = None
+    neg_text: Tensor | None = None
+    # The multimodal passes' states by request name, and the teacher's [CLS] attention for PSL
+    student: dict[str, Tensor] = field(default_factory=dict)
+    teacher: dict[str, Tensor] = field(default_factory=dict)
+    cls_attention: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.image.shape[0]
 
 
 class _MaskedPatches:
