@@ -26,7 +26,6 @@ from simla.errors import ConfigError
 from simla.eval.command import Evaluation, Option
 from simla.models.outputs import ModelOutput
 from simla.models.simla import SimlaModel
-from simla.tokenizers.text import get_tokenizer
 from simla.train.recipe import field_, load_recipe
 from simla.train.runner import load_task_model, start_task_run, train_task
 from simla.train.task_recipe import FinetuneRecipe

@@ -27,6 +27,7 @@ from .tokenizers import get_tokenizer
 from .version import __version__
 
 __all__ = [
+    "__version__",
     "LOSS_NAMES",
     "ImportReport",
     "LoadReport",

@@ -33,6 +33,7 @@ from .eval.vqa import VQA_EVALUATION
 from .models.classification import SimlaForVE
 from .models.nlvr import SimlaForNLVR, SimlaForNLVRTextAssignment
 from .models.pretrain import SimlaForPretraining
+from .models.pretrain_reference import ReferencePretraining
 from .models.registry import register_model, unregister_model
 from .models.retrieval import SimlaForRetrieval
 from .models.simla import SimlaBackbone, SimlaModel
@@ -61,6 +62,7 @@ class TaskSpec:
     example: str = ""  # a command line that trains it
     evaluation: Evaluation | None = None
     demo: Callable[..., dict[str, Any]] | None = None  # demo(output=..., quick=..., steps=..., ...) -> report
+    reference_model: type[SimlaBackbone] | None = None  # the authors' execution (objectives.execution=reference)
 
     @property
     def seed_stream(self) -> int | None:
@@ -83,7 +85,7 @@ def register_task(spec: TaskSpec) -> TaskSpec:
     if spec.name in _TASKS:
         raise ValueError(f"task {spec.name!r} is already registered")
     _check_seed_stream(spec)
-    register_model(spec.name, spec.model)
+    register_model(spec.name, spec.model, spec.reference_model)
     _TASKS[spec.name] = spec
     return spec
 
@@ -162,7 +164,7 @@ for _spec in (
     TaskSpec("base", SimlaModel, "encoders, projections and ITM head: embedding, matching, search, zero-shot "
              "retrieval and grounding"),
     TaskSpec(PRETRAIN, SimlaForPretraining, "pretraining with ITC, ITM, MLM, MIM and PSL (simla pretrain)",
-             recipe=PretrainRecipe, train=run_pretraining,
+             recipe=PretrainRecipe, train=run_pretraining, reference_model=ReferencePretraining,
              example="simla pretrain --config configs/pretrain_tiny.yaml train_file=pairs.json image_root=images/"),
     TaskSpec("retrieval", SimlaForRetrieval, "image-text retrieval (ITC + ITM with image-id-aware targets)",
              recipe=RetrievalRecipe, train=run_retrieval_finetune,

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ClassifyDemoSettings:
+class ClassificationDemoSettings:
     task: str
     steps: int
     batch_size: int
@@ -56,19 +56,19 @@ class ClassifyDemoSettings:
 
 
 SETTINGS = {
-    "nlvr": ClassifyDemoSettings("nlvr", steps=2000, batch_size=32, lr=5e-4, train_examples=20000,
+    "nlvr": ClassificationDemoSettings("nlvr", steps=2000, batch_size=32, lr=5e-4, train_examples=20000,
                                  eval_examples=1000, ta_steps=150, freeze_vision_encoder=True),
-    "ve": ClassifyDemoSettings("ve", steps=1200, batch_size=64, lr=5e-4, train_examples=20000, eval_examples=1000),
+    "ve": ClassificationDemoSettings("ve", steps=1200, batch_size=64, lr=5e-4, train_examples=20000, eval_examples=1000),
 }
 QUICK = {
-    "nlvr": ClassifyDemoSettings("nlvr", steps=30, batch_size=16, lr=5e-4, train_examples=1000, eval_examples=100,
+    "nlvr": ClassificationDemoSettings("nlvr", steps=30, batch_size=16, lr=5e-4, train_examples=1000, eval_examples=100,
                                  ta_steps=10, evaluations=2, pretrain_quick=True),
-    "ve": ClassifyDemoSettings("ve", steps=30, batch_size=32, lr=5e-4, train_examples=1000, eval_examples=100,
+    "ve": ClassificationDemoSettings("ve", steps=30, batch_size=32, lr=5e-4, train_examples=1000, eval_examples=100,
                                evaluations=2, pretrain_quick=True),
 }
 
 
-def write_examples(task: str, out: Path, settings: ClassifyDemoSettings, seed: int) -> dict[str, str]:
+def write_examples(task: str, out: Path, settings: ClassificationDemoSettings, seed: int) -> dict[str, str]:
     """train/dev/test JSON files of the task; dev and test use disjoint halves of easy-VQA's test images."""
     train_items, _ = label_easy_vqa("train")
     test_items, _ = label_easy_vqa("test")
@@ -85,7 +85,7 @@ def write_examples(task: str, out: Path, settings: ClassifyDemoSettings, seed: i
     return files
 
 
-def _text_assignment(settings: ClassifyDemoSettings, demo: Path, out: Path, seed: int) -> Path:
+def _text_assignment(settings: ClassificationDemoSettings, demo: Path, out: Path, seed: int) -> Path:
     overrides = finetune_overrides(checkpoint_of(demo), out / "nlvr_ta", steps=settings.ta_steps,
                                    batch_size=settings.batch_size, lr=settings.lr, num_workers=settings.num_workers,
                                    seed=seed)

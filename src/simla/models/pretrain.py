@@ -9,8 +9,8 @@ Order of work in one step, reusing every encoder pass that can be reused:
   (PSL's [CLS] votes) -> MIM (masked ViT, image tokens as queries over the text embeddings)
   -> PSL (concept head on the image feature) -> enqueue the momentum features.
 The reference runs 4 ViT and 9 encoder passes and projects an image's keys/values once per caption that
-attends to it; `pretrain_reference.ReferencePretraining` keeps that layout (as the benchmark baseline; a
-config with `objectives.execution = "reference"` builds it). With alpha = 0 simla's execution also skips the
+attends to it; `pretrain_reference.ReferencePretraining` keeps that layout (as the benchmark baseline; the
+task registry builds it for a config with `objectives.execution = "reference"`). With alpha = 0 simla's execution also skips the
 teacher work that only feeds distillation. The MLM/MIM vocabulary heads run only on the masked positions
 instead of every position.
 
@@ -191,15 +191,6 @@ class SimlaForPretraining(SimlaModel):
         return same & ~stuck | eye & stuck
 
     # ------------------------------------------------------------------------------------- forward
-    def __new__(cls, config: SimlaConfig | None = None, *args, **kwargs):
-        # The authors' execution is its own class (pretrain_reference.ReferencePretraining); a config that asks
-        # for it (`objectives.execution = "reference"`, as create_model and load_checkpoint pass it) builds it.
-        if cls is SimlaForPretraining and config is not None and config.objectives.execution == "reference":
-            from .pretrain_reference import ReferencePretraining
-
-            cls = ReferencePretraining
-        return super().__new__(cls)
-
     def forward(self, batch: Mapping[str, Tensor], alpha: float | None = None) -> PretrainOutput:
         """One step's losses, in the paper's order, over one plan of encoder passes (see the module doc)."""
         step = self._plan(batch, alpha)

@@ -11,8 +11,8 @@ the authors' code runs differently:
 Without dropout both classes compute the same losses and gradients (tests/test_pretrain.py).
 
 Selected by its class, `ReferencePretraining(config)`, or by a config with `objectives.execution =
-"reference"` (`model_config.execution=reference`): `SimlaForPretraining(config)`, and so `create_model` and
-`load_checkpoint`, then build this class.
+"reference"` (`model_config.execution=reference`): the pretraining task names this class as its reference
+model (`simla.tasks`), so `create_model`, `load_checkpoint` and `simla pretrain` then build it.
 """
 
 from __future__ import annotations

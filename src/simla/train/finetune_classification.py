@@ -19,11 +19,9 @@ from typing import Any, ClassVar
 
 from ..checkpoint import read_checkpoint, save_checkpoint
 from ..data.classification import PairRecord, PairSampleBuilder, read_nlvr, read_ve
-from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan, derive_seed
-from ..data.transforms import FinetuneView
+from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan
 from ..distributed import finish
 from ..eval.classification import describe, evaluate_classifier
-from ..tokenizers.text import get_tokenizer
 from .recipe import field_
 from .runner import TaskRun, load_task_model, start_task_run, train_task, write_run_config
 from .task_recipe import FinetuneRecipe
@@ -142,11 +140,9 @@ def run_classification_finetune(recipe: ClassificationRecipe,
     splits = {name: reader(path, recipe.image_root) for name, path in recipe.eval_files.items()}
     run = start_task_run(recipe)
     model = load_task_model(recipe, run)
-    tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
-    model.tokenizer = tokenizer
-    seed = derive_seed(recipe.seed, recipe.SEED_STREAM)
-    view = FinetuneView(recipe.image_size, scale=(recipe.crop_scale_min, 1.0), randaugment=recipe.randaugment)
-    batches = CaptionBatches(records, PairSampleBuilder(view), tokenizer, recipe.max_text_length, seed)
+    seed = run.data_seed
+    batches = CaptionBatches(records, PairSampleBuilder(recipe.train_view()), model.tokenizer, recipe.max_text_length,
+                             seed)
     plan = EpochBatchPlan(len(records), recipe.batch_size, seed, run.rank, run.world)
     data = AnnotationData(batches, plan, recipe.num_workers)
     write_run_config(run, recipe, model)

@@ -38,6 +38,10 @@ class GroundingRecipe(RetrievalRecipe):
 
     TASK: ClassVar[str] = "grounding"  # the model is a retrieval model
 
+    def train_view(self) -> FinetuneView:
+        """The whole image (a crop could cut the referred object out), flipped only when asked."""
+        return FinetuneView(self.image_size, randaugment=self.randaugment, crop=False, hflip=self.hflip)
+
     def validate(self) -> None:
         super().validate()
         if bool(self.test_file) != bool(self.dets_file):
@@ -50,8 +54,7 @@ def run_grounding_finetune(recipe: GroundingRecipe) -> dict[str, Any]:
     records = read_grounding_train(recipe.train_file, recipe.image_root)
     refs = read_grounding_refs(recipe.test_file, recipe.image_root, recipe.refer_dir) if recipe.test_file else None
     dets = read_detections(recipe.dets_file) if recipe.dets_file else None
-    view = FinetuneView(recipe.image_size, randaugment=recipe.randaugment, crop=False, hflip=recipe.hflip)
-    run, model, engine = train_image_text(recipe, records, view)
+    run, model, engine = train_image_text(recipe, records)
     results: dict[str, Any] = {"step": engine.state.step}
     if refs is not None and dets is not None:
         metrics = evaluate_grounding(model, refs, dets, run.output_dir / "grounding", batch_size=recipe.eval_batch_size,

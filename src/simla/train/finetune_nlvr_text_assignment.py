@@ -11,10 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..data.pretrain_data import derive_seed, read_caption, read_image
+from ..data.pretrain_data import read_caption, read_image
 from ..data.transforms import FinetuneView
 from ..distributed import finish
-from ..tokenizers.text import get_tokenizer
 from .pretrain import caption_data
 from .recipe import field_
 from .runner import load_task_model, start_task_run, train_task, write_run_config
@@ -63,11 +62,8 @@ def run_nlvr_text_assignment(recipe: NLVRTextAssignmentRecipe, on_step: Callable
     recipe.validate()
     run = start_task_run(recipe)
     model = load_task_model(recipe, run)
-    tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
-    model.tokenizer = tokenizer
-    view = FinetuneView(recipe.image_size, scale=(recipe.crop_scale_min, 1.0), randaugment=recipe.randaugment)
-    data, _, _ = caption_data(recipe, ImageCaptionBuilder(view), tokenizer, recipe.max_text_length,
-                              derive_seed(recipe.seed, recipe.SEED_STREAM))
+    data, _, _ = caption_data(recipe, ImageCaptionBuilder(recipe.train_view()), model.tokenizer,
+                              recipe.max_text_length, run.data_seed)
     write_run_config(run, recipe, model)
     engine = train_task(run, model, recipe, data, (lambda step: on_step(model, step)) if on_step else None)
     finish()

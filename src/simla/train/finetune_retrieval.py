@@ -13,14 +13,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan, derive_seed
-from ..data.transforms import FinetuneView
+from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan
 from ..data.retrieval import (RetrievalRecord, RetrievalSampleBuilder, read_retrieval_eval,
                               read_retrieval_train)
 from ..distributed import finish
 from ..eval.metrics import format_table
 from ..eval.retrieval import evaluate_retrieval
-from ..tokenizers.text import get_tokenizer
 from .recipe import field_
 from .runner import load_task_model, start_task_run, train_task, write_run_config
 from .task_recipe import FinetuneRecipe
@@ -51,8 +49,7 @@ def run_retrieval_finetune(recipe: RetrievalRecipe) -> dict[str, Any]:
     recipe.validate()
     records = read_retrieval_train(recipe.train_file, recipe.image_root)
     test = read_retrieval_eval(recipe.test_file, recipe.image_root) if recipe.test_file else None
-    view = FinetuneView(recipe.image_size, scale=(recipe.crop_scale_min, 1.0), randaugment=recipe.randaugment)
-    run, model, engine = train_image_text(recipe, records, view)
+    run, model, engine = train_image_text(recipe, records)
     results: dict[str, Any] = {"step": engine.state.step}
     if test is not None:
         metrics = evaluate_retrieval(model, test, k=recipe.k_test, tokenizer=model.tokenizer,
@@ -66,17 +63,17 @@ def run_retrieval_finetune(recipe: RetrievalRecipe) -> dict[str, Any]:
     return results
 
 
-def train_image_text(recipe: RetrievalRecipe, records: list[RetrievalRecord], view: FinetuneView):
+def train_image_text(recipe: RetrievalRecipe, records: list[RetrievalRecord]):
     """Fine-tune ITC + ITM on (image, text, image id) records through the shared engine: (run, model, engine).
 
-    Retrieval and grounding differ only in their records and their training view.
+    Retrieval and grounding differ only in their records and their training view (`recipe.train_view()`).
     """
     run = start_task_run(recipe)
     model = load_task_model(recipe, run)
-    tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
-    model.tokenizer = tokenizer
-    seed = derive_seed(recipe.seed, recipe.SEED_STREAM)
-    data = AnnotationData(CaptionBatches(records, RetrievalSampleBuilder(view), tokenizer, recipe.max_text_length, seed),
-                          EpochBatchPlan(len(records), recipe.batch_size, seed, run.rank, run.world), recipe.num_workers)
+    seed = run.data_seed
+    batches = CaptionBatches(records, RetrievalSampleBuilder(recipe.train_view()), model.tokenizer,
+                             recipe.max_text_length, seed)
+    data = AnnotationData(batches, EpochBatchPlan(len(records), recipe.batch_size, seed, run.rank, run.world),
+                          recipe.num_workers)
     write_run_config(run, recipe, model)
     return run, model, train_task(run, model, recipe, data)

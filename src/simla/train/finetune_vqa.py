@@ -15,14 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan, derive_seed
-from ..data.transforms import FinetuneView
+from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan
 from ..data.vqa import (VQARecord, VQASampleBuilder, check_overlap, collate_vqa, read_answer_list, read_vqa_eval,
                         read_vqa_train)
 from ..distributed import finish
-from ..errors import DataError
 from ..eval.vqa import describe, evaluate_vqa
-from ..tokenizers.text import get_tokenizer
 from .recipe import field_
 from .runner import load_task_model, start_task_run, train_task, write_run_config
 from .task_recipe import FinetuneRecipe
@@ -72,13 +69,10 @@ def run_vqa_finetune(recipe: VQARecipe, on_step: Callable[[Any, int], None] | No
         check_overlap(test, records, recipe.allow_overlap)
     run = start_task_run(recipe)
     model = load_task_model(recipe, run)
-    tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
-    model.tokenizer = tokenizer
-    seed = derive_seed(recipe.seed, recipe.SEED_STREAM)
-    view = FinetuneView(recipe.image_size, scale=(recipe.crop_scale_min, 1.0), randaugment=recipe.randaugment)
+    seed = run.data_seed
     collate = functools.partial(collate_vqa, sep_token_id=model.config.text.sep_token_id)
-    batches = CaptionBatches(records, VQASampleBuilder(view), tokenizer, recipe.max_question_length, seed,
-                             collate_fn=collate)
+    batches = CaptionBatches(records, VQASampleBuilder(recipe.train_view()), model.tokenizer,
+                             recipe.max_question_length, seed, collate_fn=collate)
     data = AnnotationData(batches, EpochBatchPlan(len(records), recipe.batch_size, seed, run.rank, run.world),
                           recipe.num_workers)
     write_run_config(run, recipe, model)

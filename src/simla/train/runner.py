@@ -21,6 +21,8 @@ import yaml
 from ..checkpoint import model_from_checkpoint, read_checkpoint, save_checkpoint
 from ..distributed import get_rank, get_world_size, init_from_env, is_distributed
 from ..models.simla import SimlaBackbone
+from ..data.pretrain_data import derive_seed
+from ..tokenizers.text import get_tokenizer
 from .engine import Engine, EngineConfig, ResumableData
 from .compile import compile_blocks
 from .optim import build_optimizer
@@ -86,6 +88,7 @@ class TaskRun:
     world: int
     output_dir: Path
     resume: Path | None
+    data_seed: int = 0  # the seed of the training data's order (the recipe's seed in its task's stream)
 
     @property
     def rank0(self) -> bool:
@@ -104,7 +107,7 @@ def start_task_run(recipe: FinetuneRecipe) -> TaskRun:
     if recipe.resume is not None:
         resume = out / "checkpoints" / "last.pt" if recipe.resume == "auto" else Path(recipe.resume)
         resume = resume if resume.is_file() else None
-    return TaskRun(device, rank, world, out, resume)
+    return TaskRun(device, rank, world, out, resume, derive_seed(recipe.seed, recipe.SEED_STREAM))
 
 
 def load_task_model(recipe: FinetuneRecipe, run: TaskRun) -> SimlaBackbone:
@@ -114,7 +117,8 @@ def load_task_model(recipe: FinetuneRecipe, run: TaskRun) -> SimlaBackbone:
     The source may be a pretraining checkpoint, one of the task's own, an export directory or a reference
     .pth; position embeddings are resampled, the task model derives what it initialises from the source
     (e.g. the VQA decoder), everything else loads strictly with a report. A fresh run's momentum teachers
-    then copy the loaded weights (never the other way round, as the reference does for some tasks).
+    then copy the loaded weights (never the other way round, as the reference does for some tasks). Its
+    tokenizer is the recipe's, or the checkpoint's own.
     """
     source = str(run.resume or recipe.checkpoint)
     data = read_checkpoint(source, trust_pickle=recipe.trust_pickle)
@@ -122,6 +126,7 @@ def load_task_model(recipe: FinetuneRecipe, run: TaskRun) -> SimlaBackbone:
                                   **recipe.model_config)
     if run.resume is None:
         model.copy_params_to_momentum()
+    model.tokenizer = get_tokenizer(recipe.tokenizer or model.config.text.tokenizer)
     return model
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ..data.transforms import FinetuneView
 from .recipe import TrainingRecipe, check_model_overrides, field_
 
 
@@ -36,6 +37,10 @@ class FinetuneRecipe(TrainingRecipe):
     output_dir: str = field_("runs/finetune", "run folder")
 
     POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ("image_size", "eval_batch_size")
+
+    def train_view(self) -> FinetuneView:
+        """The training images' view: a random resized crop, a flip and RandAugment (as the recipe says)."""
+        return FinetuneView(self.image_size, scale=(self.crop_scale_min, 1.0), randaugment=self.randaugment)
 
     def validate(self) -> None:
         if not self.checkpoint and self.resume is None:
