@@ -92,7 +92,7 @@ def _runs_on_cpu(device: str) -> bool:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     spec = tasks.get_task(tasks.PRETRAIN)
     recipe = _training_recipe(args, spec.recipe)
-    result = tasks.finetune(spec.name, recipe)
+    result = tasks.train(spec.name, recipe)
     print(f"finished at step {result.state.step}; run folder: {recipe.output_dir}")
     return 0
 
@@ -100,7 +100,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     """simla finetune TASK: load the task's recipe (every check before work) and run it."""
     spec = tasks.get_task(args.task)
-    print(json.dumps(tasks.finetune(spec.name, _training_recipe(args, spec.recipe)), indent=2))
+    print(json.dumps(tasks.train(spec.name, _training_recipe(args, spec.recipe)), indent=2))
     return 0
 
 

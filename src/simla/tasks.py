@@ -149,7 +149,7 @@ def run_demo(name: str = "retrieval", **options: Any) -> dict[str, Any]:
     return available[name](**options)
 
 
-def finetune(name: str, recipe: TrainingRecipe) -> Any:
+def train(name: str, recipe: TrainingRecipe) -> Any:
     """Train task `name` with `recipe` (what `simla finetune NAME` and `simla pretrain` run)."""
     spec = get_task(name)
     if spec.train is None or not isinstance(recipe, spec.recipe):
