@@ -7,6 +7,8 @@ configuration runs, reports sane figures and that the reference and fast paths t
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -34,13 +36,25 @@ def test_pretrain_step_compares_the_fast_path_with_the_reference_path_in_separat
 
 
 def test_pretrain_step_interleaves_the_timed_steps_of_two_live_processes():
-    done = _run("pretrain_step.py", "--batch-size", "4", "--steps", "2", "--warmup", "1", "--queue-size", "16",
+    done = _run("pretrain_step.py", "--batch-size", "4", "--steps", "3", "--warmup", "1", "--queue-size", "16",
                 "--baseline", "reference", "--interleave", "--threads", "1", "--json")
     report = json.loads(done.stdout)
     assert report["interleaved"] and report["isolated"]
-    assert [len(report["step_times"][name]) for name in ("baseline", "run")] == [2, 2]
-    pairs = report["ratio_vs_baseline"]["step_pairs"]
-    assert pairs == [b / m for b, m in zip(report["step_times"]["baseline"], report["step_times"]["run"])]
+    times = report["step_times"]
+    assert [len(times[name]) for name in ("baseline", "run")] == [3, 3]  # the timed steps only, not the warm-up
+    assert all(math.isfinite(t) and t > 0 for name in ("baseline", "run") for t in times[name])
+    ratios = report["ratio_vs_baseline"]
+    pairs = ratios["step_pairs"]
+    assert len(pairs) == 3 and all(math.isfinite(p) and p > 0 for p in pairs)
+    # The documented summaries: each worker's figure is the median of ITS timed steps (warm-up excluded), the
+    # pair summary is the median of the pairs, and the throughput ratio is the inverse of the step-time ratio.
+    for name, key in (("baseline", "baseline"), ("run", "result")):
+        assert report[key]["s_per_step"] == pytest.approx(statistics.median(times[name]), rel=1e-9)
+        assert report[key]["samples_per_s"] == pytest.approx(4 / statistics.median(times[name]), rel=1e-9)
+    assert ratios["step_pairs_median"] == pytest.approx(statistics.median(pairs), rel=1e-9)
+    assert ratios["samples_per_s"] == pytest.approx(1 / ratios["step_time"], rel=1e-9)
+    assert ratios["step_time"] == pytest.approx(statistics.median(times["run"]) / statistics.median(times["baseline"]),
+                                                rel=1e-9)
     assert report["baseline"]["config"]["path"] == "reference" and report["result"]["config"]["path"] == "fast"
     assert report["baseline"]["config"]["warmup"] == 1 and report["result"]["peak_memory_mib"] > 0
 

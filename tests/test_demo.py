@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,11 +28,16 @@ def quick_demo(tmp_path_factory):
 def test_quick_demo_with_ablation_writes_a_report(quick_demo):
     tmp_path, printed = quick_demo
     report = json.loads((tmp_path / "report.json").read_text())
+    images = len(json.loads((tmp_path / "test.json").read_text()))
     for ranking in ("zero_shot_accuracy_itm", "zero_shot_accuracy_itc"):
         assert set(report[ranking]) == {"image_to_text", "text_to_image"}
-        assert all(0 <= v <= 100 for v in report[ranking].values())
+        # percentages of the test images: a whole number of them each
+        assert all(v * images / 100 == pytest.approx(round(v * images / 100), abs=1e-3) for v in report[ranking].values())
     assert set(report["itm_pair_accuracy"]) == {"accuracy", "positives", "colour_negatives", "shape_negatives"}
-    # Even 30 steps learn something: the best image of a caption is right far more often than chance (4.2%).
+    # Even 30 steps learn something with ITC: measured 23.0% (image to text) and 27.0% (text to image) of 200
+    # test images against a chance of 1/24 = 4.2%; asserted: about half that gain. (ITM does not learn yet:
+    # 8.5% both ways, and it answers "no" to every pair.)
+    assert report["zero_shot_accuracy_itc"]["image_to_text"] > 12.5
     assert report["zero_shot_accuracy_itc"]["text_to_image"] > 12.5
     assert [point["step"] for point in report["accuracy_curve"]] == [10, 20, 30]
     rows = report["ablation"]
@@ -48,7 +54,9 @@ def test_quick_demo_with_ablation_writes_a_report(quick_demo):
     assert "accuracy_curve.png" in (tmp_path / "report.md").read_text()
 
 
-def test_quick_vqa_demo_fine_tunes_the_pretrained_demo_model(quick_demo, tmp_path, capsys):
+def test_quick_vqa_demo_fine_tunes_and_reports_what_its_answers_score(quick_demo, tmp_path, capsys):
+    """The mechanics only: the quick run's 40 steps do not learn to answer (measured 5.0%, below always
+    answering "yes"), so its accuracy is checked against its own answers file, not against chance."""
     folder, _ = quick_demo
     assert main(["demo", "vqa", "--quick", "--steps", "40", "--from", str(folder), "--output", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
@@ -57,9 +65,19 @@ def test_quick_vqa_demo_fine_tunes_the_pretrained_demo_model(quick_demo, tmp_pat
     assert set(report["per_question_type"]) == {"colour", "shape", "yes/no colour", "yes/no shape"}
     assert sum(row["questions"] for row in report["per_question_type"].values()) == 500
     assert report["final_loss"] < report["first_loss"] / 2  # the decoder learns the answer vocabulary fast
-    assert 0 <= report["accuracy"] <= 100 and report["questions_per_second"] > 0
+    assert report["questions_per_second"] > 0
     results = json.loads((tmp_path / "evaluation" / "results.json").read_text())
     assert len(results) == 500 and len({r["question_id"] for r in results}) == 500
+    questions = {q["question_id"]: q for q in json.loads((tmp_path / "vqa_test.json").read_text())}
+    candidates = set(json.loads((tmp_path / "answer_list.json").read_text()))
+    assert len(candidates) == 13 and all(r["answer"] in candidates for r in results)
+    # easy-VQA has one answer per question (repeated for ten annotators): the accuracy is the plain one.
+    right = [r["answer"] == questions[r["question_id"]]["answer"][0] for r in results]
+    assert report["accuracy"] == pytest.approx(100 * sum(right) / 500, abs=0.01)
+    for kind, row in report["per_question_type"].items():
+        of_kind = [ok for r, ok in zip(results, right) if questions[r["question_id"]]["question_type"] == kind]
+        assert row["questions"] == len(of_kind) and row["accuracy"] == pytest.approx(100 * sum(of_kind) / len(of_kind),
+                                                                                    abs=0.01)
     assert (tmp_path / "confusion.png").stat().st_size > 10_000
     assert "VQA accuracy" in capsys.readouterr().out
 
@@ -93,34 +111,53 @@ def test_zero_shot_accuracy_and_itm_pairs_on_known_scores():
     assert matrix[2, 2] == 1 and matrix[2, 5] == 1 and matrix.sum() == 4
 
 
-def test_quick_nlvr_and_ve_demos_fine_tune_the_pretrained_demo_model(quick_demo, tmp_path, capsys):
+def test_quick_nlvr_and_ve_demos_report_consistently_and_ve_beats_the_majority_class(quick_demo, tmp_path, capsys):
+    """NLVR's quick run does not learn (measured 48.0% test accuracy against a 52.0% majority class): for it
+    the report's figures are checked against each other. VE's does (below)."""
     folder, _ = quick_demo
     for task, classes in (("nlvr", {"False", "True"}), ("ve", {"contradiction", "neutral", "entailment"})):
         out = tmp_path / task
         assert main(["demo", task, "--quick", "--from", str(folder), "--output", str(out)]) == 0
         report = json.loads((out / "report.json").read_text())
         assert report["task"] == task and set(report["per_class"]) == classes
-        assert 0 <= report["accuracy"] <= 100 and report["examples"] == {"train": 1000, "dev": 100, "test": 100}
+        assert report["examples"] == {"train": 1000, "dev": 100, "test": 100}
+        per_class = report["per_class"]
+        assert sum(row["examples"] for row in per_class.values()) == 100
+        # accuracy = the class accuracies weighted by their examples; majority = the largest class's share
+        assert report["accuracy"] == pytest.approx(sum(r["accuracy"] * r["examples"] for r in per_class.values()) / 100)
+        assert report["majority_class_accuracy"] == max(r["examples"] for r in per_class.values())
         assert report["majority_class_accuracy"] == pytest.approx(100 / len(classes), abs=3)  # balanced classes
-        assert [(r["step"], r["split"]) for r in report["evaluations"]] == [(15, "dev"), (15, "test"), (30, "dev"),
-                                                                            (30, "test")]
+        evaluations = report["evaluations"]
+        assert [(r["step"], r["split"]) for r in evaluations] == [(15, "dev"), (15, "test"), (30, "dev"), (30, "test")]
+        assert (report["accuracy"], report["dev_accuracy"]) == (evaluations[-1]["accuracy"], evaluations[-2]["accuracy"])
+        assert report["best"] == max((r for r in evaluations if r["split"] == "dev"), key=lambda r: r["accuracy"])
         assert (out / task / "checkpoints" / "best.pt").is_file()
         assert (out / "confusion.png").stat().st_size > 5_000
     assert (tmp_path / "nlvr" / "nlvr_ta" / "checkpoints" / "last.pt").is_file()  # the text-assignment stage ran
     # Neutral statements are recognisable from their words: even 30 steps learn that much.
-    assert json.loads((tmp_path / "ve" / "report.json").read_text())["per_class"]["neutral"]["accuracy"] > 50
+    ve = json.loads((tmp_path / "ve" / "report.json").read_text())
+    assert ve["per_class"]["neutral"]["accuracy"] > 50
+    # VE learns: measured 67.0% test accuracy against a 34.0% majority class; asserted: half that gain.
+    assert ve["accuracy"] > ve["majority_class_accuracy"] + 16
     assert "test accuracy" in capsys.readouterr().out
 
 
-def test_quick_grounding_demo_fine_tunes_and_grounds(quick_demo, tmp_path, capsys):
+def test_quick_grounding_demo_grounds_every_expression_on_a_proposal_and_counts_hits(quick_demo, tmp_path, capsys):
+    """The mechanics only: the quick run does not learn to ground (measured 15.0% against a random
+    proposal's 12.5%: 2.5 expressions of 100), so its accuracy is checked against its own results."""
     folder, _ = quick_demo
     assert main(["demo", "grounding", "--quick", "--from", str(folder), "--output", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["test_expressions"] == 100 and report["train_pairs"] == 480
-    assert 0 <= report["accuracy"] <= 100 and report["chance"] == pytest.approx(12.5)
+    assert report["chance"] == pytest.approx(12.5)  # one of 8 proposals per canvas
     assert report["misses"] == {"no_proposals": 0, "empty_text": 0, "missing_image": 0}
     results = json.loads((tmp_path / "evaluation" / "results.json").read_text())
-    assert len(results) == 100 and all(len(r["pred_box"]) == 4 for r in results)
+    assert len(results) == 100 and len({r["ref_id"] for r in results}) == 100
+    proposals = json.loads((tmp_path / "data" / "test_dets.json").read_text())
+    for r in results:  # the predicted box is one of the canvas's proposals; a hit is IoU >= 0.5
+        assert r["pred_box"] in proposals[Path(r["image"]).stem], r
+        assert r["hit"] == (r["iou"] >= 0.5) and r["miss"] is None
+    assert report["accuracy"] == pytest.approx(sum(r["hit"] for r in results))  # percent of 100 expressions
     assert len(report["sheets"]) == 2 and all((tmp_path / s).stat().st_size > 5_000 for s in report["sheets"])
     config = yaml.safe_load((tmp_path / "grounding" / "config.yaml").read_text())
     assert config["model"]["objectives"]["itm_negatives"] == "random"
