@@ -301,17 +301,17 @@ def test_bf16_build_and_combined_text_image_query(photos, tmp_path, checkpoint, 
 
 
 def test_paging_a_reranked_query_scores_each_pair_once(photos, tmp_path, checkpoint, monkeypatch):
-    import simla.search.rerank as rerank_module
+    import simla.search.index as index_module
 
     index = _build(photos, tmp_path / "idx", checkpoint)
     scored = []
-    real = rerank_module.itm_probabilities
+    real = index_module.itm_probabilities
 
     def counting(model, text, item_ids, *args, **kwargs):
         scored.extend(item_ids)
         return real(model, text, item_ids, *args, **kwargs)
 
-    monkeypatch.setattr(rerank_module, "itm_probabilities", counting)
+    monkeypatch.setattr(index_module, "itm_probabilities", counting)  # the name the index calls
     first = index.search("a blue square", k=3, rerank=6)
     second = index.search("a blue square", k=3, rerank=6, offset=3)
     assert len(scored) == 6 and len(set(scored)) == 6

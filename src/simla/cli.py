@@ -155,6 +155,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if args.task == "retrieval":
             raise ConfigError("--from belongs to the task demos (e.g. simla demo vqa --from runs/demo)")
         options["source"] = args.source
+    # The demos train on the CPU: the command gives them the malloc policy every CPU training run gets.
+    configure_cpu_allocator("auto")
     report = tasks.run_demo(args.task, **options)
     print(report["summary"])
     return 0
