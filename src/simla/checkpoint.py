@@ -146,8 +146,7 @@ def load_state_into(
     A task model may derive tensors from the source first (`prepare_source_state`: the VQA decoder is
     initialised from the pretrained encoder's top layers).
     """
-    if hasattr(model, "prepare_source_state"):
-        state = model.prepare_source_state(state)
+    state = model.prepare_source_state(state)
     if is_reference_state(state):
         converted, report = convert_reference_state(state, model, source)
         unexpected = [(key, map_reference_key(key) or key) for key in report.unexpected]
@@ -171,7 +170,7 @@ def load_state_into(
     report.ignored += [key for key, name in unexpected if _deliberately_absent(model, name)]
     report.rebuilt = [k for k in report.missing if _is_training_state(k)]
     report.missing = [k for k in report.missing if not _is_training_state(k)]
-    heads = tuple(getattr(model, "NEW_HEAD_PREFIXES", ()))
+    heads = model.NEW_HEAD_PREFIXES
     if heads and not any(k.startswith(heads) for k in converted):  # the file has no head of this task at all
         report.new_head = [k for k in report.missing if k.startswith(heads)]
         report.missing = [k for k in report.missing if not k.startswith(heads)]

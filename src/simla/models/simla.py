@@ -88,10 +88,24 @@ class SimlaBackbone(MomentumTeachers, nn.Module):
     def device(self) -> torch.device:
         return self.visual_encoder.cls_token.device
 
+    # Heads a task adds that another task's checkpoint cannot hold: missing from such a source, they are
+    # reported as new (fresh weights), not as missing.
+    NEW_HEAD_PREFIXES: tuple[str, ...] = ()
+
     def ignored_source_prefixes(self) -> tuple[str, ...]:
         """Key prefixes of source tensors this model lacks by design (loading them reports "ignored"): the
         class's `IGNORED_SOURCE_PREFIXES`, plus what this instance leaves out (a pretraining ablation's heads)."""
         return tuple(self.IGNORED_SOURCE_PREFIXES)
+
+    def prepare_source_state(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The source state dict with what this model derives from it before loading (e.g. the VQA decoder
+        initialised from the encoder's top layers); a model that derives nothing returns it as it is."""
+        return dict(state)
+
+    @property
+    def has_unused_parameters(self) -> bool:
+        """Whether some trained parameter gets no gradient in a step (DistributedDataParallel must be told)."""
+        return False
 
     # ------------------------------------------------------------------------------------- momentum
     def train(self, mode: bool = True) -> "SimlaBackbone":

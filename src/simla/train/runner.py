@@ -59,7 +59,7 @@ def build_engine(model: SimlaBackbone, recipe: TrainingRecipe, data: ResumableDa
         # ITM) says so; DDP then looks for unused parameters instead of waiting for their gradients.
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False,
-            find_unused_parameters=bool(getattr(model, "has_unused_parameters", False)))
+            find_unused_parameters=model.has_unused_parameters)
     config = EngineConfig(
         output_dir=output_dir, total_steps=total_steps, grad_accum_steps=recipe.grad_accum_steps,
         precision=recipe.precision, grad_clip=recipe.grad_clip, log_every=recipe.log_every,
