@@ -31,7 +31,7 @@ import torch
 from ..train.finetune_classification import NLVRRecipe, VERecipe, run_classification_finetune
 from ..train.finetune_nlvr_text_assignment import NLVRTextAssignmentRecipe, run_nlvr_text_assignment
 from ..train.recipe import load_recipe
-from .common import as_overrides, checkpoint_of, finetune_overrides, pretrained_demo
+from .common import as_overrides, checkpoint_of, finetune_overrides, pretrained_demo, write_report
 from .easy_vqa import label_easy_vqa
 from .plots import plot_confusion
 from .statements import nlvr_examples, ve_examples
@@ -138,9 +138,7 @@ def run_classification_demo(task: str, output: str | Path, *, quick: bool = Fals
         "seconds": seconds, "pretrained_checkpoint": str(checkpoint_of(demo)),
     }
     report["summary"] = _summary(report)
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (out / "report.md").write_text(f"# simla demo {task}\n\n```\n{report['summary']}\n```\n\n"
-                                   "![test confusion matrix](confusion.png)\n", encoding="utf-8")
+    write_report(out, report, f"simla demo {task}", "![test confusion matrix](confusion.png)")
     return report
 
 

@@ -56,3 +56,9 @@ def finetune_overrides(checkpoint: Path, output_dir: Path, *, steps: int, batch_
 
 def as_overrides(settings: dict[str, Any]) -> list[str]:
     return [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+
+
+def write_report(out: Path, report: dict[str, Any], title: str, body: str) -> None:
+    """report.json, and report.md: the title, the printable summary, then `body` (pictures, tables, links)."""
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / "report.md").write_text(f"# {title}\n\n```\n{report['summary']}\n```\n\n{body}\n", encoding="utf-8")

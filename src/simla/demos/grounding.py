@@ -40,7 +40,7 @@ from ..eval.grounding import describe, evaluate_grounding
 from ..explain.run import explain_pairs
 from ..train.finetune_grounding import GroundingRecipe, run_grounding_finetune
 from ..train.recipe import load_recipe
-from .common import as_overrides, checkpoint_of, finetune_overrides, pretrained_demo
+from .common import as_overrides, checkpoint_of, finetune_overrides, pretrained_demo, write_report
 from .grounding_data import build_grounding_set
 
 
@@ -134,10 +134,8 @@ def run_grounding_demo(output: str | Path = "runs/demo_grounding", *, quick: boo
     }
     report["seconds"]["total"] = round(time.perf_counter() - started, 1)
     report["summary"] = _summary(report, describe(metrics))
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     pictures = "\n".join(f"![explain sheet]({sheet})" for sheet in report["sheets"])
-    (out / "report.md").write_text(f"# simla demo grounding\n\n```\n{report['summary']}\n```\n\n{pictures}\n",
-                                   encoding="utf-8")
+    write_report(out, report, "simla demo grounding", pictures)
     return report
 
 

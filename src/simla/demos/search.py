@@ -9,7 +9,6 @@ query of each, and an HTML results page (with the Grad-CAM overlay of the query 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..search import Index
 from ..search.html import render_results_page
-from .common import checkpoint_of, pretrained_demo
+from .common import checkpoint_of, pretrained_demo, write_report
 from .easy_vqa import COLOURS, SHAPES, label_easy_vqa, write_retrieval_json
 
 
@@ -91,8 +90,6 @@ def run_search_demo(output: str | Path = "runs/demo_search", *, quick: bool = Fa
         f"search it yourself: simla search {index_dir} \"a blue triangle\" --rerank {rerank}",
         f"results page: {out / 'results.html'}; time: {report['seconds']} s",
     ])
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (out / "report.md").write_text(f"# simla demo search\n\n```\n{report['summary']}\n```\n\n{table}\n\n"
-                                   f"[results for \"{EXAMPLE_QUERY}\"](results.html)\n", encoding="utf-8")
+    write_report(out, report, "simla demo search", f"{table}\n\n[results for \"{EXAMPLE_QUERY}\"](results.html)")
     index.close()
     return report

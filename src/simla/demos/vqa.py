@@ -35,7 +35,7 @@ from ..data.vqa import read_answer_list, read_vqa_eval
 from ..eval.vqa import evaluate_vqa
 from ..train.finetune_vqa import VQARecipe, run_vqa_finetune
 from ..train.recipe import load_recipe
-from .common import as_overrides, checkpoint_of, finetune_overrides, pretrained_demo
+from .common import as_overrides, checkpoint_of, finetune_overrides, pretrained_demo, write_report
 from .easy_vqa import COLOURS, SHAPES
 from .plots import plot_confusion
 
@@ -159,9 +159,7 @@ def run_vqa_demo(output: str | Path = "runs/demo_vqa", *, quick: bool = False, s
     }
     report["seconds"]["total"] = round(time.perf_counter() - started, 1)
     report["summary"] = _summary(report)
-    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    (out / "report.md").write_text(f"# simla demo vqa\n\n```\n{report['summary']}\n```\n\n"
-                                   "![answers given for each true answer](confusion.png)\n", encoding="utf-8")
+    write_report(out, report, "simla demo vqa", "![answers given for each true answer](confusion.png)")
     return report
 
 
