@@ -11,6 +11,7 @@ from pathlib import Path
 from .data.images import load_image
 from .distributed import evaluation_group, get_rank
 from .search import Index
+from .search.check import check_index, repair_index
 from .search.html import render_results_page
 from .search.index import jpeg_thumbnail
 from .search.server import serve
@@ -50,6 +51,17 @@ def cmd_index_info(args: argparse.Namespace) -> int:
     for error in errors or []:
         print(f"  {error['key']}: [{error['kind']}] {error['reason']}")
     return 0
+
+
+def cmd_index_check(args: argparse.Namespace) -> int:
+    if args.repair:
+        with evaluation_group(args.device) as device:
+            report = repair_index(args.index, checkpoint=args.checkpoint, device=device, batch_size=args.batch_size,
+                                  num_workers=args.num_workers, precision=args.precision, progress=not args.quiet)
+    else:
+        report = check_index(args.index)
+    print(report.describe())
+    return 0 if report.healthy else 1
 
 
 def _print_table(hits) -> None:
@@ -148,6 +160,18 @@ def add_search_commands(sub) -> None:
     info.add_argument("--errors", action="store_true", help="list the files that could not be indexed")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_index_info)
+
+    check = index_sub.add_parser(
+        "check", help="verify the manifest and every feature file; --repair fixes what it can",
+        description="Checks the manifest (SQLite integrity, tables, meta) and every feature chunk (present, inside "
+        "the index, float16, the registered shape, finite). Exit status 0: healthy, 1: damaged. With --repair "
+        "(under the index's write lock) damaged chunks and their items are dropped and embedded again by an "
+        "update; an unreadable manifest is set aside and the index rebuilt from its recorded source.")
+    check.add_argument("index", help="the index folder")
+    check.add_argument("--repair", action="store_true", help="repair what the check finds, and say what was done")
+    check.add_argument("--checkpoint", help="the index's model for re-embedding, if its recorded checkpoint moved")
+    _add_embedding_options(check)
+    check.set_defaults(func=cmd_index_check)
 
     search = sub.add_parser(
         "search", help="query an index by text and/or image, optionally re-ranked by the ITM head",

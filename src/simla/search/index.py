@@ -24,6 +24,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +42,16 @@ from ..explain.render import overlay_png
 from ..version import __version__
 from .build import SyncSummary, sync_index
 from .fingerprint import ModelMismatchError, model_fingerprint
-from .manifest import MANIFEST_NAME, Manifest, StoredItem
+from .lock import write_lock
+from .manifest import MANIFEST_NAME, CorruptIndexError, ItemNotFoundError, Manifest, StoredItem
 from .rerank import itm_probabilities
 from .results import Hit
 from .sources import SourceSpec, read_item_bytes, resolve_source
-from .store import load_live_features
+from .store import load_live_features, verify_chunks
 from .vectors import VectorIndex
 
 
-__all__ = ["Index", "IndexExistsError", "IndexNotFoundError", "SearchError"]
+__all__ = ["Index", "IndexExistsError", "IndexNotFoundError", "ItemNotFoundError", "SearchError"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,16 @@ class IndexExistsError(SimlaError, FileExistsError):
 
 class SearchError(SimlaError, ValueError):
     """A query or an index use that cannot work as asked (the message says what to change)."""
+
+
+@dataclass
+class _Live:
+    """What a search reads, loaded together and replaced together (a refresh swaps the whole object, so a
+    search running meanwhile keeps a consistent view): item ids, their features, the ITM score cache."""
+
+    ids: np.ndarray
+    vectors: VectorIndex
+    itm_cache: OrderedDict[tuple[str, int], float | None] = field(default_factory=OrderedDict)
 
 
 def jpeg_thumbnail(image: Image.Image, size: int = 256) -> bytes:
@@ -101,9 +113,8 @@ class Index:
         self.backend = backend
         self._checkpoint = checkpoint
         self._model = None
-        self._vectors = None
-        self._ids: np.ndarray | None = None
-        self._itm_cache: OrderedDict[tuple[str, int], float | None] = OrderedDict()
+        self._live: _Live | None = None
+        self._data_version = manifest.data_version()
         if model is not None:
             self._check_model(model)
             self._model = model.eval()
@@ -119,7 +130,13 @@ class Index:
                                      f"`simla index build SOURCE --checkpoint C --output {folder}`")
         manifest = Manifest(folder / MANIFEST_NAME)
         version = manifest.get_meta("format_version")
+        if version is None or manifest.get_meta("dim") is None:
+            manifest.close()
+            raise CorruptIndexError(f"{folder / MANIFEST_NAME}: the index manifest is damaged (its meta table lacks "
+                                    f"format_version or dim); run `simla index check {folder} --repair`, or move "
+                                    f"{folder} away and build the index again")
         if version != FORMAT_VERSION:
+            manifest.close()
             raise SearchError(f"{folder}: index format {version!r}, this simla reads format {FORMAT_VERSION}")
         return cls(folder, manifest, model=model, checkpoint=os.fspath(checkpoint) if checkpoint else None,
                    device=device, backend=backend)
@@ -140,6 +157,14 @@ class Index:
         spec = resolve_source(source, image_root)
         folder = Path(output)
         checkpoint = os.path.abspath(checkpoint) if checkpoint is not None else None
+        with write_lock(folder):
+            return cls._build_locked(spec, folder, checkpoint, model, device, backend, dict(
+                batch_size=batch_size, num_workers=num_workers, precision=precision, progress=progress))
+
+    @classmethod
+    def _build_locked(cls, spec: SourceSpec, folder: Path, checkpoint: str | None, model, device, backend: str,
+                      options: dict[str, Any]) -> "Index":
+        """:meth:`build` under the index's write lock."""
         if (folder / MANIFEST_NAME).is_file():
             existing = cls.open(folder, model=model, checkpoint=checkpoint, device=device, backend=backend)
             if existing.manifest.get_meta("complete"):
@@ -149,13 +174,13 @@ class Index:
                 raise SearchError(f"{folder} holds an unfinished index of {existing.manifest.get_meta('source')}, "
                                  f"not of {spec.location}; choose another --output")
             logger.info("resuming the unfinished build in %s", folder)
-            existing.update(batch_size=batch_size, num_workers=num_workers, precision=precision, progress=progress)
+            existing.update(**options)
             return existing
         if model is None:
             model = _load_model(checkpoint, device)
         folder.mkdir(parents=True, exist_ok=True)
         if get_rank() == 0:
-            manifest = Manifest(folder / MANIFEST_NAME)
+            manifest = Manifest(folder / MANIFEST_NAME, create=True)
             manifest.set_meta({
                 "format_version": FORMAT_VERSION, "source": spec.to_dict(), "checkpoint": checkpoint,
                 "fingerprint": model_fingerprint(model), "model": model.config.name,
@@ -165,20 +190,42 @@ class Index:
         if is_distributed():
             torch.distributed.barrier()
         index = cls.open(folder, model=model, checkpoint=checkpoint, device=device, backend=backend)
-        index.last_summary = index.update(batch_size=batch_size, num_workers=num_workers, precision=precision,
-                                          progress=progress)
+        index.last_summary = index.update(**options)
         return index
 
     def update(self, *, batch_size: int = 64, num_workers: int = 2, precision: str = "auto",
                progress: bool = True) -> SyncSummary:
-        """Re-scan the source: embed new and changed images, drop deleted ones (resumes an interrupted run)."""
+        """Re-scan the source: embed new and changed images, drop deleted ones (resumes an interrupted run).
+
+        Holds the index's write lock (another writer raises IndexBusyError at once) and first checks every
+        feature chunk the index keeps: a damaged one raises CorruptIndexError instead of a false success.
+        """
         spec = SourceSpec(**self.manifest.get_meta("source"))
-        summary = sync_index(self.path, self.manifest, spec, self.model, batch_size=batch_size,
-                             num_workers=num_workers, precision=precision, progress=progress)
-        self._vectors = self._ids = None  # the features changed
-        self._itm_cache.clear()  # rows moved, and changed files must be scored again
+        with write_lock(self.path):
+            verify_chunks(self.path, self.manifest)
+            summary = sync_index(self.path, self.manifest, spec, self.model, batch_size=batch_size,
+                                 num_workers=num_workers, precision=precision, progress=progress)
+        self._live = None  # the features changed, rows moved, and changed files must be scored again
+        self._data_version = self.manifest.data_version()
         self.last_summary = summary
         return summary
+
+    def refresh(self) -> bool:
+        """Reload what another process changed since this index was opened (or last refreshed).
+
+        Cheap when nothing changed (one SQLite pragma). When another process committed to the manifest
+        (an update, a repair), the features and item ids are reloaded, and the ITM score cache dropped, so
+        that searches see the new items and never return deleted ones; returns True then, else False.
+        """
+        version = self.manifest.data_version()
+        if version == self._data_version:
+            return False
+        loaded = self._live is not None
+        self._data_version = version
+        self._live = None
+        if loaded:
+            self._load_live()
+        return True
 
     # ------------------------------------------------------------------------------ the model
     def _check_model(self, model) -> None:
@@ -220,6 +267,7 @@ class Index:
                 "updated": meta.get("updated"), "rerank_available": True, "path": str(self.path)}
 
     def item(self, item_id: int) -> StoredItem:
+        """The stored item ``item_id``; raises ItemNotFoundError (a LookupError) if there is none (any more)."""
         return self.manifest.item(item_id)
 
     def errors(self):
@@ -239,12 +287,13 @@ class Index:
         return jpeg_thumbnail(self.load_image(item_id), size)
 
     # ------------------------------------------------------------------------------ search
-    def _vector_index(self):
-        if self._vectors is None:
+    def _load_live(self) -> _Live:
+        """The searchable state, loaded from the manifest and the feature chunks on first use."""
+        live = self._live
+        if live is None:
             ids, features = load_live_features(self.path, self.manifest)
-            self._ids = ids
-            self._vectors = VectorIndex(features, backend=self.backend)
-        return self._vectors
+            live = self._live = _Live(ids, VectorIndex(features, backend=self.backend))
+        return live
 
     def _query_feature(self, text: str | None, image) -> torch.Tensor:
         model = self.model
@@ -273,7 +322,8 @@ class Index:
         if dedup is not None and not -1.0 <= dedup <= 1.0:
             raise SearchError(f"dedup must be a cosine threshold in [-1, 1] (or None to keep duplicates), got {dedup}")
         query = self._query_feature(text, image)
-        vectors = self._vector_index()
+        live = self._load_live()
+        vectors = live.vectors
         total = len(vectors)
         if total == 0:
             return []  # an empty index (e.g. a folder with no readable image) answers every query with nothing
@@ -282,19 +332,19 @@ class Index:
         rerank = rerank if text is not None else 0
         while True:
             scores, rows = vectors.search(query, min(fetch, total))
-            order = self._rank(text, scores[0], rows[0], rerank, itc_weight, batch_size)
+            order = self._rank(live, text, scores[0], rows[0], rerank, itc_weight, batch_size)
             kept = self._collapse(order, vectors, dedup, wanted)
             if len(kept) >= wanted or fetch >= total:
                 break
             fetch = min(total, fetch * 2)  # duplicates took places: look further down the ranking
-        return [self._hit(rank, entry) for rank, entry in enumerate(kept[offset:wanted], start=offset + 1)]
+        return [self._hit(live, rank, entry) for rank, entry in enumerate(kept[offset:wanted], start=offset + 1)]
 
-    def _itm_scores(self, text: str, rows: list[int], batch_size: int) -> list[float | None]:
+    def _itm_scores(self, live: _Live, text: str, rows: list[int], batch_size: int) -> list[float | None]:
         """ITM probabilities of ``text`` with the items of ``rows``, from the cache or computed in batches."""
-        cache = self._itm_cache
+        cache = live.itm_cache
         missing = [r for r in rows if (text, r) not in cache]
         if missing:
-            scores = itm_probabilities(self.model, text, [int(self._ids[r]) for r in missing], self, rows=missing,
+            scores = itm_probabilities(self.model, text, [int(live.ids[r]) for r in missing], self, rows=missing,
                                        batch_size=batch_size)
             cache.update(((text, r), p) for r, p in scores.items())
         for r in rows:
@@ -304,11 +354,11 @@ class Index:
             cache.popitem(last=False)
         return out
 
-    def _rank(self, text, scores, rows, rerank, itc_weight, batch_size) -> list[dict]:
+    def _rank(self, live: _Live, text, scores, rows, rerank, itc_weight, batch_size) -> list[dict]:
         """Candidates in final order: re-ranked ones by fused score, then the rest by ITC."""
         entries = [{"row": int(r), "itc": float(s), "itm": None} for s, r in zip(scores.tolist(), rows.tolist())]
         head = entries[:rerank]
-        for e, p in zip(head, self._itm_scores(text, [e["row"] for e in head], batch_size) if head else []):
+        for e, p in zip(head, self._itm_scores(live, text, [e["row"] for e in head], batch_size) if head else []):
             e["itm"] = p
         scored = [e for e in head if e["itm"] is not None]
         for e in scored:
@@ -339,9 +389,9 @@ class Index:
             kept_rows.append(entry["row"])
         return kept
 
-    def _hit(self, rank: int, entry: dict) -> Hit:
-        item = self.manifest.item(int(self._ids[entry["row"]]))
-        duplicates = [self.manifest.item(int(self._ids[r])).key for r in entry.get("duplicates", [])]
+    def _hit(self, live: _Live, rank: int, entry: dict) -> Hit:
+        item = self.manifest.item(int(live.ids[entry["row"]]))
+        duplicates = [self.manifest.item(int(live.ids[r])).key for r in entry.get("duplicates", [])]
         return Hit(rank=rank, item_id=item.id, key=item.key, path=item.path, caption=item.caption,
                    score=float(entry["score"]), itc=float(entry["itc"]), itm=entry["itm"], duplicates=duplicates)
 

@@ -36,7 +36,7 @@ def itm_probabilities(model, text: str, item_ids: Sequence[int], index, *, rows:
         for p in positions.tolist():
             try:
                 images.append(index.load_image(item_ids[p]))
-            except (BadSampleError, OSError, KeyError) as exc:
+            except (BadSampleError, OSError, LookupError) as exc:
                 logger.warning("re-ranking: item %s is unreadable now (%s); it keeps its ITC place", item_ids[p], exc)
                 unreadable.add(p)
                 images.append(None)

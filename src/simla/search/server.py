@@ -236,14 +236,14 @@ def create_app(index: Any) -> Any:
 
     def not_found(item_id: int, exc: BaseException) -> Any:
         # An unknown id, or a file that was moved or broken since it was indexed.
-        reason = f"no item with id {item_id}" if isinstance(exc, KeyError) else f"item {item_id} is unreadable: {exc}"
+        reason = f"no item with id {item_id}" if isinstance(exc, LookupError) else f"item {item_id} is unreadable: {exc}"
         return JSONResponse({"detail": reason}, status_code=404)
 
     @app.get("/api/thumb/{item_id}")
     def thumb(item_id: int, size: int = 256):
         try:
             data = searcher.thumbnail(item_id, size)
-        except (KeyError, OSError, BadSampleError) as exc:
+        except (LookupError, OSError, BadSampleError) as exc:
             return not_found(item_id, exc)
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
 
@@ -251,7 +251,7 @@ def create_app(index: Any) -> Any:
     def original(item_id: int):
         try:
             data = searcher.image(item_id)
-        except (KeyError, OSError) as exc:
+        except (LookupError, OSError) as exc:
             return not_found(item_id, exc)
         return Response(data, media_type=image_mime(data), headers={"Cache-Control": "public, max-age=3600"})
 
