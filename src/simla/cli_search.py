@@ -126,6 +126,21 @@ def _add_query_model_options(parser: argparse.ArgumentParser) -> None:
                              "simla[faiss]); auto picks faiss for very large indexes when it is installed")
 
 
+def _add_check_command(index_sub) -> None:
+    """`simla index check INDEX [--repair]`."""
+    check = index_sub.add_parser(
+        "check", help="verify the manifest and every feature file; --repair fixes what it can",
+        description="Checks the manifest (SQLite integrity, tables, meta) and every feature chunk (present, inside "
+        "the index, float16, the registered shape, finite). Exit status 0: healthy, 1: damaged. With --repair "
+        "(under the index's write lock) damaged chunks and their items are dropped and embedded again by an "
+        "update; an unreadable manifest is set aside and the index rebuilt from its recorded source.")
+    check.add_argument("index", help="the index folder")
+    check.add_argument("--repair", action="store_true", help="repair what the check finds, and say what was done")
+    check.add_argument("--checkpoint", help="the index's model for re-embedding, if its recorded checkpoint moved")
+    _add_embedding_options(check)
+    check.set_defaults(func=cmd_index_check)
+
+
 def add_search_commands(sub) -> None:
     """Register `index`, `search` and `serve` on the top-level sub-parsers."""
     index = sub.add_parser("index", help="build or update a search index of a folder, annotation file or shards")
@@ -161,17 +176,7 @@ def add_search_commands(sub) -> None:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_index_info)
 
-    check = index_sub.add_parser(
-        "check", help="verify the manifest and every feature file; --repair fixes what it can",
-        description="Checks the manifest (SQLite integrity, tables, meta) and every feature chunk (present, inside "
-        "the index, float16, the registered shape, finite). Exit status 0: healthy, 1: damaged. With --repair "
-        "(under the index's write lock) damaged chunks and their items are dropped and embedded again by an "
-        "update; an unreadable manifest is set aside and the index rebuilt from its recorded source.")
-    check.add_argument("index", help="the index folder")
-    check.add_argument("--repair", action="store_true", help="repair what the check finds, and say what was done")
-    check.add_argument("--checkpoint", help="the index's model for re-embedding, if its recorded checkpoint moved")
-    _add_embedding_options(check)
-    check.set_defaults(func=cmd_index_check)
+    _add_check_command(index_sub)
 
     search = sub.add_parser(
         "search", help="query an index by text and/or image, optionally re-ranked by the ITM head",

@@ -158,8 +158,8 @@ class Index:
         folder = Path(output)
         checkpoint = os.path.abspath(checkpoint) if checkpoint is not None else None
         with write_lock(folder):
-            return cls._build_locked(spec, folder, checkpoint, model, device, backend, dict(
-                batch_size=batch_size, num_workers=num_workers, precision=precision, progress=progress))
+            return cls._build_locked(spec, folder, checkpoint, model, device, backend, {
+                "batch_size": batch_size, "num_workers": num_workers, "precision": precision, "progress": progress})
 
     @classmethod
     def _build_locked(cls, spec: SourceSpec, folder: Path, checkpoint: str | None, model, device, backend: str,

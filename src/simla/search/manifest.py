@@ -34,8 +34,8 @@ from typing import Any, TypeVar
 
 from ..errors import SimlaError
 
-__all__ = ["MANIFEST_NAME", "REQUIRED_TABLES", "CorruptIndexError", "ItemNotFoundError", "Manifest", "StoredItem", "StoredError",
-           "is_corruption"]
+__all__ = ["MANIFEST_NAME", "REQUIRED_TABLES", "CorruptIndexError", "ItemNotFoundError", "Manifest", "StoredError",
+           "StoredItem", "is_corruption"]
 
 MANIFEST_NAME = "manifest.sqlite"
 REQUIRED_TABLES = ("meta", "chunks", "items", "errors")
