@@ -267,3 +267,20 @@ def test_refresh_sees_another_processs_update(index, checkpoint):
     assert isinstance(caught.value, SimlaError) and isinstance(caught.value, LookupError)
     assert not isinstance(caught.value, KeyError)
     reader.close()
+
+
+def test_repair_rebuilds_a_truncated_manifest_whose_meta_survives(index, capsys):
+    db = sqlite3.connect(index / MANIFEST_NAME)
+    meta_pages = max(page for name, page in db.execute("SELECT name, rootpage FROM sqlite_master")
+                     if "meta" in name)
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    data = (index / MANIFEST_NAME).read_bytes()
+    (index / MANIFEST_NAME).write_bytes(data[:page_size * (meta_pages + 1)])  # cut after the meta table
+    capsys.readouterr()
+    assert main(["index", "check", str(index)]) == 1
+    assert main(["index", "check", str(index), "--repair", "--num-workers", "0", "--device", "cpu", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "set the damaged manifest aside as manifest.sqlite.damaged" in out and "rebuilt the index from" in out
+    assert (index / f"{MANIFEST_NAME}.damaged").exists()
+    _healthy_and_searchable(index, 6, capsys)

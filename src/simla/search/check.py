@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,16 +187,39 @@ def _reembed(folder: Path, checkpoint: str | None, dropped: int, options: dict[s
                    f"the index holds {summary.items} items")
 
 
-def _salvage_meta(path: Path) -> dict[str, Any]:
-    """Whatever ``meta`` rows can still be read from a damaged manifest ({} when none)."""
+def _read_meta(path: Path) -> dict[str, Any]:
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     try:
-        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            return {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM meta")}
-        finally:
-            db.close()
+        return {key: json.loads(value) for key, value in db.execute("SELECT key, value FROM meta")}
+    finally:
+        db.close()
+
+
+def _salvage_meta(path: Path) -> dict[str, Any]:
+    """Whatever ``meta`` rows can still be read from a damaged manifest ({} when none).
+
+    A manifest cut short (its header promises more pages than the file has) is read from a copy padded
+    with empty pages to the promised size: the meta table lies in its first pages.
+    """
+    try:
+        return _read_meta(path)
     except (sqlite3.Error, ValueError):
+        pass
+    data = path.read_bytes()
+    if len(data) < 100 or not data.startswith(b"SQLite format 3\x00"):
         return {}
+    page_size = int.from_bytes(data[16:18], "big")
+    page_size = 65_536 if page_size == 1 else page_size
+    promised = page_size * int.from_bytes(data[28:32], "big")
+    if not len(data) < promised <= 64 * len(data) + (1 << 20):
+        return {}
+    with tempfile.TemporaryDirectory() as scratch:
+        padded = Path(scratch) / MANIFEST_NAME
+        padded.write_bytes(data + bytes(promised - len(data)))
+        try:
+            return _read_meta(padded)
+        except (sqlite3.Error, ValueError):
+            return {}
 
 
 def _rebuild(folder: Path, checkpoint: str | os.PathLike | None, options: dict[str, Any],
