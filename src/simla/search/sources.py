@@ -275,7 +275,8 @@ def open_regular(key: str, path: str, limit: int | None, *, follow: bool = True)
     """Open a regular file for reading without ever blocking or opening a device: checked by ``stat`` before
     the open (``O_NONBLOCK``, so a FIFO swapped in cannot block it) and by ``fstat`` after it."""
     stat_regular(key, path, limit)
-    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    nonblocking = getattr(os, "O_NONBLOCK", 0)
+    flags = os.O_RDONLY | nonblocking | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
     if not follow:
         flags |= getattr(os, "O_NOFOLLOW", 0)
     try:
@@ -285,7 +286,8 @@ def open_regular(key: str, path: str, limit: int | None, *, follow: bool = True)
     try:
         info = os.fstat(fd)
         _check_stat(key, path, info, limit)  # swapped between the stat and the open
-        os.set_blocking(fd, True)
+        if nonblocking:
+            os.set_blocking(fd, True)
         return os.fdopen(fd, "rb"), info
     except BaseException:
         os.close(fd)
@@ -479,10 +481,15 @@ def read_item_bytes(path: str, member: str | None = None, offset: int | None = N
     limit = max_item_bytes()
     real = confine(source, name, path) if source is not None else path
     follow = source is None  # a confined path is real: a symlink swapped in after confine() is refused
-    if member is None:
-        data = _read_file(name, real, limit, size if sha256 is not None else None, follow)
-    else:
-        data = _read_member(name, real, member, offset, size, limit, follow)
+    try:
+        if member is None:
+            data = _read_file(name, real, limit, size if sha256 is not None else None, follow)
+        else:
+            data = _read_member(name, real, member, offset, size, limit, follow)
+    except ItemUnavailableError as exc:
+        if exc.path == path:
+            raise
+        raise ItemUnavailableError(name, path, exc.kind, exc.reason) from None  # name the recorded path
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
         raise _changed(name, path, "its bytes differ from those indexed")
     return data
