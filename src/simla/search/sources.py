@@ -294,11 +294,15 @@ def open_regular(key: str, path: str, limit: int | None, *, follow: bool = True)
         raise
 
 
-def _candidate(key: str, path: str, confinement: SourceConfinement | None, limit: int) -> SourceItem | ScanProblem:
-    """A scanned file as an item (a regular file inside the source, within the size cap), else a problem."""
+def _candidate(key: str, path: str, confinement: SourceConfinement, limit: int, *,
+               walked: bool = False) -> SourceItem | ScanProblem:
+    """A scanned file as an item (a regular file inside the source, within the size cap), else a problem.
+
+    ``walked``: the path was found by walking the (resolved) source folder, which never enters a linked
+    folder, so only the file itself can be a link and a plain file needs no resolving."""
     try:
         info = stat_regular(key, path, limit)
-        if confinement is not None and not confinement.allows(os.path.realpath(path)):
+        if (not walked or os.path.islink(path)) and not confinement.allows(os.path.realpath(path)):
             raise ItemUnavailableError(key, path, "outside_source",
                                        f"resolves to {os.path.realpath(path)}, outside the source "
                                        f"({confinement.describe()})")
@@ -329,7 +333,8 @@ def _scan_folder(spec: SourceSpec) -> tuple[list[SourceItem], list[ScanProblem]]
             if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
                 continue
             path = os.path.join(directory, name)
-            found.append(_candidate(os.path.relpath(path, root).replace(os.sep, "/"), path, confinement, limit))
+            key = os.path.relpath(path, root).replace(os.sep, "/")
+            found.append(_candidate(key, path, confinement, limit, walked=True))
     return _split(found)
 
 
