@@ -32,7 +32,7 @@ from ..data.transforms import EvalView
 from ..distributed import get_rank, get_world_size, is_distributed
 from ..errors import ConfigError
 from .manifest import Manifest
-from .sources import ScanProblem, SourceItem, SourceSpec, read_item_bytes, scan_source
+from .sources import ItemUnavailableError, ScanProblem, SourceItem, SourceSpec, read_item_bytes, scan_source
 from .store import compact, remove_orphans, write_chunk
 
 
@@ -97,6 +97,8 @@ class _WorkImages(Dataset):
         item = self.work[index].item
         try:
             data = read_item_bytes(item.path, item.member, item.offset, item.size)
+        except ItemUnavailableError as exc:  # not a regular file, over the size cap, gone
+            return {"index": index, "error": (exc.kind, exc.reason)}
         except OSError as exc:
             return {"index": index, "error": ("unreadable", f"cannot read ({type(exc).__name__}: {exc})")}
         sha = hashlib.sha256(data).hexdigest()
@@ -148,7 +150,7 @@ def _drop_deleted(index_dir: Path, manifest: Manifest, deleted: list[str], probl
     manifest.set_meta({"complete": False})
     known_errors = {e.key for e in manifest.errors()}
     new_problems = [p for p in problems if p.key not in known_errors]
-    manifest.record_errors([{"key": p.key, "path": p.path, "reason": p.reason, "kind": "missing",
+    manifest.record_errors([{"key": p.key, "path": p.path, "reason": p.reason, "kind": p.kind,
                              "size": p.size, "mtime_ns": p.mtime_ns} for p in problems])
     summary.failed += len(new_problems)
     summary.failures += [(p.key, p.reason) for p in new_problems]

@@ -275,10 +275,16 @@ class Index:
 
     # ------------------------------------------------------------------------------ images
     def image_bytes(self, item_id: int) -> bytes:
+        """The item's encoded image, checked before it is returned: the path must lie inside the index's
+        source once symlinks are followed, be a regular file of at most ``MAX_ITEM_BYTES``, and hold the
+        bytes indexed (sha256); else :class:`~simla.search.sources.ItemUnavailableError` says why."""
         item = self.manifest.item(item_id)
-        return read_item_bytes(item.path, item.member, item.offset, item.size)
+        source = SourceSpec(**self.manifest.get_meta("source"))
+        return read_item_bytes(item.path, item.member, item.offset, item.size, key=item.key, source=source,
+                               sha256=item.sha256)
 
     def load_image(self, item_id: int) -> Image.Image:
+        """The item's image, decoded (read through the checks of :meth:`image_bytes`)."""
         item = self.manifest.item(item_id)
         return load_image(self.image_bytes(item_id), name=item.key)
 
