@@ -125,6 +125,10 @@ details.dups li { overflow-wrap: anywhere; }
   background: var(--bad-bg); color: var(--bad); border: 1px solid #fecdca; border-radius: var(--radius);
   padding: 10px 14px; margin-bottom: 14px; white-space: pre-wrap;
 }
+.notice {
+  background: #fffaeb; color: #93370d; border: 1px solid #fedf89; border-radius: var(--radius);
+  padding: 10px 14px; margin-bottom: 14px;
+}
 .empty { color: var(--muted); padding: 30px 0; text-align: center; }
 form.search { display: flex; flex-direction: column; gap: 10px; }
 .row { display: flex; gap: 8px; align-items: center; flex-wrap: wrap; }
@@ -300,6 +304,7 @@ _APP_BODY = """
 </form>
 </section>
 <div id="error" class="error" role="alert" hidden></div>
+<div id="notice" class="notice" role="status" hidden></div>
 <p id="summary" class="summary"></p>
 <div id="results" class="grid"></div>
 <nav id="pager" class="pager" hidden>
@@ -344,6 +349,7 @@ async function loadInfo() {
     const info = await fetchJSON("api/info");
     const parts = [info.items.toLocaleString() + " images"];
     if (info.errors) parts.push(info.errors.toLocaleString() + " unreadable");
+    if (info.complete === false) parts.push("build not complete");
     if (info.source) parts.push("from " + info.source);
     if (info.model) parts.push("model " + info.model + (info.dim ? " (" + info.dim + "-d)" : ""));
     parts.push(info.rerank_available ? "ITM re-ranking available" : "no ITM re-ranking");
@@ -459,6 +465,11 @@ function updatePager() {
 
 function render(data) {
   $("results").replaceChildren(...data.hits.map(card));
+  // An unfinished index answers from the images indexed so far: say so next to the results.
+  const incomplete = data.complete === false;
+  const warning = data.warning || "some images are not indexed yet.";
+  $("notice").textContent = incomplete ? "Incomplete index: " + warning : "";
+  $("notice").hidden = !incomplete;
   const first = data.offset + 1;
   const last = data.offset + data.hits.length;
   if (!data.hits.length) {

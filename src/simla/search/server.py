@@ -364,17 +364,21 @@ class _RequestGuard:
             return
 
         async def send_nosniff(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]}
+            headers = list(message.get("headers", []))
+            if message["type"] == "http.response.start" and all(k.lower() != _NOSNIFF[0] for k, _ in headers):
+                message = {**message, "headers": [*headers, _NOSNIFF]}
             await send(message)
         await self.app(scope, receive, send_nosniff)
+
+
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
 
 
 async def _send_json(send: Any, status: int, message: str) -> None:
     body = _json_bytes({"detail": message})
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"x-content-type-options", b"nosniff")]})
+                            _NOSNIFF]})
     await send({"type": "http.response.body", "body": body})
 
 
