@@ -24,10 +24,9 @@ from simla.search import Index
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # noqa: E402 - after the skip: the serve extra is optional
+from fastapi.testclient import TestClient  # after the skips: the serve extra is optional
 
-from simla.search import server  # noqa: E402
-
+from simla.search import server
 
 LOCAL = "http://localhost:8000"
 

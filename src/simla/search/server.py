@@ -38,8 +38,8 @@ from PIL import Image
 
 from simla.data.images import BadSampleError, load_image
 from simla.search.html import image_mime, render_app_page
-from ..errors import MissingExtraError, SimlaError
 
+from ..errors import MissingExtraError, SimlaError
 
 __all__ = ["LOCAL_HOSTS", "MAX_BODY_BYTES", "MAX_K", "MAX_RERANK", "MAX_UPLOAD_PIXELS", "background_server",
            "create_app", "error_status", "exposure_warning", "serve"]
@@ -238,7 +238,7 @@ def _answered(work: Any, item_id: int | None = None) -> Any:
     """The result of ``work()``, or the JSON error response for what it raised."""
     try:
         return work()
-    except Exception as exc:  # noqa: BLE001 - every error becomes a JSON answer; 500s are logged
+    except Exception as exc:  # every error becomes a JSON answer; a 500 is logged with its traceback
         return _error_response(exc, item_id)
 
 
@@ -513,7 +513,7 @@ def _add_error_handlers(app: Any) -> None:
     from fastapi.exceptions import RequestValidationError
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc):  # noqa: ANN001 - FastAPI's handler signature
+    async def _invalid(request, exc):  # FastAPI's handler signature
         # One error shape for the page: a 400 with a readable message instead of FastAPI's 422 list.
         problems = [f"{'.'.join(str(p) for p in err.get('loc', ())[1:]) or 'request'}: {err.get('msg')}"
                     for err in exc.errors()]
