@@ -93,12 +93,14 @@ def test_images_over_the_pixel_cap_are_refused_from_their_header(client, fake, s
     assert not fake.calls
 
 
-def test_large_allowed_images_are_shrunk_before_the_model(client, fake):
-    response = client.post("/api/search", json={"image": data_url(encoded(Image.new("RGB", (3000, 1500), "red"))),
-                                                 "k": 2})
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_large_allowed_images_are_shrunk_before_the_model(client, fake, fmt):
+    image = Image.new("RGB", (4096, 2048), "red")
+    response = client.post("/api/search", json={"image": data_url(encoded(image, fmt)), "k": 2})
     assert response.status_code == 200, response.text
     with Image.open(io.BytesIO(fake.calls[-1]["image"])) as shrunk:
         assert shrunk.size == (server.QUERY_IMAGE_SIDE, server.QUERY_IMAGE_SIDE // 2)
+        assert shrunk.convert("RGB").getpixel((10, 10))[0] > 240  # still the same red picture
 
 
 def test_truncated_jpeg_is_a_bad_request(client, fake):
