@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -289,3 +290,47 @@ def test_original_images_carry_their_type_and_nosniff(client, fake, monkeypatch)
     assert html.headers["content-type"] == "application/octet-stream"
     assert html.headers["content-disposition"] == "attachment" and html.headers["x-content-type-options"] == "nosniff"
     assert client.get("/api/info").headers["x-content-type-options"] == "nosniff"
+
+
+def test_uploads_are_checked_without_waiting_for_the_model_lock(tmp_path, png_bomb):
+    """A bomb is refused while a slow search holds the model lock: the check happens before the lock."""
+    pytest.importorskip("uvicorn")
+    import httpx
+
+    slow = SQLiteFakeIndex(tmp_path / "x.idx", delay=3.0)
+    with server.background_server(slow) as url:
+        searching = threading.Thread(target=httpx.get, args=(f"{url}/api/search",),
+                                     kwargs={"params": {"q": "slow"}, "timeout": 30})
+        searching.start()
+        deadline = time.monotonic() + 10
+        while not slow.active and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert slow.active == 1  # the slow search holds the model lock now
+        start = time.perf_counter()
+        refused = httpx.post(f"{url}/api/search", json={"image": data_url(png_bomb)}, timeout=30)
+        assert refused.status_code == 400 and time.perf_counter() - start < 1.5
+        assert slow.active == 1
+        searching.join()
+    assert [call["text"] for call in slow.calls] == ["slow"]
+
+
+def test_the_index_refreshes_before_each_search_and_its_answer_stands(tmp_path):
+    class Refreshing(SQLiteFakeIndex):
+        refreshes = 0
+
+        def refresh(self) -> bool:
+            self.refreshes += 1
+            return True
+
+        def search(self, *args, **kwargs):
+            if kwargs.get("rerank"):
+                raise type("ItemNotFoundError", (KeyError,), {})("no item with id 3")
+            return super().search(*args, **kwargs)
+
+    index = Refreshing(tmp_path / "x.idx")
+    with TestClient(server.create_app(index), base_url=LOCAL) as client:
+        assert client.get("/api/search", params={"q": "dog"}).status_code == 200
+        assert index.refreshes == 1
+        missing = client.get("/api/search", params={"q": "dog", "rerank": 5})
+        assert missing.status_code == 404 and missing.json()["detail"] == "no item with id 3"
+        assert index.refreshes == 2  # refreshed once, not retried: a refreshing index's answer stands
