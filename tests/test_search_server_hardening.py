@@ -20,14 +20,12 @@ from test_search_server import FakeIndex, data_url, png_bytes
 import simla
 from simla.checkpoint import save_checkpoint
 from simla.cli import main
-from simla.search import Index
+from simla.search import Index, server
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-from fastapi.testclient import TestClient  # after the skips: the serve extra is optional
-
-from simla.search import server
+from fastapi.testclient import TestClient  # noqa: I001 - after the skips: the serve extra is optional
 
 LOCAL = "http://localhost:8000"
 
@@ -127,7 +125,8 @@ def test_request_bodies_over_the_cap_are_413(fake, monkeypatch):
 def test_lone_surrogates_are_not_valid_query_text(client, fake):
     got = client.get("/api/search?q=%ED%A0%80")
     assert got.status_code == 400 and got.json()["detail"].startswith(server.INVALID_TEXT)
-    posted = client.post("/api/search", content=b'{"text": "a \\ud800 dog"}', headers={"content-type": "application/json"})
+    posted = client.post("/api/search", content=b'{"text": "a \\ud800 dog"}',
+                         headers={"content-type": "application/json"})
     assert posted.status_code == 400 and posted.json()["detail"].startswith(server.INVALID_TEXT)
     odd_field = client.post("/api/search", content=b'{"\\udc80": 1}', headers={"content-type": "application/json"})
     assert odd_field.status_code == 400 and "unknown fields" in odd_field.json()["detail"]
