@@ -42,8 +42,9 @@ from simla.search.html import image_mime, render_app_page
 
 from ..errors import MissingExtraError, SimlaError
 
-__all__ = ["LOCAL_HOSTS", "MAX_BODY_BYTES", "MAX_K", "MAX_RERANK", "MAX_UPLOAD_PIXELS", "background_server",
-           "create_app", "error_status", "exposure_warning", "serve"]
+__all__ = ["INCOMPLETE_WARNING", "LOCAL_HOSTS", "MAX_BODY_BYTES", "MAX_K", "MAX_RERANK", "MAX_UPLOAD_PIXELS",
+           "HostNameError", "allowed_hosts", "background_server", "create_app", "error_status", "exposure_warning",
+           "serve"]
 
 logger = logging.getLogger(__name__)
 
