@@ -120,7 +120,7 @@ def test_http_api_round_trip_on_a_real_index(photos, tmp_path, checkpoint):
     from simla.search.server import create_app
 
     index = Index.build(photos, tmp_path / "idx", checkpoint=checkpoint, batch_size=4, num_workers=0, progress=False)
-    with TestClient(create_app(index)) as client:
+    with TestClient(create_app(index), base_url="http://127.0.0.1:8000") as client:
         assert client.get("/api/info").json()["items"] == 9
         got = client.get("/api/search", params={"q": "a red square", "k": 3, "rerank": 3, "offset": 1}).json()
         assert got["hits"] == [h.to_dict() for h in index.search("a red square", k=3, rerank=3, offset=1)]

@@ -204,7 +204,7 @@ def client(fake):
 
     from simla.search.server import create_app
 
-    with TestClient(create_app(fake)) as test_client:
+    with TestClient(create_app(fake), base_url="http://localhost:8000") as test_client:
         yield test_client
 
 

@@ -14,7 +14,7 @@ from .search import Index
 from .search.check import check_index, repair_index
 from .search.html import render_results_page
 from .search.index import jpeg_thumbnail
-from .search.server import serve
+from .search.server import INCOMPLETE_WARNING, allowed_hosts, serve
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
@@ -75,9 +75,14 @@ def _print_table(hits) -> None:
               + (f"\n{'':>32}{caption}" if caption else ""))
 
 
-def cmd_search(args: argparse.Namespace) -> int:
+def _warn_if_incomplete(index: Index) -> None:
+    if index.info().get("complete") is False:
+        print(f"warning: {index.path}: {INCOMPLETE_WARNING}", file=sys.stderr)
 
+
+def cmd_search(args: argparse.Namespace) -> int:
     index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, backend=args.backend)
+    _warn_if_incomplete(index)
     dedup = args.dedup
     hits = index.search(args.text, args.image, k=args.k, rerank=args.rerank, offset=args.offset, dedup=dedup,
                         itc_weight=args.itc_weight, batch_size=args.batch_size)
@@ -101,10 +106,12 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    allowed_hosts(args.host, args.allow_host)  # a bad --allow-host is refused before the model is loaded
     index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, backend=args.backend)
+    _warn_if_incomplete(index)
     index.search("warm-up", k=1, dedup=None)  # load the model and the features before the first visitor
     print(f"serving {index.path} ({len(index):,} images) on http://{args.host}:{args.port}  (Ctrl-C to stop)")
-    serve(index, host=args.host, port=args.port)
+    serve(index, host=args.host, port=args.port, allow_hosts=args.allow_host)
     return 0
 
 
@@ -208,7 +215,13 @@ def add_search_commands(sub) -> None:
     serve = sub.add_parser("serve", help="a local web page to search an index (needs simla[serve])",
                            description="simla serve photos.idx --port 8000, then open http://127.0.0.1:8000")
     serve.add_argument("index", help="the index folder")
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; any other address shows "
+                            "the index to the network, with a warning)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="also answer requests addressed to NAME (a host name or address other machines use "
+                            "to reach this one; repeatable). localhost, 127.0.0.1, [::1] and --host are always "
+                            "allowed; requests for any other Host get HTTP 400 (protection against DNS rebinding)")
     _add_query_model_options(serve)
     serve.set_defaults(func=cmd_serve)

@@ -13,33 +13,18 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from simla.search.results import Hit
+from simla.search.sources import image_mime_type
 
 __all__ = ["STYLE", "image_mime", "render_app_page", "render_results_page"]
 
-# Magic numbers of the encodings an index can hold; enough to label a data URI or a response.
-_MAGIC: tuple[tuple[bytes, str], ...] = (
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "image/png"),
-    (b"GIF87a", "image/gif"),
-    (b"GIF89a", "image/gif"),
-    (b"BM", "image/bmp"),
-    (b"II*\x00", "image/tiff"),
-    (b"MM\x00*", "image/tiff"),
-)
-
-
 def image_mime(data: bytes) -> str:
-    """The MIME type of encoded image bytes, from their magic number.
+    """The MIME type of encoded image bytes, from their magic number (`application/octet-stream` when they are
+    no image encoding).
 
     Browsers refuse or mis-render data URIs and responses with the wrong type, and file
     extensions are not available for WebDataset samples, so the bytes decide.
     """
-    for magic, mime in _MAGIC:
-        if data.startswith(magic):
-            return mime
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return "application/octet-stream"
+    return image_mime_type(data) or "application/octet-stream"
 
 
 def _data_uri(data: bytes) -> str:
@@ -124,6 +109,10 @@ details.dups li { overflow-wrap: anywhere; }
 .error {
   background: var(--bad-bg); color: var(--bad); border: 1px solid #fecdca; border-radius: var(--radius);
   padding: 10px 14px; margin-bottom: 14px; white-space: pre-wrap;
+}
+.notice {
+  background: #fffaeb; color: #93370d; border: 1px solid #fedf89; border-radius: var(--radius);
+  padding: 10px 14px; margin-bottom: 14px;
 }
 .empty { color: var(--muted); padding: 30px 0; text-align: center; }
 form.search { display: flex; flex-direction: column; gap: 10px; }
@@ -300,6 +289,7 @@ _APP_BODY = """
 </form>
 </section>
 <div id="error" class="error" role="alert" hidden></div>
+<div id="notice" class="notice" role="status" hidden></div>
 <p id="summary" class="summary"></p>
 <div id="results" class="grid"></div>
 <nav id="pager" class="pager" hidden>
@@ -344,6 +334,7 @@ async function loadInfo() {
     const info = await fetchJSON("api/info");
     const parts = [info.items.toLocaleString() + " images"];
     if (info.errors) parts.push(info.errors.toLocaleString() + " unreadable");
+    if (info.complete === false) parts.push("build not complete");
     if (info.source) parts.push("from " + info.source);
     if (info.model) parts.push("model " + info.model + (info.dim ? " (" + info.dim + "-d)" : ""));
     parts.push(info.rerank_available ? "ITM re-ranking available" : "no ITM re-ranking");
@@ -459,6 +450,11 @@ function updatePager() {
 
 function render(data) {
   $("results").replaceChildren(...data.hits.map(card));
+  // An unfinished index answers from the images indexed so far: say so next to the results.
+  const incomplete = data.complete === false;
+  const warning = data.warning || "some images are not indexed yet.";
+  $("notice").textContent = incomplete ? "Incomplete index: " + warning : "";
+  $("notice").hidden = !incomplete;
   const first = data.offset + 1;
   const last = data.offset + data.hits.length;
   if (!data.hits.length) {

@@ -7,6 +7,12 @@ The endpoints are plain ``def`` functions: FastAPI runs them in its threadpool, 
 CPU-bound model code off the event loop. The model is not thread-safe, so searches go through one
 lock; thumbnails and originals only read image storage and take a second lock of their own, so a
 page of thumbnails does not wait behind a long re-ranking.
+
+Safety for a server left running: every request passes :class:`_RequestGuard` first (a ``Host``
+allow-list against DNS rebinding, a request body cap, a strictly UTF-8 query string); uploaded
+images are size-checked from their header and decoded, capped and shrunk before the model lock is
+taken; before each search the index may reload what another process (``simla index update``) changed;
+and every error is answered as JSON with a status that says whose fault it is (:func:`error_status`).
 """
 
 from __future__ import annotations
@@ -15,29 +21,55 @@ import base64
 import binascii
 import contextlib
 import io
+import ipaddress
+import json
+import logging
 import math
 import socket
+import sys
 import threading
 import time
+import urllib.parse
+import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from simla.data.images import BadSampleError
+from simla.data.images import BadSampleError, load_image
 from simla.search.html import image_mime, render_app_page
-from ..errors import MissingExtraError
 
+from ..errors import MissingExtraError, SimlaError
 
-__all__ = ["MAX_K", "MAX_RERANK", "background_server", "create_app", "serve"]
+__all__ = ["INCOMPLETE_WARNING", "LOCAL_HOSTS", "MAX_BODY_BYTES", "MAX_K", "MAX_RERANK", "MAX_UPLOAD_PIXELS",
+           "HostNameError", "allowed_hosts", "background_server", "create_app", "error_status", "exposure_warning",
+           "serve"]
+
+logger = logging.getLogger(__name__)
 
 MAX_K = 200  # hits per request: more is a page nobody scrolls and a slow response
 MAX_RERANK = 1000  # ITM re-ranking costs one cross-attention pass per candidate
 MAX_OFFSET = 100_000
 MAX_TEXT_CHARS = 2000
 MAX_IMAGE_BYTES = 20 * 1024 * 1024
+#: The whole request body: a base64 data URL of MAX_IMAGE_BYTES plus room for the other JSON fields.
+MAX_BODY_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 64 * 1024
+#: Uploaded query images may announce at most this many pixels (e.g. 6000 x 6000); the header is read
+#: before anything is decoded, so a small file that unpacks to gigabytes (a "PNG bomb") costs nothing.
+MAX_UPLOAD_PIXELS = 36_000_000
+#: Larger query images are shrunk to this longer side right after decoding: every model reads far fewer
+#: pixels (224 to 384 a side), and the model lock must not be held while a huge image is resized.
+QUERY_IMAGE_SIDE = 1024
+#: Uploads decoded at the same time: each may need a few hundred MB while it is being decoded.
+DECODE_SLOTS = 2
+MAX_ITEM_ID = 2**63 - 1  # item ids are SQLite integers
 THUMB_SIZES = (16, 1024)  # smallest and largest thumbnail side the API hands out
+#: Host header names always accepted (any port): the loopback names a browser on this machine uses.
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+#: Original images the browser may show inline; anything else is sent as a download.
+INLINE_IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp")
+INVALID_TEXT = "query text is not valid Unicode"
 # A request without ``dedup`` gets the index's own default: a good threshold depends on the model.
 _INDEX_DEFAULT = object()
 
@@ -54,8 +86,27 @@ class QueryError(ValueError):
     """A request the server refuses before it reaches the index (answered with HTTP 400)."""
 
 
-def _decode_image(value: str) -> bytes:
-    """The bytes of a ``data:image/...;base64,...`` URL (or of bare base64), checked to be an image."""
+class HostNameError(SimlaError, ValueError):
+    """A name given to ``--allow-host`` (or ``allow_hosts=``) is not a host name or address."""
+
+
+# ------------------------------------------------------------------------------------------ request values
+def _check_text(text: Any) -> str | None:
+    """The stripped query text, or None; QueryError for a non-string, invalid Unicode or an overlong text."""
+    if text is not None and not isinstance(text, str):
+        raise QueryError(f"text must be a string, not {type(text).__name__}")
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise QueryError(f"{INVALID_TEXT}: it holds a lone surrogate (expected UTF-8 text)") from None
+    text = text.strip() if text else None
+    if text and len(text) > MAX_TEXT_CHARS:
+        raise QueryError(f"text is longer than {MAX_TEXT_CHARS} characters")
+    return text or None
+
+
+def _upload_bytes(value: str) -> bytes:
+    """The bytes of a ``data:image/...;base64,...`` URL (or of bare base64)."""
     payload = value.strip()
     if payload.startswith("data:"):
         header, sep, payload = payload.partition(",")
@@ -69,12 +120,63 @@ def _decode_image(value: str) -> bytes:
         raise QueryError(f"image is not valid base64: {err}") from None
     if not data:
         raise QueryError("image is empty")
+    return data
+
+
+_decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+
+
+def _upload_size(data: bytes) -> tuple[int, int, str | None]:
+    """Width, height and format of an uploaded image from its header alone (PIL opens lazily)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the cap below decides
+            with Image.open(io.BytesIO(data)) as probe:
+                return probe.size[0], probe.size[1], probe.format
+    except Image.DecompressionBombError as err:
+        raise QueryError(f"image is too large: {err} (expected at most {MAX_UPLOAD_PIXELS:,} pixels)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise QueryError(f"image could not be decoded: not an image PIL can read ({type(err).__name__}: {err}); "
+                         f"expected a PNG, JPEG, GIF, WebP or BMP image") from None
+
+
+def _decode_upload(data: bytes, fmt: str | None) -> Image.Image:
+    """The decoded RGB image; a JPEG is decoded straight at a reduced scale when it is much larger than needed."""
+    if fmt != "JPEG":
+        try:
+            return load_image(data, name="uploaded image", max_pixels=MAX_UPLOAD_PIXELS)
+        except BadSampleError as err:
+            raise QueryError(f"image could not be decoded: {err.reason} (expected a complete PNG, JPEG, GIF, "
+                             f"WebP or BMP image of at most {MAX_UPLOAD_PIXELS:,} pixels)") from None
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise QueryError(f"image could not be decoded: {err}") from None
-    return data
+            image.draft("RGB", (QUERY_IMAGE_SIDE, QUERY_IMAGE_SIDE))  # DCT scaling: 1/2 to 1/8 of the work
+            image.load()
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise QueryError(f"image could not be decoded: corrupt or truncated JPEG ({type(err).__name__}: {err}); "
+                         f"expected a complete image") from None
+
+
+def _checked_upload(data: bytes) -> bytes:
+    """``data`` if it is an image of at most QUERY_IMAGE_SIDE a side, else a PNG of it shrunk to that.
+
+    The size comes from the header and is checked against MAX_UPLOAD_PIXELS before any pixel is decoded
+    (a small file that unpacks to gigabytes costs nothing); then the whole image is decoded, so truncated
+    and corrupt files are refused here, with a 400, and not inside the model.
+    """
+    width, height, fmt = _upload_size(data)
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise QueryError(f"image is too large: {width}x{height} = {width * height:,} pixels (expected at most "
+                         f"{MAX_UPLOAD_PIXELS:,} pixels)")
+    with _decode_slots:
+        image = _decode_upload(data, fmt)
+        if max(width, height) <= QUERY_IMAGE_SIDE:
+            return data
+        image.thumbnail((QUERY_IMAGE_SIDE, QUERY_IMAGE_SIDE), Image.Resampling.BICUBIC)
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        return out.getvalue()
 
 
 def _parse_dedup(value: Any) -> float | None:
@@ -110,6 +212,211 @@ def _as_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def _check_item_id(item_id: int) -> int:
+    """``item_id`` if it can name an item (a SQLite integer >= 0); KeyError (a 404) otherwise."""
+    if not 0 <= item_id <= MAX_ITEM_ID:
+        raise KeyError(f"no item with id {item_id}")
+    return item_id
+
+
+# ------------------------------------------------------------------------------------------ errors
+def error_status(exc: BaseException) -> int:
+    """The HTTP status for an error raised while answering a request.
+
+    503: the index is being updated by another process (``IndexBusyError``); 409: the item's file changed
+    since it was indexed (``ItemUnavailableError``); 404: an unknown or deleted item (``LookupError``,
+    ``ItemNotFoundError``); 400: a request that cannot work as asked (``ValueError``, ``SimlaError``, an
+    unusable image); 500: anything else, which is a bug. The index's own error classes are matched by name
+    so that this module does not depend on which of them an index defines.
+    """
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "IndexBusyError" in names:
+        return 503
+    if "ItemUnavailableError" in names:
+        return 409
+    if isinstance(exc, LookupError) or "ItemNotFoundError" in names:
+        return 404
+    if isinstance(exc, (ValueError, SimlaError, BadSampleError)):
+        return 400
+    return 500
+
+
+def _json_bytes(content: Any) -> bytes:
+    # ASCII with \\u escapes: a file name that is not valid UTF-8 (a lone surrogate in Python) still encodes.
+    return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
+    from fastapi.responses import Response
+
+    return Response(_json_bytes(content), status_code=status, media_type="application/json", headers=headers)
+
+
+def _error_response(exc: Exception, item_id: int | None = None) -> Any:
+    """``{"detail": message}`` with the status of :func:`error_status`; a 500 logs the traceback only."""
+    status = error_status(exc)
+    if item_id is not None and status in (400, 500) and isinstance(exc, (OSError, BadSampleError)):
+        status, message = 404, f"item {item_id} is unreadable: {exc}"  # moved or broken since it was indexed
+    elif status == 404 and item_id is not None:
+        message = f"no item with id {item_id}"
+    elif status == 500:
+        logger.error("the search server failed to answer a request", exc_info=exc)
+        message = "internal server error (the server's log has the details)"
+    else:
+        message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    headers = {"Retry-After": "2"} if status == 503 else None
+    return _json_response({"detail": message or type(exc).__name__}, status, headers)
+
+
+def _answered(work: Any, item_id: int | None = None) -> Any:
+    """The result of ``work()``, or the JSON error response for what it raised."""
+    try:
+        return work()
+    except Exception as exc:  # every error becomes a JSON answer; a 500 is logged with its traceback
+        return _error_response(exc, item_id)
+
+
+# ------------------------------------------------------------------------------------------ hosts
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
+
+
+def _host_of(header: str) -> str:
+    """The host of a Host header, lower case, without port or trailing dot: ``"[::1]:8000"`` -> ``"[::1]"``."""
+    value = header.strip().lower()
+    if value.startswith("["):
+        end = value.find("]")
+        return value[:end + 1] if end > 0 else value
+    name, sep, port = value.rpartition(":")
+    if sep and port.isdigit():
+        value = name
+    return value.rstrip(".")
+
+
+def _host_name(value: str) -> str:
+    """A bind address or ``--allow-host`` value as it appears in a Host header (bare IPv6 gets brackets)."""
+    text = value.strip().lower()
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(text).version == 6:
+            return f"[{text}]"
+    name = _host_of(text)
+    if name.startswith("[") and name.endswith("]"):
+        valid = set(name[1:-1]) <= set("0123456789abcdef:.") and ":" in name
+    else:
+        valid = bool(name) and set(name) <= _HOST_CHARS
+    if not valid:
+        raise HostNameError(f"{value!r} is not a host name or address (expected e.g. photos.lan, 192.168.1.20 "
+                            f"or ::1)")
+    return name
+
+
+def allowed_hosts(host: str | None = None, extra: Iterable[str] = ()) -> frozenset[str]:
+    """The Host header names a server bound to ``host`` answers: LOCAL_HOSTS, ``host`` and ``extra``."""
+    names = set(LOCAL_HOSTS) | {_host_name(name) for name in extra}
+    if host:
+        names.add(_host_name(host))
+    return frozenset(names)
+
+
+def _is_loopback(host: str) -> bool:
+    name = _host_name(host).strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a name: it may well resolve to a network address
+
+
+def exposure_warning(host: str) -> str | None:
+    """What to tell whoever serves on ``host`` when it is not a loopback address (None when it is)."""
+    if _is_loopback(host):
+        return None
+    where = "every network interface" if _host_name(host) in ("0.0.0.0", "[::]") else host
+    return (f"warning: listening on {where}: anyone who can reach this machine over the network can search "
+            f"the index and see its file names, thumbnails, images and paths (there is no login). Use --host "
+            f"127.0.0.1 to keep it on this machine; other machines must use a name or address given with "
+            f"--allow-host.")
+
+
+class _RequestGuard:
+    """ASGI middleware in front of every route: Host allow-list, request body cap, UTF-8 query string.
+
+    The Host check stops DNS rebinding: a web page from elsewhere that points its own domain name at
+    127.0.0.1 reaches this server with that name in ``Host`` and is refused. Bodies are read (at most
+    ``max_body`` bytes) before the app sees them, so an oversized upload is a 413 without being parsed.
+    """
+
+    def __init__(self, app: Any, hosts: frozenset[str], max_body: int) -> None:
+        self.app = app
+        self.hosts = hosts
+        self.max_body = max_body
+
+    def _refusal(self, scope: dict) -> tuple[int, str] | None:
+        headers = dict(scope.get("headers") or ())
+        host = _host_of(headers.get(b"host", b"").decode("latin-1"))
+        if host not in self.hosts:
+            return 400, (f"host not allowed: {host or '(no Host header)'!r} (expected one of "
+                         f"{', '.join(sorted(self.hosts))}; simla serve --allow-host NAME adds one)")
+        length = headers.get(b"content-length", b"0").strip()
+        if length.isdigit() and int(length) > self.max_body:
+            return 413, f"request body too large: {int(length):,} bytes (expected at most {self.max_body:,})"
+        try:
+            urllib.parse.unquote_to_bytes(scope.get("query_string", b"")).decode("utf-8")
+        except UnicodeDecodeError:
+            return 400, f"{INVALID_TEXT}: the URL's query string is not UTF-8"
+        return None
+
+    async def _read_body(self, receive: Any) -> tuple[list[dict], bool]:
+        """The request's body messages, and whether it stayed within ``max_body`` bytes."""
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages, True
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                return messages, False
+            if not message.get("more_body"):
+                return messages, True
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+            messages, within = await self._read_body(receive)
+            if not within:
+                refusal = 413, f"request body too large (expected at most {self.max_body:,} bytes)"
+
+            async def replay() -> dict:
+                return messages.pop(0) if messages else await receive()
+            receive = replay
+        if refusal is not None:
+            await _send_json(send, *refusal)
+            return
+
+        async def send_nosniff(message: dict) -> None:
+            headers = list(message.get("headers", []))
+            if message["type"] == "http.response.start" and all(k.lower() != _NOSNIFF[0] for k, _ in headers):
+                message = {**message, "headers": [*headers, _NOSNIFF]}
+            await send(message)
+        await self.app(scope, receive, send_nosniff)
+
+
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
+
+
+async def _send_json(send: Any, status: int, message: str) -> None:
+    body = _json_bytes({"detail": message})
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            _NOSNIFF]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ------------------------------------------------------------------------------------------ the index
 class _ThumbnailCache:
     """The last few hundred thumbnails: paging back and forth must not decode the same images again."""
 
@@ -129,6 +436,13 @@ class _ThumbnailCache:
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
+    def clear(self) -> None:
+        self._items.clear()
+
+
+INCOMPLETE_WARNING = ("this index is not complete (its build was interrupted or is still running): the results "
+                      "cover only the images indexed so far; `simla index update` finishes it")
+
 
 class _Searcher:
     """The index behind its locks; turns raw request values into checked index calls."""
@@ -141,30 +455,69 @@ class _Searcher:
 
     def search(self, *, text: Any = None, image: Any = None, k: Any = 20, rerank: Any = 0, offset: Any = 0,
                dedup: Any = _INDEX_DEFAULT, itc_weight: Any = 0.0) -> dict[str, Any]:
-        if text is not None and not isinstance(text, str):
-            raise QueryError("text must be a string")
-        text = text.strip() if text else None
-        if text and len(text) > MAX_TEXT_CHARS:
-            raise QueryError(f"text is longer than {MAX_TEXT_CHARS} characters")
+        text = _check_text(text)
         if image is not None and not isinstance(image, str):
             raise QueryError("image must be a base64 data URL string")
-        image_bytes = _decode_image(image) if image else None
-        if not text and image_bytes is None:
+        if not text and not image:
             raise QueryError("empty query: give a text, an image, or both")
         k = _as_int("k", k, 1, MAX_K)
         rerank = _as_int("rerank", rerank, 0, MAX_RERANK)
         offset = _as_int("offset", offset, 0, MAX_OFFSET)
         options = {} if dedup is _INDEX_DEFAULT else {"dedup": _parse_dedup(dedup)}
         itc_weight = _as_float("itc_weight", itc_weight)
+        # Decoded (and shrunk) before the model lock: a large upload never holds up other searches.
+        image_bytes = _checked_upload(_upload_bytes(image)) if image else None
+        query = {"text": text, "image": image_bytes, "k": k, "rerank": rerank, "offset": offset,
+                 "itc_weight": itc_weight, **options}
         with self.model_lock:
+            self._refresh()
             start = time.perf_counter()
-            hits = self.index.search(text=text, image=image_bytes, k=k, rerank=rerank, offset=offset,
-                                     itc_weight=itc_weight, **options)
+            hits = self._run(query)
             elapsed_ms = 1000 * (time.perf_counter() - start)
-        return {"hits": [hit.to_dict() for hit in hits], "offset": offset, "k": k,
-                "elapsed_ms": round(elapsed_ms, 1)}
+            complete = self._complete()
+        answer = {"hits": [hit.to_dict() for hit in hits], "offset": offset, "k": k,
+                  "elapsed_ms": round(elapsed_ms, 1), "complete": complete}
+        if not complete:
+            answer["warning"] = INCOMPLETE_WARNING
+        return answer
+
+    def _refresh(self) -> None:
+        """Let the index reload what another process (``simla index update``) changed, if it can."""
+        refresh = getattr(self.index, "refresh", None)
+        if callable(refresh) and refresh():
+            with self.storage_lock:
+                self.thumbs.clear()  # ids may now name other images
+
+    def _run(self, query: dict[str, Any]) -> list[Any]:
+        try:
+            return self.index.search(**query)
+        except LookupError:
+            # A ranked item is gone from the manifest: another process updated the index after this one
+            # loaded its features. An index with refresh() has reloaded already, so its answer stands.
+            if callable(getattr(self.index, "refresh", None)) or not self._forget_features():
+                raise
+            return self.index.search(**query)
+
+    def _forget_features(self) -> bool:
+        """For an index without ``refresh()``: drop its cached features so the next search reloads them."""
+        index = self.index
+        if getattr(index, "_vectors", None) is None:
+            return False
+        index._vectors = index._ids = None
+        with contextlib.suppress(AttributeError):
+            index._itm_cache.clear()
+        with self.storage_lock:
+            self.thumbs.clear()
+        return True
+
+    def _complete(self) -> bool:
+        """False only when the index says its build is not finished."""
+        get_meta = getattr(getattr(self.index, "manifest", None), "get_meta", None)
+        complete = get_meta("complete") if callable(get_meta) else self.index.info().get("complete")
+        return complete is not False
 
     def thumbnail(self, item_id: int, size: int) -> bytes:
+        _check_item_id(item_id)
         size = _as_int("size", size, *THUMB_SIZES)
         with self.storage_lock:
             data = self.thumbs.get((item_id, size))
@@ -174,43 +527,38 @@ class _Searcher:
         return data
 
     def image(self, item_id: int) -> bytes:
+        _check_item_id(item_id)
         with self.storage_lock:
             return self.index.image_bytes(item_id)
 
 
-def create_app(index: Any) -> Any:
-    """A FastAPI app serving ``index``: the search page at ``/`` and a JSON API under ``/api``.
+# ------------------------------------------------------------------------------------------ the app
+def _image_response(data: bytes, response_class: Any) -> Any:
+    """An original image with the type its bytes say; a download for anything a browser should not render."""
+    mime = image_mime(data)
+    headers = {"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
+    if mime not in INLINE_IMAGE_TYPES:
+        mime = "application/octet-stream"
+        headers["Content-Disposition"] = "attachment"
+    return response_class(data, media_type=mime, headers=headers)
 
-    Routes: ``GET /api/info``; ``GET /api/search?q=&k=&rerank=&offset=&dedup=`` and ``POST /api/search``
-    with JSON ``{text, image (data URL), k, rerank, offset, dedup, itc_weight}``; ``GET
-    /api/thumb/{item_id}?size=256`` (JPEG); ``GET /api/image/{item_id}`` (the original bytes).
-    Without ``dedup`` a search uses the index's default; ``dedup=off`` (GET) or ``null`` (POST) keeps
-    near-duplicates. Bad queries are answered with HTTP 400 and ``{"detail": message}``, unknown ids with 404.
-    """
-    fastapi = _require("fastapi")
+
+def _add_error_handlers(app: Any) -> None:
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
-
-    searcher = _Searcher(index)
-    name = getattr(getattr(index, "path", None), "name", "") or ""
-    page = render_app_page(f"simla search \u00b7 {name}" if name else "simla search", MAX_K, MAX_RERANK)
-    app = fastapi.FastAPI(title="simla search", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.index = index
-
-    def bad_request(message: str) -> Any:
-        return JSONResponse({"detail": message}, status_code=400)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc):  # noqa: ANN001 - FastAPI's handler signature
+    async def _invalid(request, exc):  # FastAPI's handler signature
         # One error shape for the page: a 400 with a readable message instead of FastAPI's 422 list.
         problems = [f"{'.'.join(str(p) for p in err.get('loc', ())[1:]) or 'request'}: {err.get('msg')}"
                     for err in exc.errors()]
-        return bad_request("; ".join(problems) or "invalid request")
+        return _json_response({"detail": "; ".join(problems) or "invalid request"}, 400)
 
-    @app.exception_handler(ValueError)
-    async def _value_error(request, exc):  # noqa: ANN001 - FastAPI's handler signature
-        # QueryError from the checks here, ValueError from the index for queries it cannot run.
-        return bad_request(str(exc) or "invalid query")
+
+def _add_page_routes(app: Any, index: Any) -> None:
+    from fastapi.responses import HTMLResponse
+
+    name = getattr(getattr(index, "path", None), "name", "") or ""
+    page = render_app_page(f"simla search \u00b7 {name}" if name else "simla search", MAX_K, MAX_RERANK)
 
     @app.get("/", response_class=HTMLResponse)
     def home():
@@ -218,55 +566,87 @@ def create_app(index: Any) -> Any:
 
     @app.get("/api/info")
     def info():
-        return index.info()
+        return _answered(lambda: _json_response(index.info()))
+
+
+def _add_search_routes(app: Any, searcher: _Searcher) -> None:
+    from fastapi import Body
 
     @app.get("/api/search")
     def search_get(q: str | None = None, k: int = 20, rerank: int = 0, offset: int = 0,
                    dedup: str | None = None, itc_weight: float = 0.0):
-        return searcher.search(text=q, k=k, rerank=rerank, offset=offset, itc_weight=itc_weight,
-                               **({} if dedup is None else {"dedup": dedup}))
+        options = {} if dedup is None else {"dedup": dedup}
+        return _answered(lambda: _json_response(searcher.search(text=q, k=k, rerank=rerank, offset=offset,
+                                                                itc_weight=itc_weight, **options)))
 
     @app.post("/api/search")
-    def search_post(payload: dict = fastapi.Body(...)):
-        allowed = {"text", "image", "k", "rerank", "offset", "dedup", "itc_weight"}
-        unknown = sorted(set(payload) - allowed)
-        if unknown:
-            raise QueryError(f"unknown fields: {', '.join(unknown)}")
-        return searcher.search(**payload)
+    def search_post(payload: dict = Body(...)):
+        def run() -> Any:
+            unknown = sorted(set(payload) - {"text", "image", "k", "rerank", "offset", "dedup", "itc_weight"})
+            if unknown:
+                raise QueryError(f"unknown fields: {', '.join(unknown)} (expected text, image, k, rerank, offset, "
+                                 f"dedup, itc_weight)")
+            return _json_response(searcher.search(**payload))
+        return _answered(run)
 
-    def not_found(item_id: int, exc: BaseException) -> Any:
-        # An unknown id, or a file that was moved or broken since it was indexed.
-        reason = f"no item with id {item_id}" if isinstance(exc, LookupError) else f"item {item_id} is unreadable: {exc}"
-        return JSONResponse({"detail": reason}, status_code=404)
+
+def _add_item_routes(app: Any, searcher: _Searcher) -> None:
+    from fastapi.responses import Response
 
     @app.get("/api/thumb/{item_id}")
     def thumb(item_id: int, size: int = 256):
-        try:
-            data = searcher.thumbnail(item_id, size)
-        except (LookupError, OSError, BadSampleError) as exc:
-            return not_found(item_id, exc)
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "public, max-age=3600"})
+        return _answered(lambda: Response(searcher.thumbnail(item_id, size), media_type="image/jpeg",
+                                          headers={"Cache-Control": "public, max-age=3600"}), item_id)
 
     @app.get("/api/image/{item_id}")
     def original(item_id: int):
-        try:
-            data = searcher.image(item_id)
-        except (LookupError, OSError) as exc:
-            return not_found(item_id, exc)
-        return Response(data, media_type=image_mime(data), headers={"Cache-Control": "public, max-age=3600"})
+        return _answered(lambda: _image_response(searcher.image(item_id), Response), item_id)
 
+
+def create_app(index: Any, *, host: str | None = "127.0.0.1", allow_hosts: Iterable[str] = ()) -> Any:
+    """A FastAPI app serving ``index``: the search page at ``/`` and a JSON API under ``/api``.
+
+    Routes: ``GET /api/info``; ``GET /api/search?q=&k=&rerank=&offset=&dedup=`` and ``POST /api/search``
+    with JSON ``{text, image (data URL), k, rerank, offset, dedup, itc_weight}``; ``GET
+    /api/thumb/{item_id}?size=256`` (JPEG); ``GET /api/image/{item_id}`` (the original bytes).
+    Without ``dedup`` a search uses the index's default; ``dedup=off`` (GET) or ``null`` (POST) keeps
+    near-duplicates. A search answer says ``"complete": false`` (and gives a ``warning``) while the
+    index's build is unfinished.
+
+    Requests must name ``localhost``, ``127.0.0.1``, ``[::1]``, ``host`` (the address the server is bound
+    to) or one of ``allow_hosts`` in their ``Host`` header; others get a 400. Errors are JSON
+    ``{"detail": message}`` with the status of :func:`error_status` (413 for a body over MAX_BODY_BYTES).
+    """
+    fastapi = _require("fastapi")
+    hosts = allowed_hosts(host, allow_hosts)
+    searcher = _Searcher(index)
+    app = fastapi.FastAPI(title="simla search", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.index = index
+    app.add_middleware(_RequestGuard, hosts=hosts, max_body=MAX_BODY_BYTES)
+    _add_error_handlers(app)
+    _add_page_routes(app, index)
+    _add_search_routes(app, searcher)
+    _add_item_routes(app, searcher)
     return app
 
 
-def serve(index: Any, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve ``index`` until interrupted (Ctrl-C). One process: the index lives in its memory."""
+def serve(index: Any, host: str = "127.0.0.1", port: int = 8000, allow_hosts: Iterable[str] = (),
+          warnings_to: TextIO | None = None) -> None:
+    """Serve ``index`` until interrupted (Ctrl-C). One process: the index lives in its memory.
+
+    Listening on anything but a loopback address prints :func:`exposure_warning` (to stderr by default).
+    """
     uvicorn = _require("uvicorn")
-    uvicorn.run(create_app(index), host=host, port=port, log_level="info")
+    app = create_app(index, host=host, allow_hosts=allow_hosts)
+    warning = exposure_warning(host)
+    if warning:
+        print(warning, file=warnings_to or sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 @contextlib.contextmanager
-def background_server(index: Any, host: str = "127.0.0.1", port: int = 0,
-                      startup_timeout: float = 20.0) -> Iterator[str]:
+def background_server(index: Any, host: str = "127.0.0.1", port: int = 0, startup_timeout: float = 20.0,
+                      allow_hosts: Iterable[str] = ()) -> Iterator[str]:
     """Serve ``index`` from a background thread for the duration of a ``with`` block; yields the base URL.
 
     For scripts and tests that drive the page with a browser. The socket is bound here (port 0
@@ -277,7 +657,8 @@ def background_server(index: Any, host: str = "127.0.0.1", port: int = 0,
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound_port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(index), log_level="warning", lifespan="off")
+    config = uvicorn.Config(create_app(index, host=host, allow_hosts=allow_hosts), log_level="warning",
+                            lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="simla-search-server",
                               daemon=True)
