@@ -48,6 +48,9 @@ class FakeIndex:
         self.max_active = 0
         self._count_lock = threading.Lock()
 
+    def refresh(self) -> bool:
+        return False  # no other process changes a fake
+
     def info(self) -> dict:
         return {"items": self.n, "errors": 1, "source": "folder:photos", "model": "fake-simla", "dim": 8,
                 "rerank_available": True}

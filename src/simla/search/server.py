@@ -482,33 +482,13 @@ class _Searcher:
         return answer
 
     def _refresh(self) -> None:
-        """Let the index reload what another process (``simla index update``) changed, if it can."""
-        refresh = getattr(self.index, "refresh", None)
-        if callable(refresh) and refresh():
+        """Let the index reload what another process (``simla index update``) changed since the last query."""
+        if self.index.refresh():
             with self.storage_lock:
                 self.thumbs.clear()  # ids may now name other images
 
     def _run(self, query: dict[str, Any]) -> list[Any]:
-        try:
-            return self.index.search(**query)
-        except LookupError:
-            # A ranked item is gone from the manifest: another process updated the index after this one
-            # loaded its features. An index with refresh() has reloaded already, so its answer stands.
-            if callable(getattr(self.index, "refresh", None)) or not self._forget_features():
-                raise
-            return self.index.search(**query)
-
-    def _forget_features(self) -> bool:
-        """For an index without ``refresh()``: drop its cached features so the next search reloads them."""
-        index = self.index
-        if getattr(index, "_vectors", None) is None:
-            return False
-        index._vectors = index._ids = None
-        with contextlib.suppress(AttributeError):
-            index._itm_cache.clear()
-        with self.storage_lock:
-            self.thumbs.clear()
-        return True
+        return self.index.search(**query)
 
     def _complete(self) -> bool:
         """False only when the index says its build is not finished."""
