@@ -21,6 +21,10 @@ class DataError(SimlaError, ValueError):
     """An annotation file, shard or evaluation file is malformed or unusable."""
 
 
+class InvalidTextError(SimlaError, ValueError):
+    """A text to tokenize (a caption, a query) is not valid Unicode: it holds a lone surrogate."""
+
+
 class UnusableDataError(SimlaError, RuntimeError):
     """Too many samples are bad to go on (most often a wrong image_root); raised at run time, not at parsing."""
 

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from ..errors import DataError
 from .readers import DataFormatError
 from .annotations import join_image_root, load_json, load_json_list, record_field
 from .retrieval import RetrievalRecord
 
-__all__ = ["INSTANCES_FILE", "REFS_FILE", "GroundingRef", "UnsafePickleError", "load_plain_pickle", "read_detections",
+__all__ = ["INSTANCES_FILE", "REFS_FILE", "GroundingRef", "PickleDataError", "UnsafePickleError", "load_plain_pickle", "read_detections",
            "read_grounding_refs", "read_grounding_train"]
 
 REFS_FILE = "refs(unc).p"  # the REFER toolkit's name for RefCOCO+'s refs (UNC split)
@@ -83,7 +84,11 @@ def read_grounding_train(path: str | os.PathLike, image_root: str | None = None)
     return records
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class PickleDataError(DataError, pickle.UnpicklingError):
+    """A pickle data file (REFER's refs file) cannot be read; the `simla` command reports it in one line."""
+
+
+class UnsafePickleError(PickleDataError):
     """A pickle asked for a global (a class or a function): loading it could run arbitrary code."""
 
 
@@ -111,7 +116,7 @@ def load_plain_pickle(path: str | os.PathLike) -> Any:
         except UnsafePickleError:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError) as err:
-            raise pickle.UnpicklingError(f"{path}: not a readable pickle: {err}") from err
+            raise PickleDataError(f"{path}: not a readable pickle: {err}") from err
 
 
 class _Refer:
