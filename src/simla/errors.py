@@ -8,6 +8,8 @@ its traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class SimlaError(Exception):
     """An error in what the user asked for, with a message that says what to change."""
@@ -31,6 +33,17 @@ class UnusableDataError(SimlaError, RuntimeError):
 
 class CheckpointError(SimlaError, RuntimeError):
     """A checkpoint or weight file cannot be used: not a checkpoint, truncated, untrusted, or mismatched."""
+
+
+class NonFiniteError(SimlaError, FloatingPointError):
+    """Training diverged (NaN/inf weights or losses); the run stops and its last checkpoint stays good."""
+
+
+class DiskFullError(SimlaError, OSError):
+    """A file could not be written because its disk is full; the previous version of the file is unchanged."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
 
 
 class HubError(SimlaError, OSError):

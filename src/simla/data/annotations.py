@@ -18,6 +18,20 @@ def load_json_list(path: str | os.PathLike) -> list[Any]:
     return load_json(path, list)
 
 
+def load_records(path: str | os.PathLike) -> list[Any]:
+    """The records of a task's annotation file (training or evaluation): a JSON list that must hold at least one.
+
+    An empty list is an error naming the file, raised while reading, before any model is loaded or run
+    folder made: training on it would fail later, and evaluating it would report a meaningless 'accuracy
+    None% on 0 examples'.
+    """
+    records = load_json_list(path)
+    if not records:
+        raise DataFormatError(f"{path} holds no records (an empty JSON list); expected at least one record",
+                              path=str(path))
+    return records
+
+
 def load_json(path: str | os.PathLike, expected: type[list] | type[dict]) -> Any:
     """Read an annotation file that must hold a JSON list (of records) or object; errors name the file."""
     path = str(path)

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import DataError
 from .readers import DataFormatError
-from .annotations import join_image_root, load_json, load_json_list, record_field
+from .annotations import join_image_root, load_json, load_records, record_field
 from .retrieval import RetrievalRecord
 
 __all__ = ["INSTANCES_FILE", "REFS_FILE", "GroundingRef", "PickleDataError", "UnsafePickleError", "load_plain_pickle", "read_detections",
@@ -72,7 +72,7 @@ def _nonempty_str(path: str, index: int, obj: Any, key: str) -> str:
 
 def read_grounding_train(path: str | os.PathLike, image_root: str | None = None) -> list[RetrievalRecord]:
     """Training pairs; the dense image id comes from the file name, so one image's expressions share it."""
-    data, path = load_json_list(path), str(path)
+    data, path = load_records(path), str(path)
     dense: dict[str, int] = {}
     records = []
     for i, obj in enumerate(data):
@@ -227,7 +227,7 @@ def _complete(path: str, index: int, row: dict[str, Any], refer: _Refer | None, 
 def read_grounding_refs(path: str | os.PathLike, image_root: str | None = None,
                         refer_dir: str | os.PathLike | None = None) -> list[GroundingRef]:
     """Evaluation refs with their ground truth; everything is checked before any image is touched."""
-    data, path = load_json_list(path), str(path)
+    data, path = load_records(path), str(path)
     rows = [_ref_row(path, i, obj) for i, obj in enumerate(data)]
     _check_unique(path, rows)
     needs_refer = any(row["size"] is None or any(key not in row for key in FACTS) for row in rows)
