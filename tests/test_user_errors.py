@@ -271,3 +271,17 @@ def test_trust_flag_is_in_the_help(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     assert "--trust-pickle" in capsys.readouterr().out
+
+
+def test_export_on_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
+    model = simla.create_model("simla_tiny", queue_size=8, task="base")
+
+    def save_file(tensors, path):
+        Path(path).write_bytes(b"\0" * 64)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", save_file)
+    with pytest.raises(DiskFullError, match="No space left on device.*model.safetensors") as info:
+        simla.save_pretrained(model, tmp_path / "export")
+    assert info.value.errno == errno.ENOSPC
+    assert list((tmp_path / "export").iterdir()) == []

@@ -315,10 +315,12 @@ def save_pretrained(model: SimlaBackbone, directory: str | os.PathLike, include_
     state = model.state_dict()
     if not include_momentum:
         state = {k: v for k, v in state.items() if not _is_training_state(k)}
-    save_file({k: v.contiguous() for k, v in _without_aliases(state).items()}, str(directory / "model.safetensors"))
+    tensors = {k: v.contiguous() for k, v in _without_aliases(state).items()}
+    write_atomically(directory / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "task": _task_of(model), "config": model.config.to_dict(),
             "includes_momentum": include_momentum}
-    (directory / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    text = json.dumps(meta, indent=2)
+    write_atomically(directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return directory
 
 
