@@ -284,4 +284,6 @@ def test_export_on_a_full_disk_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(DiskFullError, match="No space left on device.*model.safetensors") as info:
         simla.save_pretrained(model, tmp_path / "export")
     assert info.value.errno == errno.ENOSPC
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert (type(copy), copy.errno, str(copy)) == (DiskFullError, errno.ENOSPC, str(info.value))
     assert list((tmp_path / "export").iterdir()) == []

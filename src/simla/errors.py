@@ -42,8 +42,9 @@ class NonFiniteError(SimlaError, FloatingPointError):
 class DiskFullError(SimlaError, OSError):
     """A file could not be written because its disk is full; the previous version of the file is unchanged."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.ENOSPC, message)
+    def __init__(self, message: object, *more: object) -> None:
+        # One argument when raised; (errno, message) again when unpickled (OSError pickles its args).
+        super().__init__(*((message, *more) if more else (errno.ENOSPC, message)))
 
 
 class HubError(SimlaError, OSError):
