@@ -61,7 +61,8 @@ def test_pretrain_user_errors(tmp_path, capsys, pairs):
 
 def test_finetune_and_evaluate_user_errors(tmp_path, capsys, pairs, tiny_checkpoint):
     train = tmp_path / "retrieval_train.json"  # a valid training file: the missing checkpoint is the error
-    train.write_text('[{"image": "a.png", "caption": "a cat", "image_id": 0}]')
+    train.write_text('[{"image": "a.png", "caption": "a cat", "image_id": 0}, '
+                     '{"image": "b.png", "caption": "a dog", "image_id": 1}]')  # ITM needs two images
     _one_line_error(capsys, ["finetune", "retrieval", f"train_file={train}", f"checkpoint={tmp_path / 'no.pt'}",
                              "device=cpu", f"output_dir={tmp_path / 'ft'}"], "no.pt")
     _one_line_error(capsys, ["evaluate", "retrieval", "--checkpoint", str(tmp_path / "no.pt"), "--data", str(pairs),

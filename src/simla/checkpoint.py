@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 # Reading files, and the errors it raises, are re-exported: callers import them from here.
+from .atomic_write import write_atomically
 from .checkpoint_files import (  # noqa: F401
     FORMAT, CorruptCheckpointError, NotACheckpointError, UntrustedCheckpointError, read_checkpoint,
 )
@@ -295,15 +296,15 @@ def _task_of(model: SimlaBackbone) -> str:
 
 
 def save_checkpoint(model: SimlaBackbone, path: str | os.PathLike, **extra: Any) -> Path:
-    """Write our checkpoint atomically (temporary file, then rename), loadable with weights_only=True."""
+    """Write our checkpoint atomically (temporary file, then rename), loadable with weights_only=True.
+
+    On failure the temporary file is removed and `path` keeps its previous version; a full disk raises
+    DiskFullError (an OSError, errno ENOSPC) saying so."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "task": _task_of(model),
                "config": model.config.to_dict(), "model": model.state_dict(), **extra}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def save_pretrained(model: SimlaBackbone, directory: str | os.PathLike, include_momentum: bool = False) -> Path:
@@ -314,10 +315,12 @@ def save_pretrained(model: SimlaBackbone, directory: str | os.PathLike, include_
     state = model.state_dict()
     if not include_momentum:
         state = {k: v for k, v in state.items() if not _is_training_state(k)}
-    save_file({k: v.contiguous() for k, v in _without_aliases(state).items()}, str(directory / "model.safetensors"))
+    tensors = {k: v.contiguous() for k, v in _without_aliases(state).items()}
+    write_atomically(directory / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "task": _task_of(model), "config": model.config.to_dict(),
             "includes_momentum": include_momentum}
-    (directory / "config.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    text = json.dumps(meta, indent=2)
+    write_atomically(directory / "config.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return directory
 
 

@@ -135,9 +135,18 @@ def _plain_unpickle(handle: Any) -> Any:
         return None
 
 
-def _needs_trust(err: pickle.UnpicklingError) -> bool:
-    # torch's weights-only unpickler names the global it refused; the file itself was read correctly.
-    return "Unsupported global" in str(err)
+# torch's weights-only unpickler names the global it refused ("Unsupported global: GLOBAL argparse.Namespace
+# ...", or "Trying to load unsupported GLOBAL posix.system whose module posix is blocked." for modules it
+# never allows); the file itself was read correctly, so it needs trust rather than a new copy.
+_REFUSED_GLOBAL_MARKERS = ("unsupported global",)
+
+
+def _refused_global(err: pickle.UnpicklingError) -> str:
+    """The line of a weights-only refusal that names the refused global, or '' when the error is another."""
+    for line in str(err).splitlines():
+        if any(marker in line.lower() for marker in _REFUSED_GLOBAL_MARKERS):
+            return line.strip().removeprefix("WeightsUnpickler error: ")
+    return ""
 
 
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
@@ -154,15 +163,15 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if not _needs_trust(err):
+        detail = _refused_global(err)
+        if not detail:
             raise _corrupt(path, "its pickle cannot be read", err) from err
         refused = err
     except _LOAD_ERRORS as err:
         raise _corrupt(path, "torch.load failed", err) from err
     if not trust_pickle:
-        detail = next((line.strip() for line in str(refused).splitlines() if "Unsupported global" in line), "")
         raise UntrustedCheckpointError(
-            f"{path} is intact but cannot be read with weights_only=True ({detail.removeprefix('WeightsUnpickler error: ')}). "
+            f"{path} is intact but needs trust (--trust-pickle): it cannot be read with weights_only=True ({detail}). "
             "Reference checkpoints pickle their training config, which requires arbitrary code execution to "
             "unpickle. If you trust the file's source, pass trust_pickle=True (CLI: --trust-pickle).") from refused
     if kind == "zip":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +26,9 @@ from .train.cpu_allocator import configure_cpu_allocator, restart_under_allocato
 from .train.recipe import TrainingRecipe, load_recipe, recipe_help
 
 logger = logging.getLogger(__name__)
+
+#: Set to 1 to trust pickled code in a training run's files, like `--trust-pickle`.
+TRUST_PICKLE_ENV = "SIMLA_TRUST_PICKLE"
 
 
 def _count_parameters(name: str) -> dict[str, int]:
@@ -75,6 +79,8 @@ def _training_recipe(args: argparse.Namespace, cls: type[TrainingRecipe]) -> Tra
     point and the recipe names a malloc to preload (cpu_allocator=tcmalloc, ...), the process restarts under
     it here, before anything heavy has been built; on a CPU run glibc's policy is set (keep or release)."""
     overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+    if args.trust_pickle or os.environ.get(TRUST_PICKLE_ENV) == "1":
+        overrides.append("trust_pickle=true")  # typed or exported by the user, never carried by a recipe file
     recipe = load_recipe(args.config, overrides, cls=cls)
     if args.entry_point:
         restart_under_allocator(recipe.cpu_allocator)
@@ -187,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML recipe (fields below); omitted = all defaults")
     parser.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint ('auto': the run's last.pt)")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow unpickling the files the recipe names (reference .pth checkpoints, a DALL-E "
+                             f"encoder.pkl): runs their code, trusted files only ({TRUST_PICKLE_ENV}=1 does the "
+                             "same); a recipe file cannot set trust_pickle: true")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (values parsed as YAML)")
 
 

@@ -8,6 +8,8 @@ its traceback.
 
 from __future__ import annotations
 
+import errno
+
 
 class SimlaError(Exception):
     """An error in what the user asked for, with a message that says what to change."""
@@ -21,12 +23,28 @@ class DataError(SimlaError, ValueError):
     """An annotation file, shard or evaluation file is malformed or unusable."""
 
 
+class InvalidTextError(SimlaError, ValueError):
+    """A text to tokenize (a caption, a query) is not valid Unicode: it holds a lone surrogate."""
+
+
 class UnusableDataError(SimlaError, RuntimeError):
     """Too many samples are bad to go on (most often a wrong image_root); raised at run time, not at parsing."""
 
 
 class CheckpointError(SimlaError, RuntimeError):
     """A checkpoint or weight file cannot be used: not a checkpoint, truncated, untrusted, or mismatched."""
+
+
+class NonFiniteError(SimlaError, FloatingPointError):
+    """Training diverged (NaN/inf weights or losses); the run stops and its last checkpoint stays good."""
+
+
+class DiskFullError(SimlaError, OSError):
+    """A file could not be written because its disk is full; the previous version of the file is unchanged."""
+
+    def __init__(self, message: object, *more: object) -> None:
+        # One argument when raised; (errno, message) again when unpickled (OSError pickles its args).
+        super().__init__(*((message, *more) if more else (errno.ENOSPC, message)))
 
 
 class HubError(SimlaError, OSError):

@@ -19,7 +19,7 @@ import torch
 from ..tokenizers.captions import pre_caption
 from .images import load_image
 from .readers import DataFormatError
-from .annotations import join_image_root, load_json_list, record_field
+from .annotations import join_image_root, load_records, record_field
 from .transforms import FinetuneView
 
 NLVR_LABELS = {"False": 0, "True": 1}
@@ -69,7 +69,7 @@ def _image_path(path: str, index: int, value: Any, root: str | None, default_ext
 def read_nlvr(path: str | os.PathLike, image_root: str | None = None, max_words: int = 30) -> list[PairRecord]:
     path = str(path)
     records = []
-    for i, obj in enumerate(load_json_list(path)):
+    for i, obj in enumerate(load_records(path)):
         images = record_field(path, i, obj, "images", (list,))
         if len(images) != 2:
             raise DataFormatError(f"{path}, record {i}, field 'images': NLVR2 needs exactly two images, got "
@@ -83,7 +83,7 @@ def read_nlvr(path: str | os.PathLike, image_root: str | None = None, max_words:
 def read_ve(path: str | os.PathLike, image_root: str | None = None, max_words: int = 30) -> list[PairRecord]:
     path = str(path)
     records = []
-    for i, obj in enumerate(load_json_list(path)):
+    for i, obj in enumerate(load_records(path)):
         image = _image_path(path, i, record_field(path, i, obj, "image", (str,)), image_root, ".jpg")
         records.append(PairRecord((image,), _sentence(path, i, obj, max_words), _label(path, i, obj, VE_LABELS),
                                   f"{path}[{i}]"))

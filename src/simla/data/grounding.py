@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from ..errors import DataError
 from .readers import DataFormatError
-from .annotations import join_image_root, load_json, load_json_list, record_field
+from .annotations import join_image_root, load_json, load_records, record_field
 from .retrieval import RetrievalRecord
 
-__all__ = ["INSTANCES_FILE", "REFS_FILE", "GroundingRef", "UnsafePickleError", "load_plain_pickle", "read_detections",
+__all__ = ["INSTANCES_FILE", "REFS_FILE", "GroundingRef", "PickleDataError", "UnsafePickleError", "load_plain_pickle", "read_detections",
            "read_grounding_refs", "read_grounding_train"]
 
 REFS_FILE = "refs(unc).p"  # the REFER toolkit's name for RefCOCO+'s refs (UNC split)
@@ -71,7 +72,7 @@ def _nonempty_str(path: str, index: int, obj: Any, key: str) -> str:
 
 def read_grounding_train(path: str | os.PathLike, image_root: str | None = None) -> list[RetrievalRecord]:
     """Training pairs; the dense image id comes from the file name, so one image's expressions share it."""
-    data, path = load_json_list(path), str(path)
+    data, path = load_records(path), str(path)
     dense: dict[str, int] = {}
     records = []
     for i, obj in enumerate(data):
@@ -83,7 +84,11 @@ def read_grounding_train(path: str | os.PathLike, image_root: str | None = None)
     return records
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class PickleDataError(DataError, pickle.UnpicklingError):
+    """A pickle data file (REFER's refs file) cannot be read; the `simla` command reports it in one line."""
+
+
+class UnsafePickleError(PickleDataError):
     """A pickle asked for a global (a class or a function): loading it could run arbitrary code."""
 
 
@@ -111,7 +116,7 @@ def load_plain_pickle(path: str | os.PathLike) -> Any:
         except UnsafePickleError:
             raise
         except (pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError, TypeError) as err:
-            raise pickle.UnpicklingError(f"{path}: not a readable pickle: {err}") from err
+            raise PickleDataError(f"{path}: not a readable pickle: {err}") from err
 
 
 class _Refer:
@@ -222,7 +227,7 @@ def _complete(path: str, index: int, row: dict[str, Any], refer: _Refer | None, 
 def read_grounding_refs(path: str | os.PathLike, image_root: str | None = None,
                         refer_dir: str | os.PathLike | None = None) -> list[GroundingRef]:
     """Evaluation refs with their ground truth; everything is checked before any image is touched."""
-    data, path = load_json_list(path), str(path)
+    data, path = load_records(path), str(path)
     rows = [_ref_row(path, i, obj) for i, obj in enumerate(data)]
     _check_unique(path, rows)
     needs_refer = any(row["size"] is None or any(key not in row for key in FACTS) for row in rows)

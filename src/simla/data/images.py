@@ -26,6 +26,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageFile
 
+from ..errors import SimlaError
+
 __all__ = ["ALPHA_BACKGROUND", "BAD_SAMPLE_KINDS", "BadSampleError", "DEFAULT_MAX_PIXELS", "load_image"]
 
 logger = logging.getLogger(__name__)
@@ -74,8 +76,12 @@ _TIFF_BITS_PER_SAMPLE = 258
 BAD_SAMPLE_KINDS = ("missing", "unreadable", "corrupt", "truncated", "empty_caption", "too_large")
 
 
-class BadSampleError(Exception):
+class BadSampleError(SimlaError):
     """A sample whose data cannot be used (missing, corrupt, truncated, oversized ...).
+
+    A :class:`SimlaError`: where one image is all that was asked for (``simla search --image``,
+    ``simla explain``) the command reports it in one line. The pretraining dataset catches it by this
+    class to skip the sample, so being a SimlaError changes nothing there.
 
     Attributes:
         source: where the sample came from: a file path, or ``shard/key`` for a WebDataset member.

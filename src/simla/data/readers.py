@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from ..errors import DataError
+from ..unicode_text import describe_surrogate, lone_surrogate
 
 __all__ = [
     "CaptionRecord",
@@ -130,6 +131,11 @@ def _record_from_object(obj: Any, path: str, record: str, origin: str,
     else:
         raise _error(path, record, "caption", f"expected a string or a non-empty list of strings, got "
                                               f"{_describe(caption)}")
+    for i, text in enumerate(captions):
+        spot = lone_surrogate(text)
+        if spot is not None:
+            field = "caption" if isinstance(caption, str) else f"caption[{i}]"
+            raise _error(path, record, field, f"{text!r:.60} is {describe_surrogate(text, spot)}")
     return CaptionRecord(image=_resolve_image(image, image_root), captions=captions, origin=origin)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..tokenizers.captions import pre_caption
-from .annotations import join_image_root, load_json_list, record_field
+from .annotations import join_image_root, load_records, record_field
 from .pretrain_data import read_caption, read_image
 from .readers import DataFormatError
 from .transforms import FinetuneView
@@ -36,7 +36,7 @@ class RetrievalEvalSet:
 
 
 def read_retrieval_train(path: str | os.PathLike, image_root: str | None = None) -> list[RetrievalRecord]:
-    data, path = load_json_list(path), str(path)
+    data, path = load_records(path), str(path)
     dense: dict[Any, int] = {}
     records = []
     for i, obj in enumerate(data):
@@ -54,7 +54,7 @@ def read_retrieval_train(path: str | os.PathLike, image_root: str | None = None)
 
 def read_retrieval_eval(path: str | os.PathLike, image_root: str | None = None, max_words: int = 30) -> RetrievalEvalSet:
     """Flatten an eval file. An image without captions is an error naming it (it could never be found)."""
-    data, path = load_json_list(path), str(path)
+    data, path = load_records(path), str(path)
     result = RetrievalEvalSet([], [], [], [])
     for i, obj in enumerate(data):
         image = record_field(path, i, obj, "image", (str,))

@@ -28,7 +28,7 @@ from ..tokenizers.text import tokenize_answers
 from .images import BadSampleError, load_image
 from .pretrain_data import read_image
 from .readers import DataFormatError
-from .annotations import join_image_root, load_json_list, record_field
+from .annotations import check_text, join_image_root, load_records, record_field
 from .transforms import FinetuneView
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def read_vqa_train(paths: str | os.PathLike | Sequence[str | os.PathLike], image
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     records = []
     for path in map(str, paths):
-        for i, obj in enumerate(load_json_list(path)):
+        for i, obj in enumerate(load_records(path)):
             image = record_field(path, i, obj, "image", (str,))
             question = _question(path, i, obj, max_words)
             dataset = obj.get("dataset", "vqa")
@@ -119,7 +119,7 @@ def read_vqa_eval(path: str | os.PathLike, image_root: str | None = None, max_wo
     path = str(path)
     data = VQAEvalSet(source=path)
     seen: dict[Any, int] = {}
-    for i, obj in enumerate(load_json_list(path)):
+    for i, obj in enumerate(load_records(path)):
         image = record_field(path, i, obj, "image", (str,))
         question = _question(path, i, obj, max_words)
         question_id = record_field(path, i, obj, "question_id", (int, str))
@@ -147,6 +147,9 @@ def read_answer_list(path: str | os.PathLike) -> list[str]:
             answers = json.load(handle)
     except json.JSONDecodeError as err:
         raise DataFormatError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}", path=path) from err
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{path}: not UTF-8 text (byte {err.start}); answer lists must be UTF-8 JSON",
+                              path=path) from err
     if not isinstance(answers, list) or not answers:
         raise DataFormatError(f"{path}: the answer list must be a non-empty JSON list of strings", path=path)
     seen: set[str] = set()
@@ -154,6 +157,7 @@ def read_answer_list(path: str | os.PathLike) -> list[str]:
         if not isinstance(answer, str) or not answer.strip():
             raise DataFormatError(f"{path}, entry {i}: answers must be non-empty strings, got {answer!r:.60}",
                                   path=path, record=str(i))
+        check_text(path, i, "answer", answer)
         if answer in seen:
             raise DataFormatError(f"{path}, entry {i}: duplicate answer {answer!r}", path=path, record=str(i))
         seen.add(answer)

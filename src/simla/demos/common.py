@@ -11,8 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..checkpoint_files import NotACheckpointError, read_checkpoint
 from .retrieval import run_retrieval_demo
 
 
@@ -39,7 +38,13 @@ def checkpoint_of(demo: Path) -> Path:
 def finetune_overrides(checkpoint: Path, output_dir: Path, *, steps: int, batch_size: int, lr: float,
                        num_workers: int, seed: int) -> dict[str, Any]:
     """Recipe settings every task demo uses (see each demo for its own)."""
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
+    # Read like any checkpoint: never trusted (a demo folder may come from anywhere), so a pickled payload
+    # is refused in one line, as is a damaged file.
+    stored = read_checkpoint(checkpoint).get("config")
+    if not isinstance(stored, dict) or not isinstance(stored.get("vision"), dict) \
+            or "image_size" not in stored["vision"]:
+        raise NotACheckpointError(f"{checkpoint}: field 'config' should hold the demo model's config (with "
+                                  "vision.image_size), as `simla demo` writes it; it does not")
     return {
         "checkpoint": str(checkpoint), "output_dir": str(output_dir),
         # The demo model's own resolution (48 px): its patches were chosen so that shapes are visible.

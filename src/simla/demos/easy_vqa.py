@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+from ..atomic_write import write_atomically
+
 __all__ = [
     "CAPTION_TEMPLATES",
     "COLOURS",
@@ -282,12 +284,12 @@ def _write_json(records: list[dict[str, Any]] | dict[str, Any], path: PathLike) 
     """Write ``records`` (a JSON list or object) atomically, so a crash never leaves a half-written file."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(records, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, out)
-    return out
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=1)
+            f.write("\n")
+
+    return write_atomically(out, write)
 
 
 def _as_list(items: Iterable[ShapeImage]) -> list[ShapeImage]:

@@ -24,7 +24,8 @@ import torch
 from transformers import BertTokenizerFast  # type: ignore[attr-defined]
 
 from .captions import pre_caption
-from ..errors import HubError
+from ..errors import HubError, InvalidTextError
+from ..unicode_text import describe_surrogate, lone_surrogate
 
 __all__ = ["TextTokenizer", "TokenizedText", "WordPieces", "get_tokenizer"]
 
@@ -175,6 +176,13 @@ def _check_tokenizer_dir(directory: Path, name: str) -> None:
         )
 
 
+def _check_unicode(text: str, what: str) -> None:
+    """Refuse a text the fast tokenizer cannot encode (a lone surrogate), naming it (a query, a caption)."""
+    index = lone_surrogate(text)
+    if index is not None:
+        raise InvalidTextError(f"{what} {text!r:.80} (a query or caption) is {describe_surrogate(text, index)}")
+
+
 class TextTokenizer:
     """Reference-form text tokenizer: ``[CLS] wordpieces`` (no [SEP]), right-padded with [PAD].
 
@@ -305,6 +313,7 @@ class TextTokenizer:
         for i, t in enumerate(batch):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+            _check_unicode(t, "the text" if len(batch) == 1 else f"texts[{i}]")
         return batch
 
     def tokenize_words(self, text: str, max_length: int) -> WordPieces:
@@ -317,6 +326,7 @@ class TextTokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        _check_unicode(text, "the text")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2 ([CLS] and one wordpiece), got {max_length!r}")
         typed = text.split()

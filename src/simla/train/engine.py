@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..distributed import all_gather_objects, gather_to_rank0, get_rank, get_world_size, is_distributed
-from ..errors import UnusableDataError
+from ..errors import NonFiniteError, UnusableDataError
 from .optim import clip_gradients
 
 
@@ -177,7 +177,7 @@ class Engine:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)  # every rank stops together
             finite = flag.bool()
         if not bool(finite):
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"non-finite weights at step {self.state.step}: not writing {self.checkpoint_path} (the last "
                 "checkpoint there is still good). Lower the learning rate, set grad_clip, or use precision=fp32.")
 
@@ -358,7 +358,8 @@ class Engine:
                     bar.set_postfix(loss=sum(v for k, v in record.items() if k.startswith("loss_")),
                                     skipped=record["skipped_total"])
                 if not all(math.isfinite(v) for k, v in record.items() if k.startswith("loss_")):
-                    raise FloatingPointError(f"non-finite loss at step {self.state.step}: {record}")
+                    raise NonFiniteError(f"non-finite loss at step {self.state.step}: {record}. Lower the learning "
+                                         "rate, set grad_clip, or use precision=fp32.")
             if self.state.step % cfg.save_every == 0 or self.state.step == cfg.total_steps:
                 self.save()
             if self.on_step is not None:

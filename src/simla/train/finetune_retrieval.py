@@ -17,6 +17,7 @@ from ..data.pretrain_data import AnnotationData, CaptionBatches, EpochBatchPlan
 from ..data.retrieval import (RetrievalRecord, RetrievalSampleBuilder, read_retrieval_eval,
                               read_retrieval_train)
 from ..distributed import finish
+from ..errors import DataError
 from ..eval.metrics import format_table
 from ..eval.retrieval import evaluate_retrieval
 from .recipe import field_
@@ -44,6 +45,12 @@ class RetrievalRecipe(FinetuneRecipe):
     SEED_STREAM: ClassVar[int] = 11
     POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = ("k_test", "max_text_length")
 
+    def validate(self) -> None:
+        super().validate()
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size: must be >= 2, got {self.batch_size}: ITM draws each pair's negative from "
+                             "the other pairs of its batch, so a batch needs at least two")
+
 
 def run_retrieval_finetune(recipe: RetrievalRecipe) -> dict[str, Any]:
     recipe.validate()
@@ -63,11 +70,22 @@ def run_retrieval_finetune(recipe: RetrievalRecipe) -> dict[str, Any]:
     return results
 
 
+def check_distinct_images(path: str, records: list[RetrievalRecord]) -> None:
+    """ITM needs, for every pair, a negative image of another id in its batch: refuse a file of one image
+    now, before the model is loaded or the run folder made, instead of failing at the first batch."""
+    images = {record.image_id for record in records}
+    if len(images) < 2:
+        raise DataError(f"{path}: all {len(records)} records show the same image ({records[0].image if records else '-'}); "
+                        "expected at least 2 distinct images, as ITM draws each pair's negative image from the "
+                        "other images of its batch")
+
+
 def train_image_text(recipe: RetrievalRecipe, records: list[RetrievalRecord]):
     """Fine-tune ITC + ITM on (image, text, image id) records through the shared engine: (run, model, engine).
 
     Retrieval and grounding differ only in their records and their training view (`recipe.train_view()`).
     """
+    check_distinct_images(recipe.train_file, records)
     run = start_task_run(recipe)
     model = load_task_model(recipe, run)
     seed = run.data_seed

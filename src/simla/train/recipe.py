@@ -223,6 +223,11 @@ def _load_recipe(path: str | os.PathLike | None, overrides: Sequence[str], cls: 
             if key == "model_config" and isinstance(value, dict):
                 for sub, sub_value in value.items():
                     _set(recipe, f"model_config.{sub}", sub_value, f"{path}: model_config")
+            elif key == "trust_pickle" and value is not False:
+                raise ConfigError(
+                    f"{path}: field 'trust_pickle' is {value!r}; a recipe file may not trust pickled code (a shared or "
+                    "downloaded recipe would run its payload unasked). Expected false or no such field: pass "
+                    "--trust-pickle on the command line (or set SIMLA_TRUST_PICKLE=1) to trust the files it names")
             else:
                 _set(recipe, str(key), value, str(path))
     for text in overrides:
