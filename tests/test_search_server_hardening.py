@@ -21,6 +21,9 @@ import simla
 from simla.checkpoint import save_checkpoint
 from simla.cli import main
 from simla.search import Index, server
+from simla.search.lock import IndexBusyError
+from simla.search.manifest import ItemNotFoundError
+from simla.search.sources import ItemUnavailableError
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
@@ -246,13 +249,14 @@ def test_search_after_an_update_by_another_process(tmp_path, checkpoint):
 
 # ------------------------------------------------------------------------------------------ errors
 def test_error_kinds_map_to_statuses():
-    def named(name: str, *bases: type) -> BaseException:
-        return type(name, bases or (Exception,), {})("x")
+    def unavailable(kind: str) -> ItemUnavailableError:
+        return ItemUnavailableError("p0.png", "/photos/p0.png", kind, "a reason")
 
-    assert server.error_status(named("IndexBusyError", RuntimeError)) == 503
-    assert server.error_status(named("ItemUnavailableError", OSError)) == 409
-    assert server.error_status(named("ItemNotFoundError", KeyError)) == 404
-    assert server.error_status(named("ItemNotFoundError")) == 404
+    assert server.error_status(IndexBusyError("an update is running")) == 503
+    assert server.error_status(unavailable("changed")) == 409
+    assert [server.error_status(unavailable(kind)) for kind in ("missing", "outside_source", "not_regular",
+                                                                 "too_large")] == [404] * 4
+    assert server.error_status(ItemNotFoundError("no item with id 3")) == 404
     assert server.error_status(KeyError("no item")) == 404
     assert server.error_status(ValueError("bad")) == 400
     assert server.error_status(simla.errors.ConfigError("bad")) == 400
@@ -263,7 +267,7 @@ def test_index_errors_become_json_answers(tmp_path, caplog):
     class Troubled(SQLiteFakeIndex):
         def search(self, text=None, *args, **kwargs):
             if text == "busy":
-                raise type("IndexBusyError", (RuntimeError,), {})("an update is running in another process")
+                raise IndexBusyError("an update is running in another process")
             if text == "bug":
                 raise RuntimeError("secret internals /home/me/index")
             return super().search(text, *args, **kwargs)

@@ -41,6 +41,8 @@ from simla.data.images import BadSampleError, load_image
 from simla.search.html import image_mime, render_app_page
 
 from ..errors import MissingExtraError, SimlaError
+from .lock import IndexBusyError
+from .sources import ItemUnavailableError
 
 __all__ = ["INCOMPLETE_WARNING", "LOCAL_HOSTS", "MAX_BODY_BYTES", "MAX_K", "MAX_RERANK", "MAX_UPLOAD_PIXELS",
            "HostNameError", "allowed_hosts", "background_server", "create_app", "error_status", "exposure_warning",
@@ -224,19 +226,18 @@ def error_status(exc: BaseException) -> int:
     """The HTTP status for an error raised while answering a request.
 
     503: the index is being updated by another process (``IndexBusyError``); 409: the item's file changed
-    since it was indexed (``ItemUnavailableError``); 404: an unknown or deleted item (``LookupError``,
-    ``ItemNotFoundError``); 400: a request that cannot work as asked (``ValueError``, ``SimlaError``, an
-    unusable image); 500: anything else, which is a bug. The index's own error classes are matched by name
-    so that this module does not depend on which of them an index defines.
+    since it was indexed; 404: an unknown or deleted item (``ItemNotFoundError``, any ``LookupError``) or an
+    item whose file is gone, outside the source or not a regular file (``ItemUnavailableError``); 400: a
+    request that cannot work as asked (``ValueError``, ``SimlaError``, an unusable image); 500: anything
+    else, which is a bug.
     """
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if "IndexBusyError" in names:
+    if isinstance(exc, IndexBusyError):
         return 503
-    if "ItemUnavailableError" in names:
-        return 409
-    if isinstance(exc, LookupError) or "ItemNotFoundError" in names:
+    if isinstance(exc, ItemUnavailableError):
+        return 409 if exc.kind == "changed" else 404
+    if isinstance(exc, LookupError):
         return 404
-    if isinstance(exc, (ValueError, SimlaError, BadSampleError)):
+    if isinstance(exc, (ValueError, SimlaError)):
         return 400
     return 500
 
@@ -255,8 +256,9 @@ def _json_response(content: Any, status: int = 200, headers: dict[str, str] | No
 def _error_response(exc: Exception, item_id: int | None = None) -> Any:
     """``{"detail": message}`` with the status of :func:`error_status`; a 500 logs the traceback only."""
     status = error_status(exc)
-    if item_id is not None and status in (400, 500) and isinstance(exc, (OSError, BadSampleError)):
-        status, message = 404, f"item {item_id} is unreadable: {exc}"  # moved or broken since it was indexed
+    if item_id is not None and isinstance(exc, (OSError, BadSampleError)):
+        # The item's file moved, was swapped, changed or broke since it was indexed (409 only when it changed).
+        status, message = (409 if status == 409 else 404), f"item {item_id} is unreadable: {exc}"
     elif status == 404 and item_id is not None:
         message = f"no item with id {item_id}"
     elif status == 500:
