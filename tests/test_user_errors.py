@@ -167,6 +167,10 @@ def test_itm_needs_two_images_per_batch_checked_before_any_work(tmp_path, tiny_c
                              f"image_root={tmp_path}", "batch_size=2", "device=cpu", f"output_dir={run}"],
                     "one.json", "2 distinct images")
     assert not run.exists()  # refused before the run folder (and the model load)
+    _one_line_error(capsys, ["pretrain", f"train_file={train}", "model=simla_tiny", "batch_size=1", "device=cpu",
+                             f"output_dir={tmp_path / 'pretrain'}"], "batch_size", ">= 2 with ITM")
+    assert not (tmp_path / "pretrain").exists()
+    assert load_recipe(None, [f"train_file={train}", "batch_size=1", "model_config.losses=[itc, mlm]"]).batch_size == 1
 
 
 # 6 ------------------------------------------------------------------------------------------------

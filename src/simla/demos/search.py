@@ -9,6 +9,7 @@ query of each, and an HTML results page (with the Grad-CAM overlay of the query 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,11 @@ def run_search_demo(output: str | Path = "runs/demo_search", *, quick: bool = Fa
         index = Index.open(index_dir, checkpoint=checkpoint)
         summary = index.update(num_workers=0, progress=False)
     else:
-        index = Index.build(annotations, index_dir, checkpoint=checkpoint, num_workers=0, progress=False)
+        # The images live in the easy-VQA package, not beside test.json: that folder is the source's root, the
+        # only place the index may read from.
+        image_root = os.path.commonpath([item.image for item in items])
+        index = Index.build(annotations, index_dir, checkpoint=checkpoint, image_root=image_root, num_workers=0,
+                            progress=False)
         summary = index.last_summary
 
     rerank = RERANK[mode]

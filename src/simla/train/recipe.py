@@ -149,9 +149,12 @@ class PretrainRecipe(TrainingRecipe):
         if vt != "kmeans" and not vt.startswith(("kmeans:", "dalle:")):
             raise ValueError(f"visual_tokenizer: expected 'kmeans', 'kmeans:PATH' or 'dalle:PATH', got {vt!r}")
         try:
-            get_config(self.model, **self.model_config)
+            config = get_config(self.model, **self.model_config)
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"model / model_config: {err}") from err
+        if "itm" in config.objectives.losses and self.batch_size < 2:
+            raise ValueError(f"batch_size: must be >= 2 with ITM (it draws each pair's negatives from the other "
+                             f"pairs of the batch), got {self.batch_size}")
 
 
 def check_model_overrides(overrides: dict[str, Any]) -> None:
