@@ -48,3 +48,18 @@ def make_batch(model, batch_size: int = 8, length: int = 12, seed: int = 0) -> d
         "patch_mask": patch_mask,
         "visual_tokens": torch.randint(0, config.objectives.visual_vocab_size, (batch_size, grid * grid), generator=g),
     }
+
+
+def one_line_error(capsys, argv: list[str], *expected: str) -> str:
+    """Run `simla argv`: it must fail as a user error, one `simla: error:` line with each expected text."""
+    from simla.cli import main  # not at the top: the offline environment above must be set before simla loads
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("simla: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in err, err
+    return err
+

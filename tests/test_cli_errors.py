@@ -11,18 +11,8 @@ import simla
 from simla import cli
 from simla.cli import main
 
+from conftest import one_line_error
 from datasets import make_pairs, write_json
-
-
-def _one_line_error(capsys, argv: list[str], *expected: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("simla: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for text in expected:
-        assert text in err, err
-    return err
 
 
 @pytest.fixture
@@ -36,25 +26,25 @@ def tiny_checkpoint(tmp_path):
 
 
 def test_pretrain_user_errors(tmp_path, capsys, pairs):
-    _one_line_error(capsys, ["pretrain", "--config", str(tmp_path / "missing.yaml")], "missing.yaml")
+    one_line_error(capsys, ["pretrain", "--config", str(tmp_path / "missing.yaml")], "missing.yaml")
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model: [simla_tiny\n")
-    _one_line_error(capsys, ["pretrain", "--config", str(bad_yaml)], "bad.yaml", "line")
-    _one_line_error(capsys, ["pretrain", f"train_file={pairs}", "batch_sise=4"], "batch_sise")
-    _one_line_error(capsys, ["pretrain", f"train_file={pairs}", "model=simla_huge"], "simla_huge")
-    _one_line_error(capsys, ["pretrain", f"train_file={pairs}", "model_config.losses=[itc,xyz]"], "losses")
-    _one_line_error(capsys, ["pretrain", f"train_file={tmp_path / 'nope.json'}", "model=simla_tiny",
+    one_line_error(capsys, ["pretrain", "--config", str(bad_yaml)], "bad.yaml", "line")
+    one_line_error(capsys, ["pretrain", f"train_file={pairs}", "batch_sise=4"], "batch_sise")
+    one_line_error(capsys, ["pretrain", f"train_file={pairs}", "model=simla_huge"], "simla_huge")
+    one_line_error(capsys, ["pretrain", f"train_file={pairs}", "model_config.losses=[itc,xyz]"], "losses")
+    one_line_error(capsys, ["pretrain", f"train_file={tmp_path / 'nope.json'}", "model=simla_tiny",
                              "text_encoder=null", "vision_encoder=null", "device=cpu",
                              f"output_dir={tmp_path / 'run'}"], "nope.json")
-    _one_line_error(capsys, ["pretrain", f"train_file={pairs}", "batch_size=64", "model=simla_tiny", "text_encoder=null",
+    one_line_error(capsys, ["pretrain", f"train_file={pairs}", "batch_size=64", "model=simla_tiny", "text_encoder=null",
                              "vision_encoder=null", "device=cpu", f"output_dir={tmp_path / 'run'}"], "cannot fill")
-    _one_line_error(capsys, ["pretrain", f"train_file={pairs}", f"image_root={tmp_path / 'wrong'}", "model=simla_tiny",
+    one_line_error(capsys, ["pretrain", f"train_file={pairs}", f"image_root={tmp_path / 'wrong'}", "model=simla_tiny",
                              "batch_size=4",
                              "text_encoder=null", "vision_encoder=null", "device=cpu", "num_workers=0",
                              f"output_dir={tmp_path / 'run'}"], "image_root")
     broken = tmp_path / "broken.json"
     broken.write_text('[{"image": "a.png"}]')
-    _one_line_error(capsys, ["pretrain", f"train_file={broken}", "model=simla_tiny", "text_encoder=null",
+    one_line_error(capsys, ["pretrain", f"train_file={broken}", "model=simla_tiny", "text_encoder=null",
                              "vision_encoder=null", "device=cpu", f"output_dir={tmp_path / 'run'}"],
                     "broken.json", "caption")
 
@@ -63,21 +53,21 @@ def test_finetune_and_evaluate_user_errors(tmp_path, capsys, pairs, tiny_checkpo
     train = tmp_path / "retrieval_train.json"  # a valid training file: the missing checkpoint is the error
     train.write_text('[{"image": "a.png", "caption": "a cat", "image_id": 0}, '
                      '{"image": "b.png", "caption": "a dog", "image_id": 1}]')  # ITM needs two images
-    _one_line_error(capsys, ["finetune", "retrieval", f"train_file={train}", f"checkpoint={tmp_path / 'no.pt'}",
+    one_line_error(capsys, ["finetune", "retrieval", f"train_file={train}", f"checkpoint={tmp_path / 'no.pt'}",
                              "device=cpu", f"output_dir={tmp_path / 'ft'}"], "no.pt")
-    _one_line_error(capsys, ["evaluate", "retrieval", "--checkpoint", str(tmp_path / "no.pt"), "--data", str(pairs),
+    one_line_error(capsys, ["evaluate", "retrieval", "--checkpoint", str(tmp_path / "no.pt"), "--data", str(pairs),
                              "--output", str(tmp_path / "ev")], "no.pt")
-    _one_line_error(capsys, ["evaluate", "retrieval", "--checkpoint", str(tiny_checkpoint), "--data",
+    one_line_error(capsys, ["evaluate", "retrieval", "--checkpoint", str(tiny_checkpoint), "--data",
                              str(tmp_path / "no.json"), "--output", str(tmp_path / "ev"), "--device", "cpu"], "no.json")
 
 
 def test_convert_user_errors(tmp_path, capsys):
     not_a_checkpoint = tmp_path / "notes.pth"
     not_a_checkpoint.write_bytes(b"this is not a checkpoint")
-    _one_line_error(capsys, ["convert", str(not_a_checkpoint), str(tmp_path / "out.pt")], "notes.pth")
+    one_line_error(capsys, ["convert", str(not_a_checkpoint), str(tmp_path / "out.pt")], "notes.pth")
     pickled = tmp_path / "pickled.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "config": argparse.Namespace(lr=1)}, pickled)
-    _one_line_error(capsys, ["convert", str(pickled), str(tmp_path / "out.pt")], "pickled.pth", "trust")
+    one_line_error(capsys, ["convert", str(pickled), str(tmp_path / "out.pt")], "pickled.pth", "trust")
 
 
 def test_demo_and_models(capsys, monkeypatch):
@@ -85,7 +75,7 @@ def test_demo_and_models(capsys, monkeypatch):
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "easy_vqa" else real_find_spec(name, *a))
-    _one_line_error(capsys, ["demo", "--quick"], "simla[demo]")
+    one_line_error(capsys, ["demo", "--quick"], "simla[demo]")
     assert main(["models"]) == 0 and "simla_tiny" in capsys.readouterr().out
 
 

@@ -18,20 +18,10 @@ from simla.data.images import BadSampleError, load_image
 from simla.errors import DiskFullError, SimlaError
 from simla.train.recipe import load_recipe
 
+from conftest import one_line_error
 from datasets import draw, make_pairs, write_json
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _one_line_error(capsys, argv: list[str], *expected: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("simla: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for text in expected:
-        assert text in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +56,13 @@ def test_bad_query_image_and_non_utf8_query_are_one_line(tmp_path, tiny_checkpoi
     capsys.readouterr()
     truncated = tmp_path / "cut.png"
     truncated.write_bytes((photos / "p0.png").read_bytes()[:60])
-    _one_line_error(capsys, ["search", str(index), "--image", str(truncated), "--device", "cpu"], "cut.png")
+    one_line_error(capsys, ["search", str(index), "--image", str(truncated), "--device", "cpu"], "cut.png")
     not_image = tmp_path / "notes.jpg"
     not_image.write_text("just text")
-    _one_line_error(capsys, ["search", str(index), "--image", str(not_image), "--device", "cpu"], "notes.jpg")
+    one_line_error(capsys, ["search", str(index), "--image", str(not_image), "--device", "cpu"], "notes.jpg")
     # 2: a non-UTF-8 argument, as Python hands it over (surrogateescape)
     query = os.fsdecode(b"caf\xe9 square")
-    _one_line_error(capsys, ["search", str(index), query, "--device", "cpu"], "not valid Unicode", "0xE9")
+    one_line_error(capsys, ["search", str(index), query, "--device", "cpu"], "not valid Unicode", "0xE9")
 
 
 def test_bad_samples_stay_catchable_and_picklable(tmp_path):
@@ -94,18 +84,18 @@ def _raw_json(path: Path, text: str) -> Path:
 def test_lone_surrogates_in_annotation_files_name_file_record_field(tmp_path, tiny_checkpoint, capsys):
     ve = _raw_json(tmp_path / "ve.json", '[{"image": "a.jpg", "sentence": "ok", "label": "entailment"},'
                                          ' {"image": "b.jpg", "sentence": "bad \\udcff text", "label": "neutral"}]')
-    _one_line_error(capsys, ["evaluate", "ve", "--checkpoint", str(tiny_checkpoint), "--data", str(ve),
+    one_line_error(capsys, ["evaluate", "ve", "--checkpoint", str(tiny_checkpoint), "--data", str(ve),
                              "--output", str(tmp_path / "ev"), "--device", "cpu"],
                     "ve.json", "record 1", "'sentence'", "not valid Unicode")
     vqa = _raw_json(tmp_path / "vqa.json", '[{"image": "a.jpg", "question": "what \\ud800?", "question_id": 1,'
                                            ' "answer": ["x"]}]')
     answers = write_json(tmp_path / "answers.json", ["x", "y"])
-    _one_line_error(capsys, ["evaluate", "vqa", "--checkpoint", str(tiny_checkpoint), "--data", str(vqa),
+    one_line_error(capsys, ["evaluate", "vqa", "--checkpoint", str(tiny_checkpoint), "--data", str(vqa),
                              "--answers", str(answers), "--output", str(tmp_path / "ev"), "--device", "cpu"],
                     "vqa.json", "record 0", "'question'", "not valid Unicode")
     latin1 = tmp_path / "latin1.json"
     latin1.write_bytes(b'[{"image": "a.jpg", "sentence": "caf\xe9", "label": "neutral"}]')
-    _one_line_error(capsys, ["evaluate", "ve", "--checkpoint", str(tiny_checkpoint), "--data", str(latin1),
+    one_line_error(capsys, ["evaluate", "ve", "--checkpoint", str(tiny_checkpoint), "--data", str(latin1),
                              "--output", str(tmp_path / "ev"), "--device", "cpu"], "latin1.json", "not UTF-8")
 
 
@@ -126,7 +116,7 @@ def test_refused_refer_pickle_is_one_line(tmp_path, tiny_checkpoint, capsys):
     refs = write_json(tmp_path / "refs.json", [{"image": "a.jpg", "text": "the left one", "ref_id": 1}])
     dets = tmp_path / "dets.json"
     dets.write_text("{}")
-    _one_line_error(capsys, ["evaluate", "grounding", "--checkpoint", str(tiny_checkpoint), "--refs", str(refs),
+    one_line_error(capsys, ["evaluate", "grounding", "--checkpoint", str(tiny_checkpoint), "--refs", str(refs),
                              "--dets", str(dets), "--refer-dir", str(refer), "--output", str(tmp_path / "ev"),
                              "--device", "cpu"], "refs(unc).p", "refusing to load")
 
@@ -136,7 +126,7 @@ def test_demo_from_a_folder_with_a_malicious_checkpoint_is_one_line(tmp_path, ca
     _gadget(tmp_path, "demo/pretrain/checkpoints/last.pt")
     ran = []
     monkeypatch.setattr(os, "system", lambda command: ran.append(command) or 0)
-    _one_line_error(capsys, ["demo", "ve", "--quick", "--from", str(demo), "--output", str(tmp_path / "out")],
+    one_line_error(capsys, ["demo", "ve", "--quick", "--from", str(demo), "--output", str(tmp_path / "out")],
                     "last.pt", "needs trust")
     assert ran == []
 
@@ -146,7 +136,7 @@ def test_os_system_gadget_needs_trust_not_a_new_copy(tmp_path, capsys, monkeypat
     gadget = _gadget(tmp_path, "gadget.pth")
     ran = []
     monkeypatch.setattr(os, "system", lambda command: ran.append(command) or 0)
-    err = _one_line_error(capsys, ["convert", str(gadget), str(tmp_path / "out.pt")],
+    err = one_line_error(capsys, ["convert", str(gadget), str(tmp_path / "out.pt")],
                           "gadget.pth", "needs trust (--trust-pickle)", "system")
     assert "corrupt" not in err and "fetch" not in err
     assert ran == []
@@ -157,17 +147,17 @@ def test_itm_needs_two_images_per_batch_checked_before_any_work(tmp_path, tiny_c
     records = make_pairs(tmp_path, 4)
     train = write_json(tmp_path / "train.json", [{"image": r["image"], "text": "a shape"} for r in records])
     for task in ("retrieval", "grounding"):
-        _one_line_error(capsys, ["finetune", task, f"train_file={train}", f"checkpoint={tiny_checkpoint}",
+        one_line_error(capsys, ["finetune", task, f"train_file={train}", f"checkpoint={tiny_checkpoint}",
                                  "batch_size=1", "device=cpu", f"output_dir={tmp_path / task}"],
                         "batch_size", ">= 2")
     one_image = write_json(tmp_path / "one.json", [{"image": "images/img000.png", "text": t}
                                                     for t in ("a red square", "the square is red")])
     run = tmp_path / "one_run"
-    _one_line_error(capsys, ["finetune", "grounding", f"train_file={one_image}", f"checkpoint={tiny_checkpoint}",
+    one_line_error(capsys, ["finetune", "grounding", f"train_file={one_image}", f"checkpoint={tiny_checkpoint}",
                              f"image_root={tmp_path}", "batch_size=2", "device=cpu", f"output_dir={run}"],
                     "one.json", "2 distinct images")
     assert not run.exists()  # refused before the run folder (and the model load)
-    _one_line_error(capsys, ["pretrain", f"train_file={train}", "model=simla_tiny", "batch_size=1", "device=cpu",
+    one_line_error(capsys, ["pretrain", f"train_file={train}", "model=simla_tiny", "batch_size=1", "device=cpu",
                              f"output_dir={tmp_path / 'pretrain'}"], "batch_size", ">= 2 with ITM")
     assert not (tmp_path / "pretrain").exists()
     assert load_recipe(None, [f"train_file={train}", "batch_size=1", "model_config.losses=[itc, mlm]"]).batch_size == 1
@@ -176,7 +166,7 @@ def test_itm_needs_two_images_per_batch_checked_before_any_work(tmp_path, tiny_c
 # 6 ------------------------------------------------------------------------------------------------
 def test_non_finite_weights_stop_pretraining_in_one_line(tmp_path, capsys):
     write_json(tmp_path / "pairs.json", make_pairs(tmp_path, 8))
-    _one_line_error(capsys, ["pretrain", f"train_file={tmp_path / 'pairs.json'}", f"image_root={tmp_path}",
+    one_line_error(capsys, ["pretrain", f"train_file={tmp_path / 'pairs.json'}", f"image_root={tmp_path}",
                              "model=simla_tiny", "text_encoder=null", "vision_encoder=null", "device=cpu",
                              "num_workers=0", "batch_size=4", "save_every=1", "log_every=100",
                              "kmeans_fit_images=8", "progress=false", "model_config.queue_size=8",
@@ -189,16 +179,16 @@ def test_non_finite_weights_stop_pretraining_in_one_line(tmp_path, capsys):
 def test_empty_annotation_files_are_refused_before_any_work(tmp_path, tiny_checkpoint, capsys):
     empty = write_json(tmp_path / "empty.json", [])
     for task in ("ve", "nlvr"):
-        _one_line_error(capsys, ["evaluate", task, "--checkpoint", str(tiny_checkpoint), "--data", str(empty),
+        one_line_error(capsys, ["evaluate", task, "--checkpoint", str(tiny_checkpoint), "--data", str(empty),
                                  "--output", str(tmp_path / "ev"), "--device", "cpu"], "empty.json", "holds no records")
     dets = tmp_path / "dets.json"
     dets.write_text("{}")
-    _one_line_error(capsys, ["evaluate", "grounding", "--checkpoint", str(tiny_checkpoint), "--refs", str(empty),
+    one_line_error(capsys, ["evaluate", "grounding", "--checkpoint", str(tiny_checkpoint), "--refs", str(empty),
                              "--dets", str(dets), "--output", str(tmp_path / "ev"), "--device", "cpu"],
                     "empty.json", "holds no records")
     for task in ("ve", "vqa", "retrieval", "grounding"):
         run = tmp_path / f"ft_{task}"
-        _one_line_error(capsys, ["finetune", task, f"train_file={empty}", f"checkpoint={tiny_checkpoint}",
+        one_line_error(capsys, ["finetune", task, f"train_file={empty}", f"checkpoint={tiny_checkpoint}",
                                  "device=cpu", f"output_dir={run}"], "empty.json", "holds no records")
         assert not run.exists()
 
@@ -224,7 +214,7 @@ def test_disk_full_keeps_the_last_checkpoint_and_says_so(tmp_path, tiny_checkpoi
     shutil.copy(tiny_checkpoint, last)
     before = last.read_bytes()
     _fill_the_disk(monkeypatch, out, failure)
-    _one_line_error(capsys, ["convert", str(tiny_checkpoint), str(last)], "No space left on device", "last.pt")
+    one_line_error(capsys, ["convert", str(tiny_checkpoint), str(last)], "No space left on device", "last.pt")
     assert last.read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["last.pt"]  # the partial last.pt.tmp is gone
 
@@ -248,9 +238,9 @@ def test_a_recipe_file_cannot_trust_pickles(tmp_path, capsys, monkeypatch):
     recipe = tmp_path / "shared.yaml"
     recipe.write_text("device: cpu\ntrust_pickle: true\n")
     pairs = write_json(tmp_path / "pairs.json", make_pairs(tmp_path, 4))
-    _one_line_error(capsys, ["pretrain", "--config", str(recipe), f"train_file={pairs}"],
+    one_line_error(capsys, ["pretrain", "--config", str(recipe), f"train_file={pairs}"],
                     "shared.yaml", "trust_pickle", "--trust-pickle")
-    _one_line_error(capsys, ["finetune", "retrieval", "--config", str(recipe), f"train_file={pairs}",
+    one_line_error(capsys, ["finetune", "retrieval", "--config", str(recipe), f"train_file={pairs}",
                              "checkpoint=x.pt"], "shared.yaml", "--trust-pickle")
     recipe.write_text("device: cpu\ntrust_pickle: false\n")
     assert load_recipe(recipe, [f"train_file={pairs}"]).trust_pickle is False
