@@ -20,7 +20,7 @@ from test_search_server import FakeIndex, data_url, png_bytes
 import simla
 from simla.checkpoint import save_checkpoint
 from simla.cli import main
-from simla.search import Index, server
+from simla.search import Index, guard, server
 from simla.search.lock import IndexBusyError
 from simla.search.manifest import ItemNotFoundError
 from simla.search.sources import ItemUnavailableError
@@ -127,10 +127,10 @@ def test_request_bodies_over_the_cap_are_413(fake, monkeypatch):
 # ------------------------------------------------------------------------------------------ query text
 def test_lone_surrogates_are_not_valid_query_text(client, fake):
     got = client.get("/api/search?q=%ED%A0%80")
-    assert got.status_code == 400 and got.json()["detail"].startswith(server.INVALID_TEXT)
+    assert got.status_code == 400 and got.json()["detail"].startswith(guard.INVALID_TEXT)
     posted = client.post("/api/search", content=b'{"text": "a \\ud800 dog"}',
                          headers={"content-type": "application/json"})
-    assert posted.status_code == 400 and posted.json()["detail"].startswith(server.INVALID_TEXT)
+    assert posted.status_code == 400 and posted.json()["detail"].startswith(guard.INVALID_TEXT)
     odd_field = client.post("/api/search", content=b'{"\\udc80": 1}', headers={"content-type": "application/json"})
     assert odd_field.status_code == 400 and "unknown fields" in odd_field.json()["detail"]
     assert not fake.calls
@@ -168,7 +168,7 @@ def test_allow_host_and_the_bound_address_are_accepted(fake):
         for host in ("photos.lan", "photos.lan:8000", "192.168.1.20:8000", "[fd00::7]:8000", "localhost"):
             assert client.get("/api/info", headers={"host": host}).status_code == 200, host
         assert client.get("/api/info", headers={"host": "other.lan"}).status_code == 400
-    with pytest.raises(server.HostNameError, match="not a host name"):
+    with pytest.raises(guard.HostNameError, match="not a host name"):
         server.create_app(fake, allow_hosts=["photos.lan/x"])
 
 
@@ -193,7 +193,7 @@ def test_simla_serve_passes_allow_host_and_warns_about_the_network(fake, monkeyp
                                          ("127.0.0.2", False), ("0.0.0.0", True), ("::", True),
                                          ("192.168.1.20", True), ("photos.lan", True)])
 def test_exposure_warning_for_non_loopback_addresses(host, warns):
-    assert (server.exposure_warning(host) is not None) == warns
+    assert (guard.exposure_warning(host) is not None) == warns
 
 
 # ------------------------------------------------------------------------------------------ index state

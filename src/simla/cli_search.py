@@ -14,7 +14,8 @@ from .search import Index
 from .search.check import check_index, repair_index
 from .search.html import render_results_page
 from .search.index import jpeg_thumbnail
-from .search.server import INCOMPLETE_WARNING, allowed_hosts, serve
+from .search.guard import allowed_hosts
+from .search.server import INCOMPLETE_WARNING, serve
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:

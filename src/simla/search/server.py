@@ -8,7 +8,7 @@ CPU-bound model code off the event loop. The model is not thread-safe, so search
 lock; thumbnails and originals only read image storage and take a second lock of their own, so a
 page of thumbnails does not wait behind a long re-ranking.
 
-Safety for a server left running: every request passes :class:`_RequestGuard` first (a ``Host``
+Safety for a server left running: every request passes :class:`simla.search.guard.RequestGuard` first (a ``Host``
 allow-list against DNS rebinding, a request body cap, a strictly UTF-8 query string); uploaded
 images are size-checked from their header and decoded, capped and shrunk before the model lock is
 taken; before each search the index may reload what another process (``simla index update``) changed;
@@ -21,15 +21,12 @@ import base64
 import binascii
 import contextlib
 import io
-import ipaddress
-import json
 import logging
 import math
 import socket
 import sys
 import threading
 import time
-import urllib.parse
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -41,12 +38,12 @@ from simla.data.images import BadSampleError, load_image
 from simla.search.html import image_mime, render_app_page
 
 from ..errors import MissingExtraError, SimlaError
+from .guard import INVALID_TEXT, RequestGuard, allowed_hosts, exposure_warning, json_bytes
 from .lock import IndexBusyError
 from .sources import ItemUnavailableError
 
-__all__ = ["INCOMPLETE_WARNING", "LOCAL_HOSTS", "MAX_BODY_BYTES", "MAX_K", "MAX_RERANK", "MAX_UPLOAD_PIXELS",
-           "HostNameError", "allowed_hosts", "background_server", "create_app", "error_status", "exposure_warning",
-           "serve"]
+__all__ = ["INCOMPLETE_WARNING", "MAX_BODY_BYTES", "MAX_K", "MAX_RERANK", "MAX_UPLOAD_PIXELS", "background_server",
+           "create_app", "error_status", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +65,8 @@ DECODE_SLOTS = 2
 MAX_ITEM_ID = 2**63 - 1  # item ids are SQLite integers
 THUMB_SIZES = (16, 1024)  # smallest and largest thumbnail side the API hands out
 #: Host header names always accepted (any port): the loopback names a browser on this machine uses.
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 #: Original images the browser may show inline; anything else is sent as a download.
 INLINE_IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp")
-INVALID_TEXT = "query text is not valid Unicode"
 # A request without ``dedup`` gets the index's own default: a good threshold depends on the model.
 _INDEX_DEFAULT = object()
 
@@ -86,10 +81,6 @@ def _require(module: str) -> Any:
 
 class QueryError(ValueError):
     """A request the server refuses before it reaches the index (answered with HTTP 400)."""
-
-
-class HostNameError(SimlaError, ValueError):
-    """A name given to ``--allow-host`` (or ``allow_hosts=``) is not a host name or address."""
 
 
 # ------------------------------------------------------------------------------------------ request values
@@ -242,15 +233,10 @@ def error_status(exc: BaseException) -> int:
     return 500
 
 
-def _json_bytes(content: Any) -> bytes:
-    # ASCII with \\u escapes: a file name that is not valid UTF-8 (a lone surrogate in Python) still encodes.
-    return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
 def _json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Any:
     from fastapi.responses import Response
 
-    return Response(_json_bytes(content), status_code=status, media_type="application/json", headers=headers)
+    return Response(json_bytes(content), status_code=status, media_type="application/json", headers=headers)
 
 
 def _error_response(exc: Exception, item_id: int | None = None) -> Any:
@@ -276,146 +262,6 @@ def _answered(work: Any, item_id: int | None = None) -> Any:
         return work()
     except Exception as exc:  # every error becomes a JSON answer; a 500 is logged with its traceback
         return _error_response(exc, item_id)
-
-
-# ------------------------------------------------------------------------------------------ hosts
-_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")
-
-
-def _host_of(header: str) -> str:
-    """The host of a Host header, lower case, without port or trailing dot: ``"[::1]:8000"`` -> ``"[::1]"``."""
-    value = header.strip().lower()
-    if value.startswith("["):
-        end = value.find("]")
-        return value[:end + 1] if end > 0 else value
-    name, sep, port = value.rpartition(":")
-    if sep and port.isdigit():
-        value = name
-    return value.rstrip(".")
-
-
-def _host_name(value: str) -> str:
-    """A bind address or ``--allow-host`` value as it appears in a Host header (bare IPv6 gets brackets)."""
-    text = value.strip().lower()
-    with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(text).version == 6:
-            return f"[{text}]"
-    name = _host_of(text)
-    if name.startswith("[") and name.endswith("]"):
-        valid = set(name[1:-1]) <= set("0123456789abcdef:.") and ":" in name
-    else:
-        valid = bool(name) and set(name) <= _HOST_CHARS
-    if not valid:
-        raise HostNameError(f"{value!r} is not a host name or address (expected e.g. photos.lan, 192.168.1.20 "
-                            f"or ::1)")
-    return name
-
-
-def allowed_hosts(host: str | None = None, extra: Iterable[str] = ()) -> frozenset[str]:
-    """The Host header names a server bound to ``host`` answers: LOCAL_HOSTS, ``host`` and ``extra``."""
-    names = set(LOCAL_HOSTS) | {_host_name(name) for name in extra}
-    if host:
-        names.add(_host_name(host))
-    return frozenset(names)
-
-
-def _is_loopback(host: str) -> bool:
-    name = _host_name(host).strip("[]")
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False  # a name: it may well resolve to a network address
-
-
-def exposure_warning(host: str) -> str | None:
-    """What to tell whoever serves on ``host`` when it is not a loopback address (None when it is)."""
-    if _is_loopback(host):
-        return None
-    where = "every network interface" if _host_name(host) in ("0.0.0.0", "[::]") else host
-    return (f"warning: listening on {where}: anyone who can reach this machine over the network can search "
-            f"the index and see its file names, thumbnails, images and paths (there is no login). Use --host "
-            f"127.0.0.1 to keep it on this machine; other machines must use a name or address given with "
-            f"--allow-host.")
-
-
-class _RequestGuard:
-    """ASGI middleware in front of every route: Host allow-list, request body cap, UTF-8 query string.
-
-    The Host check stops DNS rebinding: a web page from elsewhere that points its own domain name at
-    127.0.0.1 reaches this server with that name in ``Host`` and is refused. Bodies are read (at most
-    ``max_body`` bytes) before the app sees them, so an oversized upload is a 413 without being parsed.
-    """
-
-    def __init__(self, app: Any, hosts: frozenset[str], max_body: int) -> None:
-        self.app = app
-        self.hosts = hosts
-        self.max_body = max_body
-
-    def _refusal(self, scope: dict) -> tuple[int, str] | None:
-        headers = dict(scope.get("headers") or ())
-        host = _host_of(headers.get(b"host", b"").decode("latin-1"))
-        if host not in self.hosts:
-            return 400, (f"host not allowed: {host or '(no Host header)'!r} (expected one of "
-                         f"{', '.join(sorted(self.hosts))}; simla serve --allow-host NAME adds one)")
-        length = headers.get(b"content-length", b"0").strip()
-        if length.isdigit() and int(length) > self.max_body:
-            return 413, f"request body too large: {int(length):,} bytes (expected at most {self.max_body:,})"
-        try:
-            urllib.parse.unquote_to_bytes(scope.get("query_string", b"")).decode("utf-8")
-        except UnicodeDecodeError:
-            return 400, f"{INVALID_TEXT}: the URL's query string is not UTF-8"
-        return None
-
-    async def _read_body(self, receive: Any) -> tuple[list[dict], bool]:
-        """The request's body messages, and whether it stayed within ``max_body`` bytes."""
-        messages, size = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                return messages, True
-            size += len(message.get("body", b""))
-            if size > self.max_body:
-                return messages, False
-            if not message.get("more_body"):
-                return messages, True
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        refusal = self._refusal(scope)
-        if refusal is None and scope.get("method") in ("POST", "PUT", "PATCH"):
-            messages, within = await self._read_body(receive)
-            if not within:
-                refusal = 413, f"request body too large (expected at most {self.max_body:,} bytes)"
-
-            async def replay() -> dict:
-                return messages.pop(0) if messages else await receive()
-            receive = replay
-        if refusal is not None:
-            await _send_json(send, *refusal)
-            return
-
-        async def send_nosniff(message: dict) -> None:
-            headers = list(message.get("headers", []))
-            if message["type"] == "http.response.start" and all(k.lower() != _NOSNIFF[0] for k, _ in headers):
-                message = {**message, "headers": [*headers, _NOSNIFF]}
-            await send(message)
-        await self.app(scope, receive, send_nosniff)
-
-
-_NOSNIFF = (b"x-content-type-options", b"nosniff")
-
-
-async def _send_json(send: Any, status: int, message: str) -> None:
-    body = _json_bytes({"detail": message})
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            _NOSNIFF]})
-    await send({"type": "http.response.body", "body": body})
 
 
 # ------------------------------------------------------------------------------------------ the index
@@ -604,7 +450,7 @@ def create_app(index: Any, *, host: str | None = "127.0.0.1", allow_hosts: Itera
     searcher = _Searcher(index)
     app = fastapi.FastAPI(title="simla search", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.index = index
-    app.add_middleware(_RequestGuard, hosts=hosts, max_body=MAX_BODY_BYTES)
+    app.add_middleware(RequestGuard, hosts=hosts, max_body=MAX_BODY_BYTES)
     _add_error_handlers(app)
     _add_page_routes(app, index)
     _add_search_routes(app, searcher)
