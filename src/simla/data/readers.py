@@ -1,4 +1,4 @@
-"""Annotation readers for image–caption data: the reference JSON list, JSON Lines and CSV/TSV.
+"""Annotation readers for image–caption data: the reference JSON list, JSON Lines, CSV/TSV and image folders.
 
 Every reader validates the whole file up front and raises :class:`DataFormatError` naming the file,
 the record (list index or line number) and the field. A pretraining run reads its annotations once,
@@ -22,16 +22,18 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any, Union
 
-from ..errors import DataError
 from ..unicode_text import describe_surrogate, lone_surrogate
+from .folders import FolderCaptions, read_folder
+from .records import CaptionRecord, DataFormatError
+from .records import format_error as _error
 
 __all__ = [
     "CaptionRecord",
     "brace_expand",
     "DataFormatError",
+    "FolderCaptions",
     "is_shard_pattern",
     "read_csv_records",
     "read_json_records",
@@ -51,43 +53,6 @@ _SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # WebDataset's convention for several shard patterns in one string.
 SHARD_PATTERN_SEPARATOR = "::"
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
-
-
-class DataFormatError(DataError):
-    """An annotation file (or shard specification) is malformed.
-
-    The message always names the file and, where there is one, the record and the field. The same
-    facts are kept as attributes so that callers (a CLI, a test) need not parse the message.
-    """
-
-    def __init__(self, message: str, *, path: str | None = None, record: str | None = None,
-                 field: str | None = None) -> None:
-        super().__init__(message)
-        self.path = path
-        self.record = record
-        self.field = field
-
-
-@dataclass(frozen=True, slots=True)
-class CaptionRecord:
-    """One image with its caption(s), as read from an annotation file.
-
-    Attributes:
-        image: the image path, absolute as given or joined to ``image_root`` when relative.
-        captions: one or more captions; when there are several, the dataset samples one each time.
-        origin: where the record came from, for error messages (``"train.json[17]"``,
-            ``"pairs.csv:42"``, ``"cc3m.jsonl:9"``).
-    """
-
-    image: str
-    captions: tuple[str, ...]
-    origin: str
-
-
-def _error(path: str, record: str, field: str | None, problem: str) -> DataFormatError:
-    """Build the uniform ``file, record, field: problem`` message."""
-    where = f"{path}, {record}" + (f", field {field!r}" if field is not None else "")
-    return DataFormatError(f"{where}: {problem}", path=path, record=record, field=field)
 
 
 def _describe(value: Any) -> str:
@@ -269,48 +234,62 @@ def _as_list(files: PathLike | Sequence[PathLike]) -> list[str]:
 
 
 def read_records(files: PathLike | Sequence[PathLike], image_root: PathLike | None = None, *,
-                 image_key: str = "filepath", caption_key: str = "title") -> list[CaptionRecord]:
-    """Read and concatenate annotation files, dispatching on the extension.
+                 image_key: str = "filepath", caption_key: str = "title",
+                 folder: FolderCaptions | None = None) -> list[CaptionRecord]:
+    """Read and concatenate annotation files and image folders, dispatching on what each path is.
 
-    ``.json``/``.jsonl`` go to :func:`read_json_records`, ``.csv``/``.tsv``/``.tab`` to
-    :func:`read_csv_records`. Every file is checked for existence and a known extension before any
-    is parsed, so a typo in the last file of a list fails immediately.
+    A directory goes to :func:`~simla.data.folders.read_folder` (sidecar ``.txt`` captions, Tux Paint
+    languages, imagefolder ``metadata.jsonl``/``.csv``, or captions from file names, as ``folder``
+    says); its images are found under it, so ``image_root`` does not apply to it. Files go by extension:
+    ``.json``/``.jsonl`` to :func:`read_json_records`, ``.csv``/``.tsv``/``.tab`` to
+    :func:`read_csv_records`. Every path is checked for existence and a known kind before any is read,
+    so a typo in the last path of a list fails immediately.
 
     Args:
         files: one path or a sequence of paths, concatenated in order.
-        image_root: directory that relative image paths are joined to.
+        image_root: directory that relative image paths of annotation files are joined to.
         image_key: CSV/TSV column with image paths.
         caption_key: CSV/TSV column with captions.
+        folder: how captions are found in image folders (default: :class:`FolderCaptions` defaults).
 
     Returns:
-        All records, file after file.
+        All records, path after path.
 
     Raises:
-        FileNotFoundError: a file does not exist (named in the message).
-        DataFormatError: an unknown extension, no files at all, or any format error of a reader.
+        FileNotFoundError: a path does not exist (named in the message).
+        DataFormatError: an unknown extension, no paths at all, or any format error of a reader.
     """
     paths = _as_list(files)
     if not paths:
         raise DataFormatError("no annotation files given")
     for path in paths:
-        lower = path.lower()
-        if lower.endswith(_SHARD_SUFFIXES):
-            raise DataFormatError(f"{path}: WebDataset tar shards cannot be read as annotation files (or "
-                                  f"mixed with them); give the shards on their own", path=path)
-        if not lower.endswith(_JSON_SUFFIXES + _CSV_SUFFIXES):
-            raise DataFormatError(f"{path}: unknown annotation file extension; expected one of "
-                                  f"{', '.join(_JSON_SUFFIXES + _CSV_SUFFIXES)}", path=path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"annotation file not found: {path}")
+        _check_path(path)
     records: list[CaptionRecord] = []
     for path in paths:
-        if path.lower().endswith(_JSON_SUFFIXES):
+        if os.path.isdir(path):
+            part = read_folder(path, folder)
+        elif path.lower().endswith(_JSON_SUFFIXES):
             part = read_json_records(path, image_root)
         else:
             part = read_csv_records(path, image_root, image_key=image_key, caption_key=caption_key)
         logger.info("read %d records from %s", len(part), path)
         records.extend(part)
     return records
+
+
+def _check_path(path: str) -> None:
+    """Fail early on a path that is neither an image folder nor an existing file of a known kind."""
+    if os.path.isdir(path):
+        return
+    lower = path.lower()
+    if lower.endswith(_SHARD_SUFFIXES):
+        raise DataFormatError(f"{path}: WebDataset tar shards cannot be read as annotation files (or "
+                              f"mixed with them); give the shards on their own", path=path)
+    if not lower.endswith(_JSON_SUFFIXES + _CSV_SUFFIXES):
+        raise DataFormatError(f"{path}: unknown annotation file extension; expected an image folder or a file "
+                              f"ending in one of {', '.join(_JSON_SUFFIXES + _CSV_SUFFIXES)}", path=path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotation file not found: {path}")
 
 
 def split_shard_spec(spec: str | Iterable[str]) -> list[str]:

@@ -125,7 +125,8 @@ def build_data(recipe: PretrainRecipe, config, tokenizer) -> tuple[Any, SampleBu
 def caption_data(recipe: Any, builder: Any, tokenizer, max_length: int, seed: int) -> tuple[Any, Any, Any]:
     """(data source, records, shards) over image-caption pairs from annotation files or WebDataset shards.
 
-    `recipe` supplies train_file, image_root, csv_image_key, csv_caption_key, samples_per_epoch,
+    `recipe` supplies train_file (annotation files, image folders or shards), image_root, csv_image_key,
+    csv_caption_key, the image-folder caption options (``folder_captions()``, when it has them), samples_per_epoch,
     shuffle_buffer, batch_size and num_workers; `builder.build(record, rng)` turns one pair into a sample.
     The data seed is shared by all ranks (one permutation, split by rank).
     """
@@ -140,8 +141,10 @@ def caption_data(recipe: Any, builder: Any, tokenizer, max_length: int, seed: in
         dataset = ShardBatches(stream, builder, tokenizer, max_length, recipe.batch_size, seed, rank,
                                recipe.num_workers)
         return ShardData(dataset, recipe.num_workers, steps), None, shards
+    # Recipes of other tasks that reuse this function have no image-folder fields: they get the defaults.
+    folder = recipe.folder_captions() if hasattr(recipe, "folder_captions") else None
     records = read_records(recipe.train_file, recipe.image_root, image_key=recipe.csv_image_key,
-                           caption_key=recipe.csv_caption_key)
+                           caption_key=recipe.csv_caption_key, folder=folder)
     plan = EpochBatchPlan(len(records), recipe.batch_size, seed, rank, world)
     dataset = CaptionBatches(records, builder, tokenizer, max_length, seed)
     return AnnotationData(dataset, plan, recipe.num_workers), records, None

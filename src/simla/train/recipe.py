@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 
 from ..config import SimlaConfig, apply_overrides, check_type, get_config
+from ..data.folders import FolderCaptions
 from ..errors import ConfigError
 
 
@@ -132,7 +133,15 @@ class PretrainRecipe(TrainingRecipe):
     kmeans_fit_images: int = field_(2000, "training images sampled to fit the built-in k-means visual tokenizer")
     trust_pickle: bool = field_(False, "allow unpickling a DALL-E encoder.pkl (trusted files only)")
     # ---- data
-    train_file: str | list[str] = field_("", "JSON/JSONL/CSV/TSV annotation file(s), or a WebDataset shard pattern (data/{00000..00099}.tar)")
+    train_file: str | list[str] = field_("", "JSON/JSONL/CSV/TSV annotation file(s), image folder(s) (docs/data.md), or a "
+                                             "WebDataset shard pattern (data/{00000..00099}.tar)")
+    caption_line: int | None = field_(0, "image folders: which non-empty line of an image's sidecar .txt is its caption "
+                                         "(0 = first; null = every line is one caption of the image)")
+    caption_language: str | None = field_(None, "image folders: take the sidecar's '<lang>.utf8=' line (Tux Paint), e.g. "
+                                                "fr; images without one fall back to caption_line")
+    caption_from_path: str | None = field_(None, "image folders: caption images without a sidecar from their file 'name' "
+                                                 "or their 'path' (folders + name); null = leave them out")
+    metadata_column: str = field_("text", "image folders: the caption column of an imagefolder metadata.jsonl/.csv")
     csv_image_key: str = field_("filepath", "CSV/TSV column holding the image path")
     csv_caption_key: str = field_("title", "CSV/TSV column holding the caption")
     samples_per_epoch: int | None = field_(None, "WebDataset only: samples per epoch (counted from the shards when null)")
@@ -145,6 +154,7 @@ class PretrainRecipe(TrainingRecipe):
 
     def validate(self) -> None:
         super().validate()
+        self.folder_captions()
         vt = self.visual_tokenizer
         if vt != "kmeans" and not vt.startswith(("kmeans:", "dalle:")):
             raise ValueError(f"visual_tokenizer: expected 'kmeans', 'kmeans:PATH' or 'dalle:PATH', got {vt!r}")
@@ -155,6 +165,19 @@ class PretrainRecipe(TrainingRecipe):
         if "itm" in config.objectives.losses and self.batch_size < 2:
             raise ValueError(f"batch_size: must be >= 2 with ITM (it draws each pair's negatives from the other "
                              f"pairs of the batch), got {self.batch_size}")
+
+
+    def folder_captions(self) -> FolderCaptions:
+        """How captions are found in image folders given as train_file (checked by validate)."""
+        if self.caption_from_path not in (None, "name", "path"):
+            raise ValueError(f"caption_from_path: expected null, 'name' or 'path', got {self.caption_from_path!r}")
+        if self.caption_line is not None and self.caption_line < 0:
+            raise ValueError(f"caption_line: must be >= 0 or null, got {self.caption_line}")
+        try:
+            return FolderCaptions(line=self.caption_line, language=self.caption_language,
+                                  from_path=self.caption_from_path, metadata_column=self.metadata_column)
+        except ValueError as err:
+            raise ValueError(f"caption_language / metadata_column: {err}") from err
 
 
 def check_model_overrides(overrides: dict[str, Any]) -> None:

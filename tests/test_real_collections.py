@@ -1,0 +1,188 @@
+"""Real image collections as users keep them: folders with sidecar captions, Tux Paint stamps, imagefolder
+metadata, names as captions, and the image formats such collections hold (transparency, palettes, EXIF, SVG)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from simla.data.folders import FolderCaptions, caption_from_path, read_folder
+from simla.data.readers import DataFormatError, read_records
+
+TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
+
+
+def png(path: Path, colour=(200, 30, 30), size=(20, 20), mode="RGB") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, colour).save(path)
+    return path
+
+
+def text(path: Path, body: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(body, encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------- sidecar folders
+@pytest.fixture
+def sidecar_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    png(root / "b" / "dog.png")
+    text(root / "b" / "dog.txt", "\nA dog on grass.\nA brown dog.\n")
+    png(root / "a" / "cat.jpg".replace(".jpg", ".png"))
+    text(root / "a" / "cat.txt", "A sleeping cat.\nfr.utf8=Un chat qui dort.\npt_BR.utf8=Um gato.\n")
+    png(root / "a" / "nocaption.png")
+    text(root / "orphan.txt", "nobody's caption")
+    png(root / ".hidden" / "secret.png")
+    text(root / ".hidden" / "secret.txt", "never read")
+    return root
+
+
+def test_sidecar_first_line_sorted_with_relative_origins(sidecar_folder: Path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="simla.data.folders"):
+        records = read_folder(sidecar_folder)
+    assert [r.origin for r in records] == ["a/cat.png", "b/dog.png"]
+    assert [r.captions for r in records] == [("A sleeping cat.",), ("A dog on grass.",)]
+    assert records[0].image == os.path.join(str(sidecar_folder), "a", "cat.png")
+    summary = next(m for m in caplog.messages if "images" in m)
+    assert "3 images, 2 with captions" in summary and "1 left out" in summary and "a/nocaption.png" in summary
+    assert "1 .txt files without an image" in summary
+
+
+def test_every_line_mode_and_other_line(sidecar_folder: Path) -> None:
+    every = read_folder(sidecar_folder, FolderCaptions(line=None))
+    assert every[1].captions == ("A dog on grass.", "A brown dog.")
+    assert every[0].captions == ("A sleeping cat.",)  # language lines are never plain captions
+    second = read_folder(sidecar_folder, FolderCaptions(line=1))
+    assert [r.origin for r in second] == ["b/dog.png"] and second[0].captions == ("A brown dog.",)
+
+
+def test_language_line_and_counted_fallback(sidecar_folder: Path, caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="simla.data.folders"):
+        records = read_folder(sidecar_folder, FolderCaptions(language="fr"))
+    assert [r.captions for r in records] == [("Un chat qui dort.",), ("A dog on grass.",)]
+    assert any("1 captions fell back to line 0" in m and "fr.utf8=" in m for m in caplog.messages)
+    regional = read_folder(sidecar_folder, FolderCaptions(language="pt"))
+    assert regional[0].captions == ("Um gato.",)
+
+
+def test_tux_paint_style_sidecar_gives_its_english_first_line(tmp_path: Path) -> None:
+    png(tmp_path / "food" / "potato.png", mode="RGBA", colour=(120, 80, 20, 255))
+    text(tmp_path / "food" / "potato.txt",
+         "A brown potato.\nach.utf8=Icok ma rema rema.\nca@valencia.utf8=Una creïlla rossa.\n"
+         "fr.utf8=Une pomme de terre.\nzh_TW.utf8=馬鈴薯\n")
+    (tmp_path / "food" / "potato_desc_fr.ogg").write_bytes(b"OggS")  # sounds beside stamps are ignored
+    assert read_folder(tmp_path)[0].captions == ("A brown potato.",)
+    assert read_folder(tmp_path, FolderCaptions(language="ca"))[0].captions == ("Una creïlla rossa.",)
+    assert read_folder(tmp_path, FolderCaptions(language="zh_TW"))[0].captions == ("馬鈴薯",)
+
+
+def test_caption_from_path_on_real_looking_names() -> None:
+    name = "recreation/sports/table_tennis_omar_abo-na_01.png"
+    assert caption_from_path(name, "name") == "table tennis omar abo na"
+    assert caption_from_path(name, "path") == "recreation sports table tennis omar abo na"
+    assert caption_from_path("medicina_dottore_archite_01.png", "name") == "medicina dottore archite"
+    assert caption_from_path("RedApple.v2.JPG", "name") == "red apple v2"
+    assert caption_from_path("scans/IMG_0042.jpg", "name") == "img"
+    assert caption_from_path("0042.jpg", "name") == ""
+    with pytest.raises(ValueError, match="mode"):
+        caption_from_path("a.png", "stem")
+
+
+def test_from_path_captions_images_without_sidecar(sidecar_folder: Path) -> None:
+    records = read_folder(sidecar_folder, FolderCaptions(from_path="path"))
+    assert {r.origin: r.captions for r in records}["a/nocaption.png"] == ("a nocaption",)
+    assert {r.origin: r.captions for r in records}["a/cat.png"] == ("A sleeping cat.",)  # the sidecar wins
+
+
+def test_raster_is_preferred_over_svg_of_the_same_name(tmp_path: Path) -> None:
+    png(tmp_path / "heart.png")
+    text(tmp_path / "heart.svg", '<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>')
+    png(tmp_path / "star.PNG")
+    text(tmp_path / "star.svg", '<svg xmlns="http://www.w3.org/2000/svg" width="4" height="4"/>')
+    text(tmp_path / "moon.svgz", "")
+    records = read_folder(tmp_path, FolderCaptions(from_path="name"))
+    assert [r.origin for r in records] == ["heart.png", "moon.svgz", "star.PNG"]
+
+
+# ------------------------------------------------------------------------------------ imagefolder layout
+def test_imagefolder_metadata_jsonl_and_csv(tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    png(root / "train" / "0001.png")
+    png(root / "train" / "sub" / "0002.png")
+    png(root / "train" / "unlisted.png")
+    text(root / "train" / "unlisted.txt", "a sidecar is not used under a metadata folder")
+    png(root / "other.png")
+    text(root / "other.txt", "outside the metadata folder, sidecars still count")
+    text(root / "train" / "metadata.jsonl",
+         json.dumps({"file_name": "0001.png", "text": "a red square"}) + "\n\n"
+         + json.dumps({"file_name": "sub/0002.png", "text": ["one", "two"], "extra": 1}) + "\n")
+    png(tmp_path / "val" / "x.png")
+    text(tmp_path / "val" / "metadata.csv", "file_name,caption\nx.png,\"a square, red\"\n")
+    records = read_folder(root, FolderCaptions(metadata_column="text"))
+    assert [(r.origin, r.captions) for r in records] == [("other.png", ("outside the metadata folder, sidecars still count",)),
+                                                         ("train/0001.png", ("a red square",)),
+                                                         ("train/sub/0002.png", ("one", "two"))]
+    records = read_records(tmp_path / "val", folder=FolderCaptions(metadata_column="caption"))
+    assert [(r.origin, r.captions) for r in records] == [("x.png", ("a square, red",))]
+
+
+@pytest.mark.parametrize("name, body, record, field", [
+    ("metadata.jsonl", '{"file_name": "a.png", "text": "ok"}\n{"file_name": 3, "text": "x"}\n', "line 2", "file_name"),
+    ("metadata.jsonl", '{"file_name": "a.png"}\n', "line 1", "text"),
+    ("metadata.jsonl", '{"file_name": "a.png", "text": "ok"}\n{oops\n', "line 2", None),
+    ("metadata.csv", "file_name,text\na.png,ok\n,empty name\n", "line 3", "file_name"),
+    ("metadata.csv", "file_name,caption\na.png,ok\n", "line 1", "text"),
+])
+def test_bad_metadata_names_file_line_and_field(tmp_path: Path, name, body, record, field) -> None:
+    png(tmp_path / "a.png")
+    text(tmp_path / name, body)
+    with pytest.raises(DataFormatError) as info:
+        read_folder(tmp_path)
+    assert info.value.path == str(tmp_path / name) and info.value.record == record and info.value.field == field
+    assert str(tmp_path / name) in str(info.value) and record in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+def test_empty_folder_and_folder_without_captions_are_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    text(tmp_path / "empty" / "notes.txt", "no images here")
+    with pytest.raises(DataFormatError, match="no images found"):
+        read_records(tmp_path / "empty")
+    png(tmp_path / "bare" / "IMG_0001.png")
+    with pytest.raises(DataFormatError, match="none of the 1 images has a caption.*caption_from_path"):
+        read_records(str(tmp_path / "bare"))
+    with pytest.raises(ValueError, match="caption_from_path"):
+        FolderCaptions(from_path="stem")
+
+
+def test_non_utf8_sidecar_names_file_and_line(tmp_path: Path) -> None:
+    png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(b"fine\nbad \xff byte\n")
+    with pytest.raises(DataFormatError, match=r"a\.txt, line 2: not UTF-8"):
+        read_folder(tmp_path)
+
+
+def test_read_records_mixes_folders_and_files_and_names_unknown_files(tmp_path: Path) -> None:
+    png(tmp_path / "imgs" / "a.png")
+    text(tmp_path / "imgs" / "a.txt", "a caption")
+    text(tmp_path / "pairs.jsonl", json.dumps({"image": "x.png", "caption": "from json"}) + "\n")
+    records = read_records([tmp_path / "imgs", tmp_path / "pairs.jsonl"], image_root=tmp_path)
+    assert [r.captions[0] for r in records] == ["a caption", "from json"]
+    with pytest.raises(DataFormatError, match="expected an image folder or a file ending in"):
+        read_records(tmp_path / "ann.yaml")
+
+
+@pytest.mark.skipif(not TUXPAINT_STAMPS.is_dir(), reason="Tux Paint stamps are not installed")
+def test_tux_paint_stamps_read_with_english_first_lines() -> None:
+    records = read_folder(TUXPAINT_STAMPS)
+    assert len(records) >= 700
+    captions = {r.origin: r.captions for r in records}
+    assert captions["food/vegetables/potato.png"] == ("A brown potato.",)
+    assert not any(".utf8=" in c for caps in captions.values() for c in caps)
