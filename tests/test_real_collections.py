@@ -3,15 +3,21 @@ metadata, names as captions, and the image formats such collections hold (transp
 
 from __future__ import annotations
 
+import base64
+import gzip
+import io
 import json
 import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
+from simla.data import svg as svg_module
 from simla.data.folders import FolderCaptions, caption_from_path, read_folder
+from simla.data.images import BAD_SAMPLE_KINDS, BadSampleError, load_image
 from simla.data.readers import DataFormatError, read_records
 
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
@@ -186,3 +192,135 @@ def test_tux_paint_stamps_read_with_english_first_lines() -> None:
     captions = {r.origin: r.captions for r in records}
     assert captions["food/vegetables/potato.png"] == ("A brown potato.",)
     assert not any(".utf8=" in c for caps in captions.values() for c in caps)
+
+
+# ---------------------------------------------------------------------------------------- image formats
+def loaded(path: Path, **kwargs) -> tuple[np.ndarray, list[str]]:
+    notes: list[str] = []
+    image = load_image(path, notes=notes, **kwargs)
+    assert image.mode == "RGB"
+    return np.asarray(image), notes
+
+
+def test_transparent_pixels_are_white_by_default_and_configurable(tmp_path: Path) -> None:
+    rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))  # transparent black, as drawing programs leave it
+    rgba.putpixel((1, 1), (0, 0, 255, 255))
+    rgba.save(tmp_path / "drawing.png")
+    array, notes = loaded(tmp_path / "drawing.png")
+    assert tuple(array[0, 0]) == (255, 255, 255) and tuple(array[1, 1]) == (0, 0, 255)
+    assert notes == ["transparent"]
+    array, _ = loaded(tmp_path / "drawing.png", background=(10, 20, 30))
+    assert tuple(array[0, 0]) == (10, 20, 30)
+    with pytest.raises(ValueError, match="background"):
+        load_image(tmp_path / "drawing.png", background=(0, 0, 256))
+    Image.new("RGBA", (20, 20), (9, 9, 9, 255)).save(tmp_path / "opaque.png")
+    assert loaded(tmp_path / "opaque.png")[1] == []  # an alpha channel that hides nothing is not noted
+
+
+def test_palette_with_trns_and_grey_with_alpha(tmp_path: Path) -> None:
+    pal = Image.new("P", (20, 20), 1)
+    pal.putpalette([0, 0, 0, 0, 255, 0] + [0, 0, 0] * 254)
+    pal.putpixel((0, 0), 0)
+    pal.save(tmp_path / "p.png", transparency=0)
+    array, notes = loaded(tmp_path / "p.png")
+    assert tuple(array[0, 0]) == (255, 255, 255) and tuple(array[5, 5]) == (0, 255, 0)
+    assert sorted(notes) == ["palette", "transparent"]
+    la = Image.new("LA", (20, 20), (40, 255))
+    la.putpixel((0, 0), (0, 0))
+    la.save(tmp_path / "la.png")
+    array, notes = loaded(tmp_path / "la.png")
+    assert tuple(array[0, 0]) == (255, 255, 255) and tuple(array[3, 3]) == (40, 40, 40)
+    assert sorted(notes) == ["grey", "transparent"]
+    Image.fromarray(np.full((4, 30), 65535, dtype=np.uint16)).save(tmp_path / "deep.png")
+    array, notes = loaded(tmp_path / "deep.png")
+    assert array.max() == 255 and sorted(notes) == ["grey", "sixteen_bit", "small"]
+
+
+def test_exif_orientation_is_applied_by_default(tmp_path: Path) -> None:
+    img = Image.new("RGB", (40, 20), (200, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display", as phones tag portrait photos
+    img.save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    array, notes = loaded(tmp_path / "phone.jpg")
+    assert array.shape[:2] == (40, 20) and notes == ["exif_rotated"]
+    array, notes = loaded(tmp_path / "phone.jpg", exif_transpose=False)
+    assert array.shape[:2] == (20, 40) and notes == []
+
+
+SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="40" height="20">'
+       '<rect x="0" y="0" width="20" height="20" fill="#ff0000"/></svg>')
+
+
+def test_svg_rendered_to_svg_size_on_white(tmp_path: Path) -> None:
+    pytest.importorskip("cairosvg")
+    text(tmp_path / "flag.svg", SVG)
+    array, notes = loaded(tmp_path / "flag.svg", svg_size=64)
+    assert array.shape[:2] == (32, 64)  # the longer side is svg_size, the aspect ratio kept
+    assert tuple(array[16, 8]) == (255, 0, 0) and tuple(array[16, 56]) == (255, 255, 255)
+    assert notes[0] == "svg" and "transparent" in notes
+    text(tmp_path / "tall.svg", SVG.replace('width="40" height="20"', 'width="10" height="40"'))
+    assert loaded(tmp_path / "tall.svg", svg_size=64)[0].shape[:2] == (64, 16)
+    # Sniffed by content: an SVG without its suffix, with a BOM and an XML declaration first.
+    data = b"\xef\xbb\xbf  <?xml version='1.0'?>\n" + SVG.encode()
+    assert np.asarray(load_image(data, name="member.bin", svg_size=40)).shape[:2] == (20, 40)
+    (tmp_path / "flag.svgz").write_bytes(gzip.compress(SVG.encode()))
+    assert loaded(tmp_path / "flag.svgz", svg_size=40)[0].shape[:2] == (20, 40)
+    text(tmp_path / "broken.svg", "<svg><rect")
+    with pytest.raises(BadSampleError) as info:
+        load_image(tmp_path / "broken.svg")
+    assert info.value.kind == "corrupt"
+
+
+def test_svg_without_cairosvg_is_an_unsupported_bad_sample(tmp_path: Path, monkeypatch) -> None:
+    def missing():
+        raise svg_module.SvgUnavailable("no module named 'cairosvg'")
+
+    monkeypatch.setattr(svg_module, "_cairosvg", missing)
+    text(tmp_path / "flag.svg", SVG)
+    with pytest.raises(BadSampleError) as info:
+        load_image(tmp_path / "flag.svg")
+    assert info.value.kind == "unsupported" and 'pip install "simla[svg]"' in info.value.reason
+    assert "unsupported" in BAD_SAMPLE_KINDS
+
+
+@pytest.mark.parametrize("href", ["file:///etc/passwd", "http://127.0.0.1:9/x.png", "secret.png"])
+def test_svg_never_reads_or_fetches_external_resources(tmp_path: Path, monkeypatch, href) -> None:
+    pytest.importorskip("cairosvg")
+    secret = png(tmp_path / "secret.png", colour=(0, 255, 0), size=(8, 8))
+    opened = []
+    real_open = open
+
+    def watching_open(file, *args, **kwargs):
+        opened.append(os.fspath(file) if isinstance(file, (str, os.PathLike)) else file)
+        return real_open(file, *args, **kwargs)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the SVG renderer tried to reach the network")
+
+    monkeypatch.setattr("builtins.open", watching_open)
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    monkeypatch.setattr("cairosvg.url.urlopen", no_network)
+    body = SVG.replace("</svg>", f'<image href="{href}" width="8" height="8"/></svg>')
+    (tmp_path / "sneaky.svg").write_text(body, encoding="utf-8")
+    with pytest.raises(BadSampleError) as info:
+        load_image(tmp_path / "sneaky.svg")
+    assert info.value.kind == "unsupported" and "external resource" in info.value.reason
+    assert not any(str(f).endswith(("passwd", "secret.png")) for f in opened), opened
+    assert secret.is_file()
+
+
+def test_svg_with_an_embedded_data_url_image_renders(tmp_path: Path) -> None:
+    pytest.importorskip("cairosvg")
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(buffer, "PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    body = SVG.replace("</svg>", f'<image x="20" y="0" href="{data_url}" width="20" height="20"/></svg>')
+    text(tmp_path / "embedded.svg", body)
+    array, _ = loaded(tmp_path / "embedded.svg", svg_size=40)
+    assert tuple(array[10, 30]) == (0, 255, 0)
+
+
+def test_small_images_are_kept_and_noted(tmp_path: Path) -> None:
+    png(tmp_path / "icon.png", size=(12, 40))
+    array, notes = loaded(tmp_path / "icon.png")
+    assert array.shape[:2] == (40, 12) and notes == ["small"]

@@ -8,6 +8,11 @@ and answers it by drawing a different sample. Everything else (a wrong argument 
 module) propagates unchanged: the reference pipeline wraps loading in a bare ``except:``, which hid
 exactly such bugs (on a recent NumPy every one of its samples failed, silently).
 
+What the decoder did beyond plain RGB decoding (transparency composited, a palette or grey image
+expanded, EXIF orientation applied, an SVG rendered, a tiny image kept) can be reported through the
+``notes`` argument: the pretraining dataset counts these per batch, so a training log shows what a
+collection really held instead of leaving it to be discovered in the samples.
+
 Unlike the reference we do not set ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` or ``Image.MAX_IMAGE_PIXELS``
 process-wide: a truncated file is a bad sample (silently grey-filled pixels would poison the MIM targets),
 and the pixel budget is a per-call argument instead of a disabled safety check.
@@ -20,15 +25,18 @@ import logging
 import os
 import struct
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import IO
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from ..errors import SimlaError
+from .svg import ExternalResourceRefused, SvgUnavailable, looks_like_svg, rasterise_svg
 
-__all__ = ["ALPHA_BACKGROUND", "BAD_SAMPLE_KINDS", "BadSampleError", "DEFAULT_MAX_PIXELS", "load_image"]
+__all__ = ["ALPHA_BACKGROUND", "BAD_SAMPLE_KINDS", "BadSampleError", "DEFAULT_MAX_PIXELS", "IMAGE_NOTES",
+           "SMALL_IMAGE_SIDE", "load_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +44,26 @@ logger = logging.getLogger(__name__)
 # pretraining corpora, small enough that a forged header cannot make us allocate gigabytes.
 DEFAULT_MAX_PIXELS = 89_478_485
 
-# Transparent pixels are composited onto mid-gray rather than white or black: gray keeps both dark and
-# light foregrounds (logos, line art) visible, it is the fill colour RandAugment uses for pixels that a
-# geometric op uncovers, and it sits close to the CLIP mean, so a transparent region normalises to
-# roughly zero instead of to a saturated extreme.
-ALPHA_BACKGROUND = (128, 128, 128)
+# Transparent pixels are composited onto white by default: drawings, clip art, stamps and cut-out product
+# photos are made to be seen on white, which is how image viewers and web pages show them, so white is
+# what a caption written for such an image describes. The reference's plain ``.convert("RGB")`` instead
+# shows whatever colour happens to hide under the transparent pixels, often black, turning line art
+# into black shapes on black. ``load_image(background=...)`` picks another colour.
+ALPHA_BACKGROUND = (255, 255, 255)
+
+# Images with a side shorter than this are kept (the transforms resize them like any other) but noted
+# as "small": icons and thumbnails carry little detail once upscaled to the model's input size.
+SMALL_IMAGE_SIDE = 16
+
+# What load_image can report through `notes` (the pretraining log counts them under "images"):
+#   transparent   alpha or keyed (tRNS, GIF) transparency composited on the background
+#   palette       a palette image expanded to RGB
+#   grey          a single-channel (1, L, LA, I, F) image replicated to RGB
+#   exif_rotated  an EXIF orientation tag applied
+#   svg           an SVG drawing rendered (needs the "svg" extra)
+#   small         a side shorter than SMALL_IMAGE_SIDE pixels
+#   sixteen_bit   more than 8 bits per sample, scaled to 8
+IMAGE_NOTES = ("transparent", "palette", "grey", "exif_rotated", "svg", "small", "sixteen_bit")
 
 # Exceptions through which PIL and its plugins report malformed data. Fuzzing PIL shows all of these for
 # corrupt headers or streams (struct.error / IndexError / KeyError from table parsing, SyntaxError from
@@ -63,7 +86,9 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 # Modes whose "transparency" info entry (a PNG tRNS chunk, a GIF transparent index) must be honoured.
 _KEYED_TRANSPARENCY_MODES = frozenset({"P", "L", "RGB", "1"})
 _INT16_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"}) | _INT16_MODES
 _TIFF_BITS_PER_SAMPLE = 258
+_EXIF_ORIENTATION = 0x0112
 
 
 # The kinds of bad sample, as counted in the training log (`skipped`):
@@ -73,7 +98,9 @@ _TIFF_BITS_PER_SAMPLE = 258
 #   truncated      a valid start that ends early, including an empty (0-byte) file
 #   empty_caption  the caption is empty after cleaning
 #   too_large      the header announces more pixels than the decoding budget allows
-BAD_SAMPLE_KINDS = ("missing", "unreadable", "corrupt", "truncated", "empty_caption", "too_large")
+#   unsupported    a format simla can read only with an optional extra (SVG without cairosvg), or an SVG
+#                  that refers to external files or URLs, which are never fetched
+BAD_SAMPLE_KINDS = ("missing", "unreadable", "corrupt", "truncated", "empty_caption", "too_large", "unsupported")
 
 
 class BadSampleError(SimlaError):
@@ -103,45 +130,70 @@ class BadSampleError(SimlaError):
         return f"{self.source}: {self.reason}"
 
 
+@dataclass(frozen=True)
+class _Options:
+    """The per-call decoding options, passed down as one value."""
+
+    max_pixels: int
+    background: tuple[int, int, int]
+    exif_transpose: bool
+    svg_size: int
+
+
 def load_image(
     source: str | os.PathLike[str] | bytes,
     *,
     name: str | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] = ALPHA_BACKGROUND,
+    exif_transpose: bool = True,
+    svg_size: int = 512,
+    notes: list[str] | None = None,
 ) -> Image.Image:
     """Fully decode an image and return it in RGB mode, or raise :class:`BadSampleError`.
 
     The whole file is decoded here (``Image.load``), so truncation and stream corruption surface now,
     inside the dataset's error handling, rather than later inside a transform.
 
-    Mode conversion: alpha (and palette/tRNS transparency) is composited onto :data:`ALPHA_BACKGROUND`;
-    16/32-bit integer images are scaled to 8 bits by their bit depth (``I;16``: divide by 257); float
-    (``F``) images are taken as [0, 1] or [0, 255] when they lie in that range, else min-max stretched;
-    1/L/P/CMYK/YCbCr/LAB/HSV go through PIL's standard conversions. EXIF orientation is not applied,
-    as in the reference, so that images match what the reference checkpoints were trained on.
+    Mode conversion: alpha (and palette/tRNS transparency) is composited onto `background` (white by
+    default, see :data:`ALPHA_BACKGROUND`); 16/32-bit integer images are scaled to 8 bits by their bit
+    depth (``I;16``: divide by 257); float (``F``) images are taken as [0, 1] or [0, 255] when they lie in
+    that range, else min-max stretched; 1/L/P/CMYK/YCbCr/LAB/HSV go through PIL's standard conversions.
+    The EXIF orientation is applied (phones store portrait photos sideways with a rotation tag, and
+    every viewer honours it, so the caption describes the rotated picture); the reference ignored it.
+    SVG/SVGZ drawings (by name, or ``<svg``/``<?xml`` at the start) are rendered with the optional
+    cairosvg, never fetching the files or URLs they name. Images smaller than :data:`SMALL_IMAGE_SIDE`
+    are kept.
 
     Args:
         source: a file path, or the encoded bytes of an image (e.g. a WebDataset member).
         name: how to refer to ``bytes`` input in errors and logs (e.g. ``"shard-0001.tar/000042.jpg"``);
-            for a path the default is the path itself.
+            for a path the default is the path itself. Its suffix also marks SVG bytes.
         max_pixels: refuse images whose header announces more than ``width * height`` pixels, before
             any pixel data is decoded. PIL's own hard limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still
             applies on top; raise that process-wide if you really need bigger images.
+        background: the RGB colour transparent pixels are composited on.
+        exif_transpose: apply the EXIF orientation tag (False keeps the stored pixel order).
+        svg_size: the longer side, in pixels, SVG drawings are rendered at.
+        notes: when a list is given, what was done is appended to it (see :data:`IMAGE_NOTES`).
 
     Returns:
         A new, fully loaded RGB image not tied to any open file.
 
     Raises:
-        BadSampleError: the data is unusable.
+        BadSampleError: the data is unusable (or SVG without the "svg" extra: kind ``unsupported``).
         TypeError, ValueError: the arguments themselves are wrong (a bug in the caller).
     """
     _check_args(source, name, max_pixels)
+    options = _Options(max_pixels, _check_background(background), bool(exif_transpose), _check_svg_size(svg_size))
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name if name is not None else "<bytes>"
         data = bytes(source)
         if not data:
             raise BadSampleError(label, "empty image data", "truncated")
-        return _decode(io.BytesIO(data), label, max_pixels)
+        if looks_like_svg(data, name):
+            return _decode_svg(data, label, options, notes)
+        return _decode(io.BytesIO(data), label, options, notes)
 
     path = os.fspath(source)
     label = name if name is not None else str(path)
@@ -153,7 +205,11 @@ def load_image(
     try:
         if os.fstat(fp.fileno()).st_size == 0:
             raise BadSampleError(label, "empty file", "truncated")
-        return _decode(fp, label, max_pixels)
+        head = fp.read(1024)
+        if looks_like_svg(head, str(path)):
+            return _decode_svg(head + fp.read(), label, options, notes)
+        fp.seek(0)
+        return _decode(fp, label, options, notes)
     finally:
         fp.close()
 
@@ -168,6 +224,24 @@ def _check_args(source: object, name: object, max_pixels: object) -> None:
         raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
 
 
+def _check_background(background: object) -> tuple[int, int, int]:
+    if (not isinstance(background, (tuple, list)) or len(background) != 3
+            or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= 255 for c in background)):
+        raise ValueError(f"background must be an (r, g, b) tuple of ints in [0, 255], got {background!r}")
+    return (background[0], background[1], background[2])
+
+
+def _check_svg_size(svg_size: object) -> int:
+    if isinstance(svg_size, bool) or not isinstance(svg_size, int) or svg_size < 1:
+        raise ValueError(f"svg_size must be a positive int, got {svg_size!r}")
+    return svg_size
+
+
+def _note(notes: list[str] | None, what: str) -> None:
+    if notes is not None:
+        notes.append(what)
+
+
 @lru_cache(maxsize=1)
 def _allowed_formats() -> tuple[str, ...]:
     """Every format PIL can open except EPS, whose loader shells out to Ghostscript.
@@ -179,7 +253,7 @@ def _allowed_formats() -> tuple[str, ...]:
     return tuple(fmt for fmt in Image.OPEN if fmt != "EPS")
 
 
-def _decode(fp: IO[bytes], label: str, max_pixels: int) -> Image.Image:
+def _decode(fp: IO[bytes], label: str, options: _Options, notes: list[str] | None) -> Image.Image:
     """Open, size-check, fully decode and convert one image; data problems become BadSampleError."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone set the reference's global flag; we cannot detect truncation while it is on.
@@ -193,15 +267,73 @@ def _decode(fp: IO[bytes], label: str, max_pixels: int) -> Image.Image:
         except _DATA_ERRORS as exc:
             raise BadSampleError(label, f"cannot identify image ({_describe(exc)})", _kind_of(exc)) from exc
         try:
-            _check_size(img, label, max_pixels)
+            _check_size(img, label, options.max_pixels)
             try:
                 img.load()  # the full decode: truncated or corrupt streams fail here, not later
             except _DATA_ERRORS as exc:
                 raise BadSampleError(label, f"corrupt or truncated image data ({_describe(exc)})",
                                      _kind_of(exc)) from exc
-            return _to_rgb(img, label)
+            upright = _apply_orientation(img, notes) if options.exif_transpose else img
+            return _finish(upright, label, options, notes)
         finally:
             img.close()
+
+
+def _decode_svg(data: bytes, label: str, options: _Options, notes: list[str] | None) -> Image.Image:
+    """Render an SVG; a missing renderer or an external reference is ``unsupported``, bad XML ``corrupt``."""
+    try:
+        img = rasterise_svg(data, options.svg_size)
+    except SvgUnavailable as exc:
+        raise BadSampleError(label, 'SVG needs the optional extra: pip install "simla[svg]"', "unsupported") from exc
+    except ExternalResourceRefused as exc:
+        raise BadSampleError(label, f"SVG refers to an external resource ({exc.url[:80]}); files and URLs named "
+                                    "in an SVG are never fetched", "unsupported") from exc
+    except _DATA_ERRORS as exc:
+        raise BadSampleError(label, f"cannot render SVG ({_describe(exc)})", "corrupt") from exc
+    _note(notes, "svg")
+    _check_size(img, label, options.max_pixels)
+    return _finish(img, label, options, notes)
+
+
+def _apply_orientation(img: Image.Image, notes: list[str] | None) -> Image.Image:
+    """The image turned upright by its EXIF orientation tag; unreadable EXIF is ignored, not fatal."""
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION)
+    except _DATA_ERRORS:
+        return img
+    if orientation not in (2, 3, 4, 5, 6, 7, 8):
+        return img
+    try:
+        upright = ImageOps.exif_transpose(img)
+    except _DATA_ERRORS:
+        return img
+    _note(notes, "exif_rotated")
+    return upright
+
+
+def _finish(img: Image.Image, label: str, options: _Options, notes: list[str] | None) -> Image.Image:
+    """Note what the image is (small, palette, grey, deep, transparent) and convert it to RGB."""
+    if notes is not None:
+        if min(img.size) < SMALL_IMAGE_SIDE:
+            notes.append("small")
+        notes.extend(_mode_notes(img))
+    return _to_rgb(img, label, options.background)
+
+
+def _mode_notes(img: Image.Image) -> list[str]:
+    """The notes an image's mode earns (see :data:`IMAGE_NOTES`)."""
+    mode, found = img.mode, []
+    if mode in ("P", "PA"):
+        found.append("palette")
+    if mode in _GREY_MODES:
+        found.append("grey")
+    if mode in _INT16_MODES or mode == "I":
+        found.append("sixteen_bit")
+    if mode in _KEYED_TRANSPARENCY_MODES and img.info.get("transparency") is not None:
+        found.append("transparent")
+    elif mode in _ALPHA_MODES and img.convert("RGBA").getchannel("A").getextrema()[0] < 255:
+        found.append("transparent")
+    return found
 
 
 def _kind_of(exc: BaseException) -> str:
@@ -228,11 +360,11 @@ def _check_size(img: Image.Image, label: str, max_pixels: int) -> None:
                              "too_large")
 
 
-def _to_rgb(img: Image.Image, label: str) -> Image.Image:
+def _to_rgb(img: Image.Image, label: str, background: tuple[int, int, int] = ALPHA_BACKGROUND) -> Image.Image:
     """Convert a loaded image of any mode to a new RGB image (see :func:`load_image` for the rules)."""
     mode = img.mode
     if mode in _ALPHA_MODES or (mode in _KEYED_TRANSPARENCY_MODES and img.info.get("transparency") is not None):
-        return _composite(img.convert("RGBA"))
+        return _composite(img.convert("RGBA"), background)
     if mode == "RGB":
         return img.copy()  # a copy, so the result survives the img.close() in _decode
     if mode in _INT16_MODES or mode == "I":
@@ -245,10 +377,10 @@ def _to_rgb(img: Image.Image, label: str) -> Image.Image:
         raise BadSampleError(label, f"unsupported image mode {mode!r} ({exc})", "unreadable") from exc
 
 
-def _composite(rgba: Image.Image) -> Image.Image:
-    """Blend an RGBA image over :data:`ALPHA_BACKGROUND` and drop the alpha channel."""
-    background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
+def _composite(rgba: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Blend an RGBA image over `background` and drop the alpha channel."""
+    base = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(base, rgba).convert("RGB")
 
 
 def _gray_to_rgb(gray: np.ndarray) -> Image.Image:

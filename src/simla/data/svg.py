@@ -1,0 +1,112 @@
+"""SVG drawings rasterised for training: recognised by name or content, rendered by the optional cairosvg.
+
+Clip art and icon collections (openclipart, Tux Paint stamps) are largely SVG, which PIL cannot read.
+cairosvg renders them; it is an optional extra (``pip install "simla[svg]"``) because it needs the
+cairo system library, so it is imported only when an SVG is met, and its absence is reported per
+image rather than at import time.
+
+An SVG can name other files and URLs (``<image href="file:///etc/passwd">``, ``http://...``). A
+training job reading a scraped collection must never open local files or reach the network on the
+data's say-so, so every external reference is refused: only ``data:`` URLs (images embedded in the
+SVG itself) are decoded, and cairosvg's ``unsafe`` mode (XML entities, huge files) stays off.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from PIL import Image
+
+__all__ = ["ExternalResourceRefused", "SVG_SUFFIXES", "SvgUnavailable", "looks_like_svg", "rasterise_svg"]
+
+SVG_SUFFIXES = (".svg", ".svgz")
+_SNIFF_BYTES = 1024
+
+
+class SvgUnavailable(Exception):
+    """cairosvg (or the cairo library under it) is not installed."""
+
+
+class ExternalResourceRefused(Exception):
+    """The SVG refers to a file or URL outside itself; it is never fetched."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.url = url
+
+
+def looks_like_svg(head: bytes, name: str | None = None) -> bool:
+    """True for an ``.svg``/``.svgz`` name, or content starting with ``<svg``/``<?xml`` within its first 1 KB.
+
+    A byte-order mark and white space may come first; ``<?xml`` is enough because PIL reads no XML
+    format, so an XML file that is not SVG fails in the renderer as a corrupt sample either way.
+    """
+    if name is not None and name.lower().endswith(SVG_SUFFIXES):
+        return True
+    text = _strip_lead(head[:_SNIFF_BYTES])
+    return text.startswith((b"<svg", b"<?xml")) or (text.startswith(b"<!--") and b"<svg" in text)
+
+
+def _strip_lead(data: bytes) -> bytes:
+    """Drop a UTF-8 byte-order mark and white space before the markup (an XML parser refuses both)."""
+    return data.removeprefix(b"\xef\xbb\xbf").lstrip()
+
+
+def _data_url(url: str) -> bytes:
+    """The payload of a ``data:[<type>][;base64],<data>`` URL."""
+    header, _, payload = url.partition(",")
+    if header.endswith(";base64"):
+        try:
+            return base64.b64decode(unquote_to_bytes(payload), validate=False)
+        except binascii.Error as exc:
+            raise ValueError(f"malformed base64 data URL ({exc})") from exc
+    return unquote_to_bytes(payload)
+
+
+def _refuse_external(url: str, resource_type: str) -> bytes:
+    """cairosvg's ``url_fetcher``: embedded ``data:`` URLs are decoded, everything else is refused."""
+    if url.startswith("data:"):
+        return _data_url(url)
+    raise ExternalResourceRefused(url)
+
+
+def _cairosvg() -> Any:
+    """Import cairosvg on first use; a missing package or cairo library becomes :class:`SvgUnavailable`."""
+    try:
+        import cairosvg  # optional extra "svg"
+    except (ImportError, OSError) as exc:  # OSError: cairocffi finds no libcairo
+        raise SvgUnavailable(str(exc)) from exc
+    return cairosvg
+
+
+def _render(cairosvg: Any, data: bytes, **size: int) -> Image.Image:
+    # svg2png() has no url_fetcher parameter; PNGSurface.convert passes it on to the parser's Tree.
+    png = cairosvg.surface.PNGSurface.convert(bytestring=data, unsafe=False, url_fetcher=_refuse_external, **size)
+    image = Image.open(io.BytesIO(png))
+    image.load()
+    return image
+
+
+def rasterise_svg(data: bytes, size: int) -> Image.Image:
+    """Render an SVG (or gzip-compressed SVGZ) so that its longer side is `size` pixels, keeping transparency.
+
+    Raises:
+        SvgUnavailable: cairosvg cannot be imported.
+        ExternalResourceRefused: the drawing refers to an external file or URL.
+        ValueError: the renderer failed on the data (cairo's own errors are re-raised as ValueError);
+            XML syntax errors arrive as SyntaxError.
+    """
+    cairosvg = _cairosvg()
+    data = _strip_lead(data)
+    cairo_error = getattr(getattr(cairosvg.surface, "cairo", None), "Error", ())
+    try:
+        image = _render(cairosvg, data, output_width=size)
+        if image.height > size:  # taller than wide: render again with the height as the longer side
+            image = _render(cairosvg, data, output_height=size)
+    except cairo_error as exc:
+        raise ValueError(f"cairo: {exc}") from exc
+    return image
