@@ -19,6 +19,10 @@ from simla.data import svg as svg_module
 from simla.data.folders import FolderCaptions, caption_from_path, read_folder
 from simla.data.images import BAD_SAMPLE_KINDS, BadSampleError, load_image
 from simla.data.readers import DataFormatError, read_records
+from simla.train.pretrain import run_pretraining
+from simla.train.recipe import load_recipe
+
+from test_train_pretrain import tiny_overrides
 
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
 
@@ -324,3 +328,30 @@ def test_small_images_are_kept_and_noted(tmp_path: Path) -> None:
     png(tmp_path / "icon.png", size=(12, 40))
     array, notes = loaded(tmp_path / "icon.png")
     assert array.shape[:2] == (40, 12) and notes == ["small"]
+
+
+# ------------------------------------------------------------------------------------------ pretraining
+def test_pretraining_on_a_folder_counts_what_the_images_were(tmp_path: Path, minilm_dir: str) -> None:
+    root = tmp_path / "photos"
+    for i in range(8):
+        colour = (30 * i, 100, 255 - 30 * i)
+        if i % 2:
+            rgba = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+            rgba.paste(Image.new("RGBA", (16, 16), (*colour, 255)), (8, 8))
+            (root / "drawings").mkdir(parents=True, exist_ok=True)
+            rgba.save(root / "drawings" / f"shape_{i}.png")
+            text(root / "drawings" / f"shape_{i}.txt", f"a drawn shape number {i}\nfr.utf8=une forme\n")
+        else:
+            png(root / "photos" / f"photo_{i}.png", colour=colour, size=(32, 24))
+            text(root / "photos" / f"photo_{i}.txt", f"a plain photo number {i}")
+    recipe = load_recipe(None, tiny_overrides(tmp_path, minilm_dir, train_file=str(root), max_steps=2,
+                                              kmeans_fit_images=8, caption_line=0))
+    result = run_pretraining(recipe)
+    assert result.state.step == 2
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    images = log[-1]["images"]
+    # 2 steps x 4 samples = 8 images read, half of them drawings with transparent surroundings.
+    assert images.get("transparent", 0) >= 1 and set(images) <= {"transparent"}
+    assert log[-1]["skipped_total"] == 0 and log[-1]["samples_seen"] == 8
+    assert result.state.images == images

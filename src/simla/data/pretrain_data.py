@@ -13,6 +13,8 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -77,10 +79,33 @@ def read_caption(record: Any, rng: random.Random, max_words: int) -> str:
     return caption
 
 
+# The notes list of the sample being built (see collect_image_notes); None outside a batch builder.
+_IMAGE_NOTES: ContextVar[list[str] | None] = ContextVar("simla_image_notes", default=None)
+
+
+@contextmanager
+def collect_image_notes() -> Iterator[list[str]]:
+    """Within the block, :func:`read_image` appends what ``load_image`` did (``"transparent"``, ``"svg"``,
+    ...) to the yielded list.
+
+    A context variable rather than an argument: every task's sample builder calls ``read_image(record)``,
+    and the batch datasets count the notes (``meta["images"]``) without each builder having to pass
+    them along. Each worker process builds one sample at a time, so the list is never shared.
+    """
+    notes: list[str] = []
+    token = _IMAGE_NOTES.set(notes)
+    try:
+        yield notes
+    finally:
+        _IMAGE_NOTES.reset(token)
+
+
 def read_image(record: Any):
+    """The record's image in RGB (a path, or the bytes of a shard member named by its origin)."""
+    notes = _IMAGE_NOTES.get()
     if isinstance(record.image, (bytes, bytearray)):
-        return load_image(record.image, name=record.origin)
-    return load_image(record.image)
+        return load_image(record.image, name=record.origin, notes=notes)
+    return load_image(record.image, notes=notes)
 
 
 @dataclass
@@ -143,12 +168,14 @@ class CaptionBatches(Dataset):
     def __getitem__(self, spec: BatchSpec | tuple) -> tuple[dict[str, Any], dict[str, Any]]:
         epoch, batch_index, indices, rank = BatchSpec(*spec)
         taken = set(indices)
-        samples, skipped, used, bad = [], Counter(), [], []
+        samples, skipped, images, used, bad = [], Counter(), Counter(), [], []
         for slot, index in enumerate(indices):
             rng = random.Random(sample_seed(self.seed, epoch, rank, batch_index, slot))
             for _ in range(self.max_attempts):
                 try:
-                    samples.append(self.builder.build(self.records[index], rng))
+                    with collect_image_notes() as notes:  # counted only for samples that are used
+                        samples.append(self.builder.build(self.records[index], rng))
+                    images.update(notes)
                     used.append(index)
                     break
                 except BadSampleError as err:
@@ -159,7 +186,8 @@ class CaptionBatches(Dataset):
             else:
                 raise UnusableDataError(f"{self.max_attempts} samples in a row were bad while filling batch "
                                    f"{batch_index} of epoch {epoch}; is the image_root right? counts: {dict(skipped)}")
-        meta = {"skipped": dict(skipped), "size": len(samples), "batch": batch_index, "indices": used, "bad": bad}
+        meta = {"skipped": dict(skipped), "images": dict(images), "size": len(samples), "batch": batch_index,
+                "indices": used, "bad": bad}
         return self.collate_fn(samples, self.tokenizer, self.max_length), meta
 
     def _replacement(self, rng: random.Random, taken: set[int]) -> int:
@@ -258,23 +286,25 @@ class ShardBatches(IterableDataset):
         self.stream.set_epoch(self.epoch)
         consumed = int(self.skip.get(role, 0))
         self.stream.set_position(self.epoch, consumed, worker_role=role)
-        samples, skipped, keys, bad = [], Counter(), [], []
+        samples, skipped, images, keys, bad = [], Counter(), Counter(), [], []
         for raw in self.stream:
             rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, role, consumed))
             consumed += 1
             try:
                 image_bytes, caption = sample_image_and_caption(raw)
-                samples.append(self.builder.build(CaptionRecord(image_bytes, (caption,), raw.source), rng))
+                with collect_image_notes() as notes:
+                    samples.append(self.builder.build(CaptionRecord(image_bytes, (caption,), raw.source), rng))
+                images.update(notes)
                 keys.append(raw.source)
             except BadSampleError as err:
                 bad.append(bad_entry(err))
                 skipped[reason_of(err)] += 1
                 continue
             if len(samples) == self.batch_size:
-                meta = {"skipped": dict(skipped), "size": len(samples), "role": role, "consumed": consumed,
-                        "keys": keys, "bad": bad}
+                meta = {"skipped": dict(skipped), "images": dict(images), "size": len(samples), "role": role,
+                        "consumed": consumed, "keys": keys, "bad": bad}
                 yield collate(samples, self.tokenizer, self.max_length), meta
-                samples, skipped, keys, bad = [], Counter(), [], []
+                samples, skipped, images, keys, bad = [], Counter(), Counter(), [], []
         # A partial final batch is dropped (drop_last, as the reference); its bad samples still count.
 
 

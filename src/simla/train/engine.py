@@ -76,7 +76,14 @@ class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples by kind met by this rank
+    images: dict[str, int] = field(default_factory=dict)  # what image decoding did, by note (load_image notes)
     samples_seen: int = 0  # samples used by this rank
+
+
+def _add_counts(total: dict[str, int], counts: Mapping[str, Any]) -> None:
+    """Add one batch's (or rank's) counts by kind into a running total."""
+    for kind, count in counts.items():
+        total[kind] = total.get(kind, 0) + int(count)
 
 
 def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
@@ -151,6 +158,7 @@ class Engine:
             "rng": capture_rng(self.device),
             "data_position": self.data.position(),
             "skipped": dict(self.state.skipped),
+            "images": dict(self.state.images),
             "samples_seen": self.state.samples_seen,
             "interval": {k: v.detach().cpu() for k, v in self._interval.items()},
             "interval_steps": self._interval_steps,
@@ -206,9 +214,11 @@ class Engine:
             # with its own fresh RNG seeds and no counts of its own yet.
             logger.warning("rank %d has no saved state (the checkpoint holds %d ranks): its RNG is not restored",
                            rank, len(ranks))
-            mine = {**ranks[0], "skipped": {}, "interval": {}, "rng": None}
+            mine = {**ranks[0], "skipped": {}, "images": {}, "interval": {}, "rng": None}
+        # Checkpoints written before image notes were counted have no "images": counting starts afresh.
         self.state = TrainState(step=train_state["step"], epoch=train_state["epoch"],
-                                skipped=dict(mine["skipped"]), samples_seen=mine["samples_seen"])
+                                skipped=dict(mine["skipped"]), images=dict(mine.get("images", {})),
+                                samples_seen=mine["samples_seen"])
         self.data.load_position(mine["data_position"])
         self._interval = {k: v.to(self.device) for k, v in mine["interval"].items()}
         self._interval_steps = mine["interval_steps"]
@@ -252,10 +262,12 @@ class Engine:
         record.update({n: float(v) for n, v in zip(names, values.tolist())})
         rate = steps_timed * self.config.grad_accum_steps * self.config.samples_per_micro_batch * get_world_size()
         record["samples_per_s"] = rate / elapsed if elapsed > 0 else None
-        seen, skipped = self._totals_over_ranks()
+        seen, skipped, images = self._totals_over_ranks()
         record["samples_seen"] = seen
         record["skipped"] = skipped
         record["skipped_total"] = sum(skipped.values())
+        if images:
+            record["images"] = images
         self._interval, self._interval_steps = {}, 0
         if self.rank0:
             with open(self._log_path(), "a", encoding="utf-8") as handle:
@@ -266,14 +278,15 @@ class Engine:
                         self._writer.add_scalar(key, value, self.state.step)
         return record
 
-    def _totals_over_ranks(self) -> tuple[int, dict[str, int]]:
-        """Samples used and bad samples by kind, summed over every rank (each rank reads its own share)."""
-        total_seen, total_skipped = 0, {}
-        for seen, skipped in all_gather_objects((self.state.samples_seen, dict(self.state.skipped))):
+    def _totals_over_ranks(self) -> tuple[int, dict[str, int], dict[str, int]]:
+        """Samples used, bad samples by kind and image notes, summed over every rank (each reads its own share)."""
+        total_seen, total_skipped, total_images = 0, {}, {}
+        mine = (self.state.samples_seen, dict(self.state.skipped), dict(self.state.images))
+        for seen, skipped, images in all_gather_objects(mine):
             total_seen += seen
-            for kind, count in skipped.items():
-                total_skipped[kind] = total_skipped.get(kind, 0) + count
-        return total_seen, dict(sorted(total_skipped.items()))
+            _add_counts(total_skipped, skipped)
+            _add_counts(total_images, images)
+        return total_seen, dict(sorted(total_skipped.items())), dict(sorted(total_images.items()))
 
     def _open_tensorboard(self) -> None:
         if self.config.tensorboard and self.rank0:
@@ -327,8 +340,8 @@ class Engine:
             for micro in range(cfg.grad_accum_steps):
                 epoch, batch, meta = next(stream)
                 self.data.consumed(epoch, meta)
-                for reason, count in meta.get("skipped", {}).items():
-                    self.state.skipped[reason] = self.state.skipped.get(reason, 0) + int(count)
+                _add_counts(self.state.skipped, meta.get("skipped", {}))
+                _add_counts(self.state.images, meta.get("images", {}))
                 self.state.samples_seen += int(meta.get("size", cfg.samples_per_micro_batch))
                 self._check_bad_fraction()
                 inputs = self.prepare(batch)
