@@ -19,6 +19,7 @@ from simla.data import svg as svg_module
 from simla.data.folders import FolderCaptions, caption_from_path, read_folder
 from simla.data.images import BAD_SAMPLE_KINDS, BadSampleError, load_image
 from simla.data.readers import DataFormatError, read_records
+from simla.data.retrieval import read_retrieval_eval, read_retrieval_train
 from simla.train.pretrain import run_pretraining
 from simla.train.recipe import load_recipe
 
@@ -355,3 +356,14 @@ def test_pretraining_on_a_folder_counts_what_the_images_were(tmp_path: Path, min
     assert images.get("transparent", 0) >= 1 and set(images) <= {"transparent"}
     assert log[-1]["skipped_total"] == 0 and log[-1]["samples_seen"] == 8
     assert result.state.images == images
+
+
+def test_retrieval_reads_folders_with_every_sidecar_line(sidecar_folder: Path) -> None:
+    train = read_retrieval_train(sidecar_folder)
+    assert [(r.origin, r.captions, r.image_id) for r in train] == [
+        ("a/cat.png", ("A sleeping cat.",), 0), ("b/dog.png", ("A dog on grass.", "A brown dog."), 1)]
+    evaluation = read_retrieval_eval(sidecar_folder, image_root="/ignored")
+    assert evaluation.images == [os.path.join(str(sidecar_folder), "a", "cat.png"),
+                                 os.path.join(str(sidecar_folder), "b", "dog.png")]
+    assert evaluation.texts == ["a sleeping cat", "a dog on grass", "a brown dog"]
+    assert evaluation.txt2img == [0, 1, 1] and evaluation.img2txt == [[0], [1, 2]]

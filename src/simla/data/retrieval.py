@@ -2,6 +2,8 @@
 
 Train JSON: a list of {"image": path, "caption": str, "image_id": any} (ids remapped to dense ints).
 Eval JSON: a list of {"image": path, "caption": [str, ...]} (texts flattened with txt2img/img2txt maps).
+Either may instead be an image folder (see :mod:`simla.data.folders`): each image is its own image_id and
+every non-empty line of its sidecar ``.txt`` is one of its captions, as COCO gives five per image.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from ..tokenizers.captions import pre_caption
 from .annotations import join_image_root, load_records, record_field
+from .folders import FolderCaptions, read_folder
 from .pretrain_data import read_caption, read_image
 from .readers import DataFormatError
 from .transforms import FinetuneView
@@ -35,7 +38,14 @@ class RetrievalEvalSet:
     extras: list[dict[str, Any]] = field(default_factory=list)  # other keys of each image record
 
 
+# Folders for retrieval: every sidecar line is a caption of its image (retrieval scores all of them).
+_FOLDER_CAPTIONS = FolderCaptions(line=None)
+
+
 def read_retrieval_train(path: str | os.PathLike, image_root: str | None = None) -> list[RetrievalRecord]:
+    if os.path.isdir(path):  # an image folder: image_root does not apply, the images lie under it
+        return [RetrievalRecord(r.image, r.captions, r.origin, i)
+                for i, r in enumerate(read_folder(path, _FOLDER_CAPTIONS))]
     data, path = load_records(path), str(path)
     dense: dict[Any, int] = {}
     records = []
@@ -53,8 +63,14 @@ def read_retrieval_train(path: str | os.PathLike, image_root: str | None = None)
 
 
 def read_retrieval_eval(path: str | os.PathLike, image_root: str | None = None, max_words: int = 30) -> RetrievalEvalSet:
-    """Flatten an eval file. An image without captions is an error naming it (it could never be found)."""
-    data, path = load_records(path), str(path)
+    """Flatten an eval file (or image folder). An image without captions is an error naming it (it could
+    never be found); a folder leaves such images out, as it does for training."""
+    if os.path.isdir(path):
+        data = [{"image": r.image, "caption": list(r.captions)} for r in read_folder(path, _FOLDER_CAPTIONS)]
+        image_root = None
+    else:
+        data = load_records(path)
+    path = str(path)
     result = RetrievalEvalSet([], [], [], [])
     for i, obj in enumerate(data):
         image = record_field(path, i, obj, "image", (str,))
