@@ -23,6 +23,7 @@ from simla.data.retrieval import read_retrieval_eval, read_retrieval_train
 from simla.train.pretrain import run_pretraining
 from simla.train.recipe import load_recipe
 
+from conftest import one_line_error
 from test_train_pretrain import tiny_overrides
 
 TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
@@ -367,3 +368,12 @@ def test_retrieval_reads_folders_with_every_sidecar_line(sidecar_folder: Path) -
                                  os.path.join(str(sidecar_folder), "b", "dog.png")]
     assert evaluation.texts == ["a sleeping cat", "a dog on grass", "a brown dog"]
     assert evaluation.txt2img == [0, 1, 1] and evaluation.img2txt == [[0], [1, 2]]
+
+
+def test_cli_reports_folder_problems_in_one_line(tmp_path: Path, capsys) -> None:
+    png(tmp_path / "bare" / "IMG_0001.png")
+    common = ["model=simla_tiny", "text_encoder=null", "vision_encoder=null", "device=cpu",
+              f"output_dir={tmp_path / 'run'}"]
+    one_line_error(capsys, ["pretrain", f"train_file={tmp_path / 'bare'}", *common], "bare", "caption_from_path")
+    one_line_error(capsys, ["pretrain", f"train_file={tmp_path / 'bare'}", "caption_from_path=stem", *common],
+                   "caption_from_path", "stem")

@@ -227,5 +227,5 @@ def read_folder(root: str | os.PathLike[str], options: FolderCaptions | None = N
         raise DataFormatError(
             f"{root}: none of the {len(listing.images)} images has a caption (no sidecar .txt beside it, no "
             "metadata.jsonl/metadata.csv naming it); add caption files, or caption images from their names "
-            "with caption_from_path=name (or =path; see simla.data.caption_from_path)", path=root)
+            "with caption_from_path=name (or =path; see simla.data.folders.caption_from_path)", path=root)
     return records
