@@ -377,3 +377,14 @@ def test_cli_reports_folder_problems_in_one_line(tmp_path: Path, capsys) -> None
     one_line_error(capsys, ["pretrain", f"train_file={tmp_path / 'bare'}", *common], "bare", "caption_from_path")
     one_line_error(capsys, ["pretrain", f"train_file={tmp_path / 'bare'}", "caption_from_path=stem", *common],
                    "caption_from_path", "stem")
+
+
+def test_symbolic_links_are_followed_once_even_in_a_loop(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    png(root / "a.png")
+    text(root / "a.txt", "an image")
+    png(tmp_path / "elsewhere" / "b.png")
+    text(tmp_path / "elsewhere" / "b.txt", "linked in")
+    os.symlink(tmp_path / "elsewhere", root / "linked")
+    os.symlink(root, root / "loop")
+    assert [r.origin for r in read_folder(root)] == ["a.png", "linked/b.png"]

@@ -164,8 +164,9 @@ def _sidecar_record(root: str, rel: str, sidecar: str | None, options: FolderCap
     if sidecar is not None:
         found = read_sidecar(sidecar, options.line, options.language)
         captions = found.captions
-        tally.fallbacks += found.fell_back and bool(captions)
-        tally.sidecar += bool(captions)
+        if captions:
+            tally.sidecar += 1
+            tally.fallbacks += int(found.fell_back)
     if not captions and options.from_path is not None:
         caption = caption_from_path(rel, options.from_path)
         captions = (caption,) if caption else ()
