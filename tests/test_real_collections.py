@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from simla.data import svg as svg_module
+from simla.data.svg import looks_like_svg
 from simla.data.folders import FolderCaptions, caption_from_path, read_folder
 from simla.data.images import BAD_SAMPLE_KINDS, BadSampleError, load_image
 from simla.data.readers import DataFormatError, read_records
@@ -47,7 +48,7 @@ def sidecar_folder(tmp_path: Path) -> Path:
     root = tmp_path / "photos"
     png(root / "b" / "dog.png")
     text(root / "b" / "dog.txt", "\nA dog on grass.\nA brown dog.\n")
-    png(root / "a" / "cat.jpg".replace(".jpg", ".png"))
+    png(root / "a" / "cat.png")
     text(root / "a" / "cat.txt", "A sleeping cat.\nfr.utf8=Un chat qui dort.\npt_BR.utf8=Um gato.\n")
     png(root / "a" / "nocaption.png")
     text(root / "orphan.txt", "nobody's caption")
@@ -138,9 +139,10 @@ def test_imagefolder_metadata_jsonl_and_csv(tmp_path: Path) -> None:
     png(tmp_path / "val" / "x.png")
     text(tmp_path / "val" / "metadata.csv", "file_name,caption\nx.png,\"a square, red\"\n")
     records = read_folder(root, FolderCaptions(metadata_column="text"))
-    assert [(r.origin, r.captions) for r in records] == [("other.png", ("outside the metadata folder, sidecars still count",)),
-                                                         ("train/0001.png", ("a red square",)),
-                                                         ("train/sub/0002.png", ("one", "two"))]
+    assert [(r.origin, r.captions) for r in records] == [
+        ("other.png", ("outside the metadata folder, sidecars still count",)),
+        ("train/0001.png", ("a red square",)),
+        ("train/sub/0002.png", ("one", "two"))]  # train/unlisted.png is left out: its folder has metadata
     records = read_records(tmp_path / "val", folder=FolderCaptions(metadata_column="caption"))
     assert [(r.origin, r.captions) for r in records] == [("x.png", ("a square, red",))]
 
@@ -388,3 +390,10 @@ def test_symbolic_links_are_followed_once_even_in_a_loop(tmp_path: Path) -> None
     os.symlink(tmp_path / "elsewhere", root / "linked")
     os.symlink(root, root / "loop")
     assert [r.origin for r in read_folder(root)] == ["a.png", "linked/b.png"]
+
+
+def test_svg_sniffing() -> None:
+    assert looks_like_svg(b"\xef\xbb\xbf\n  <svg xmlns='http://www.w3.org/2000/svg'/>")
+    assert looks_like_svg(b"<!DOCTYPE svg PUBLIC '-//W3C//DTD SVG 1.1//EN' ''><svg/>")
+    assert looks_like_svg(b"<!-- CC0 -->\n<svg/>") and looks_like_svg(b"\x1f\x8b...", "a.SVGZ")
+    assert not looks_like_svg(b"\x89PNG\r\n\x1a\n") and not looks_like_svg(b"<html><svg/></html>")

@@ -40,7 +40,8 @@ class ExternalResourceRefused(Exception):
 
 
 def looks_like_svg(head: bytes, name: str | None = None) -> bool:
-    """True for an ``.svg``/``.svgz`` name, or content starting with ``<svg``/``<?xml`` within its first 1 KB.
+    """True for an ``.svg``/``.svgz`` name, or content starting with ``<svg``/``<?xml``/``<!DOCTYPE svg`` (or
+    a comment followed by ``<svg``) within its first 1 KB.
 
     A byte-order mark and white space may come first; ``<?xml`` is enough because PIL reads no XML
     format, so an XML file that is not SVG fails in the renderer as a corrupt sample either way.
@@ -48,7 +49,9 @@ def looks_like_svg(head: bytes, name: str | None = None) -> bool:
     if name is not None and name.lower().endswith(SVG_SUFFIXES):
         return True
     text = _strip_lead(head[:_SNIFF_BYTES])
-    return text.startswith((b"<svg", b"<?xml")) or (text.startswith(b"<!--") and b"<svg" in text)
+    if text.startswith((b"<svg", b"<?xml")) or text[:13].lower() == b"<!doctype svg":
+        return True
+    return text.startswith(b"<!--") and b"<svg" in text  # a licence comment before the drawing
 
 
 def _strip_lead(data: bytes) -> bytes:
