@@ -397,3 +397,22 @@ def test_svg_sniffing() -> None:
     assert looks_like_svg(b"<!DOCTYPE svg PUBLIC '-//W3C//DTD SVG 1.1//EN' ''><svg/>")
     assert looks_like_svg(b"<!-- CC0 -->\n<svg/>") and looks_like_svg(b"\x1f\x8b...", "a.SVGZ")
     assert not looks_like_svg(b"\x89PNG\r\n\x1a\n") and not looks_like_svg(b"<html><svg/></html>")
+
+
+ILLUSTRATOR = ('<?xml version="1.0"?>\n<!-- Generator: Adobe Illustrator 12.0.1 -->\n'
+               "<!DOCTYPE svg PUBLIC '-//W3C//DTD SVG 1.1//EN' 'http://www.w3.org/Graphics/SVG/1.1/DTD/svg11.dtd' [\n"
+               '\t<!ENTITY ns_svg "http://www.w3.org/2000/svg">\n\t<!ENTITY fill "#ff0000">\n]>\n'
+               '<svg xmlns="&ns_svg;" width="20" height="20"><rect width="20" height="20" fill="&fill;"/></svg>')
+
+
+def test_illustrator_entities_are_expanded_but_unsafe_ones_refused(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("cairosvg")
+    text(tmp_path / "illustrator.svg", ILLUSTRATOR)
+    assert tuple(np.asarray(load_image(tmp_path / "illustrator.svg", svg_size=20))[5, 5]) == (255, 0, 0)
+    external = ILLUSTRATOR.replace('<!ENTITY fill "#ff0000">', '<!ENTITY fill SYSTEM "file:///etc/hostname">')
+    nested = ILLUSTRATOR.replace('<!ENTITY fill "#ff0000">', '<!ENTITY a "ff"><!ENTITY fill "#&a;&a;&a;">')
+    for name, body in (("external.svg", external), ("nested.svg", nested)):
+        text(tmp_path / name, body)
+        with pytest.raises(BadSampleError) as info:
+            load_image(tmp_path / name)
+        assert info.value.kind == "unsupported" and "refused for safety" in info.value.reason, info.value

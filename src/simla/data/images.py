@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from ..errors import SimlaError
-from .svg import ExternalResourceRefused, SvgUnavailable, looks_like_svg, rasterise_svg
+from .svg import ExternalResourceRefused, SvgUnavailable, UnsafeSvgRefused, looks_like_svg, rasterise_svg
 
 __all__ = ["ALPHA_BACKGROUND", "BAD_SAMPLE_KINDS", "BadSampleError", "DEFAULT_MAX_PIXELS", "IMAGE_NOTES",
            "SMALL_IMAGE_SIDE", "load_image"]
@@ -99,7 +99,7 @@ _EXIF_ORIENTATION = 0x0112
 #   empty_caption  the caption is empty after cleaning
 #   too_large      the header announces more pixels than the decoding budget allows
 #   unsupported    a format simla can read only with an optional extra (SVG without cairosvg), or an SVG
-#                  that refers to external files or URLs, which are never fetched
+#                  that refers to external files or URLs (never fetched) or declares unsafe XML entities
 BAD_SAMPLE_KINDS = ("missing", "unreadable", "corrupt", "truncated", "empty_caption", "too_large", "unsupported")
 
 
@@ -288,6 +288,8 @@ def _decode_svg(data: bytes, label: str, options: _Options, notes: list[str] | N
     except ExternalResourceRefused as exc:
         raise BadSampleError(label, f"SVG refers to an external resource ({exc.url[:80]}); files and URLs named "
                                     "in an SVG are never fetched", "unsupported") from exc
+    except UnsafeSvgRefused as exc:
+        raise BadSampleError(label, f"SVG uses XML entities refused for safety ({exc})", "unsupported") from exc
     except _DATA_ERRORS as exc:
         raise BadSampleError(label, f"cannot render SVG ({_describe(exc)})", "corrupt") from exc
     _note(notes, "svg")

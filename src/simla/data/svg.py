@@ -9,6 +9,11 @@ An SVG can name other files and URLs (``<image href="file:///etc/passwd">``, ``h
 training job reading a scraped collection must never open local files or reach the network on the
 data's say-so, so every external reference is refused: only ``data:`` URLs (images embedded in the
 SVG itself) are decoded, and cairosvg's ``unsafe`` mode (XML entities, huge files) stays off.
+
+Adobe Illustrator writes its namespaces as internal XML entities (``<!ENTITY ns_svg "http://...">``),
+which cairosvg's safe parser refuses outright. Such plain text entities are expanded here first, under
+a size cap, so those drawings render; anything else in a DTD (external or parameter entities, entities
+that nest) is left for the parser to refuse, and the image is skipped as ``unsupported``.
 """
 
 from __future__ import annotations
@@ -16,19 +21,32 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
+import zlib
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from PIL import Image
 
-__all__ = ["ExternalResourceRefused", "SVG_SUFFIXES", "SvgUnavailable", "looks_like_svg", "rasterise_svg"]
+__all__ = ["ExternalResourceRefused", "SVG_SUFFIXES", "SvgUnavailable", "UnsafeSvgRefused", "looks_like_svg",
+           "rasterise_svg"]
 
 SVG_SUFFIXES = (".svg", ".svgz")
 _SNIFF_BYTES = 1024
+# The most text an SVG (after gunzip and entity expansion) may hold: far above any real drawing, far
+# below what a decompression or expansion bomb would make us allocate.
+_MAX_SVG_BYTES = 64 << 20
+_DOCTYPE = re.compile(rb"<!DOCTYPE\s+svg\b[^\[>]*(?:\[(?P<subset>[^\]]*)\])?\s*>", re.IGNORECASE)
+_ENTITY = re.compile(rb"""<!ENTITY\s+(?P<name>[A-Za-z_][\w.\-]*)\s+(?P<q>["'])(?P<value>[^"'&%<]*)(?P=q)\s*>""")
+_COMMENT = re.compile(rb"<!--.*?-->", re.DOTALL)
 
 
 class SvgUnavailable(Exception):
     """cairosvg (or the cairo library under it) is not installed."""
+
+
+class UnsafeSvgRefused(Exception):
+    """The SVG uses XML features refused for safety (external or nested entities)."""
 
 
 class ExternalResourceRefused(Exception):
@@ -59,6 +77,43 @@ def _strip_lead(data: bytes) -> bytes:
     return data.removeprefix(b"\xef\xbb\xbf").lstrip()
 
 
+def _plain_text(data: bytes) -> bytes:
+    """The SVG text: SVGZ is gunzipped here, with a cap, so that a gzip bomb cannot exhaust memory."""
+    if not data.startswith(b"\x1f\x8b"):
+        return data
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        text = inflater.decompress(data, _MAX_SVG_BYTES)
+    except zlib.error as exc:
+        raise ValueError(f"corrupt SVGZ compression ({exc})") from exc
+    if inflater.unconsumed_tail:
+        raise ValueError(f"SVGZ expands beyond {_MAX_SVG_BYTES >> 20} MB")
+    return text
+
+
+def _inline_entities(data: bytes) -> bytes:
+    """Expand plain internal entities (Illustrator's ``&ns_svg;``) and drop the DTD they were declared in.
+
+    Only a DTD made of nothing but ``<!ENTITY name "text">`` declarations (and comments) is handled,
+    with values free of ``&``, ``%`` and ``<``, so expansion cannot nest; a document that would grow past
+    the size cap is left unchanged, as is any other DTD: the parser then refuses it.
+    """
+    match = _DOCTYPE.search(data[:65536])
+    if match is None or not match["subset"]:
+        return data
+    subset = _COMMENT.sub(b"", match["subset"])
+    if _ENTITY.sub(b"", subset).strip():
+        return data
+    entities = {m["name"]: m["value"] for m in _ENTITY.finditer(subset)}
+    body = data[:match.start()] + data[match.end():]
+    growth = sum(body.count(b"&" + name + b";") * len(value) for name, value in entities.items())
+    if len(body) + growth > _MAX_SVG_BYTES:
+        return data
+    for name, value in entities.items():
+        body = body.replace(b"&" + name + b";", value)
+    return body
+
+
 def _data_url(url: str) -> bytes:
     """The payload of a ``data:[<type>][;base64],<data>`` URL."""
     header, _, payload = url.partition(",")
@@ -86,6 +141,15 @@ def _cairosvg() -> Any:
     return cairosvg
 
 
+def _refused_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions of the XML guard under cairosvg's parser (defusedxml, one of its dependencies)."""
+    try:
+        from defusedxml import DefusedXmlException
+    except ImportError:
+        return ()
+    return (DefusedXmlException,)
+
+
 def _render(cairosvg: Any, data: bytes, **size: int) -> Image.Image:
     # svg2png() has no url_fetcher parameter; PNGSurface.convert passes it on to the parser's Tree.
     png = cairosvg.surface.PNGSurface.convert(bytestring=data, unsafe=False, url_fetcher=_refuse_external, **size)
@@ -100,11 +164,12 @@ def rasterise_svg(data: bytes, size: int) -> Image.Image:
     Raises:
         SvgUnavailable: cairosvg cannot be imported.
         ExternalResourceRefused: the drawing refers to an external file or URL.
+        UnsafeSvgRefused: the drawing uses XML entities that are not plain text.
         ValueError: the renderer failed on the data (cairo's own errors are re-raised as ValueError);
             XML syntax errors arrive as SyntaxError.
     """
     cairosvg = _cairosvg()
-    data = _strip_lead(data)
+    data = _inline_entities(_strip_lead(_plain_text(data)))
     cairo_error = getattr(getattr(cairosvg.surface, "cairo", None), "Error", ())
     try:
         image = _render(cairosvg, data, output_width=size)
@@ -112,4 +177,6 @@ def rasterise_svg(data: bytes, size: int) -> Image.Image:
             image = _render(cairosvg, data, output_height=size)
     except cairo_error as exc:
         raise ValueError(f"cairo: {exc}") from exc
+    except _refused_errors() as exc:
+        raise UnsafeSvgRefused(f"{type(exc).__name__}: {exc}") from exc
     return image
