@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .demos.classification import run_classification_demo
+from .demos.clipart import run_clipart_demo
 from .demos.grounding import run_grounding_demo
 from .demos.retrieval import run_retrieval_demo
 from .demos.search import run_search_demo
@@ -131,7 +132,9 @@ def evaluation_tasks() -> list[TaskSpec]:
 
 
 #: Demos of a feature rather than of a task.
-FEATURE_DEMOS: dict[str, Callable[..., dict[str, Any]]] = {"search": run_search_demo}
+FEATURE_DEMOS: dict[str, Callable[..., dict[str, Any]]] = {"search": run_search_demo, "clipart": run_clipart_demo}
+#: Demos that bring their own pictures (the others draw on the easy-VQA images).
+_OWN_PICTURES = frozenset({"clipart"})
 
 
 def demos() -> dict[str, Callable[..., dict[str, Any]]]:
@@ -144,7 +147,7 @@ def run_demo(name: str = "retrieval", **options: Any) -> dict[str, Any]:
     available = demos()
     if name not in available:
         raise ConfigError(f"unknown demo {name!r}; available: {sorted(available)}")
-    if importlib.util.find_spec("easy_vqa") is None:
+    if name not in _OWN_PICTURES and importlib.util.find_spec("easy_vqa") is None:
         raise MissingExtraError('the demos need the easy-VQA images: pip install "simla[demo]"')
     return available[name](**options)
 

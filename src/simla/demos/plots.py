@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
+
+from ..data.images import load_image
 
 
 def _pyplot():
@@ -95,6 +99,48 @@ def plot_examples(paths: Sequence[str], probabilities: Tensor, labels: Tensor, c
         ax.set_title("\n".join(lines), fontsize=8, loc="left",
                      color="darkgreen" if int(order[0]) == label else "darkred")
     fig.suptitle("held-out images: best captions and match probabilities")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def plot_recall_curve(curve: Sequence[Mapping[str, float]], chance: Mapping[str, float], png_path: Path) -> Path:
+    """Zero-shot R@1/5/10 (text -> image, ITC) on the held-out set against the step, with chance levels."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.8, 3.6))
+    steps = [point["step"] for point in curve]
+    for k, colour in ((1, "tab:blue"), (5, "tab:orange"), (10, "tab:green")):
+        ax.plot(steps, [point[f"img_r{k}"] for point in curve], marker="o", color=colour, label=f"R@{k}")
+        ax.axhline(chance[f"img_r{k}"], color=colour, linestyle=":", linewidth=1)
+    ax.set_ylim(0, max(10.0, max((p["img_r10"] for p in curve), default=0) * 1.2))
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("recall (%)")
+    ax.set_title("zero-shot text → image on held-out stamps (ITC); dotted: chance")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def plot_retrieval_examples(data: Any, i2t: Tensor, png_path: Path, count: int = 8, top: int = 3) -> Path:
+    """The first `count` images of a retrieval set, each with its `top` best captions (green: its own)."""
+    plt = _pyplot()
+    shown = list(range(min(count, len(data.images))))
+    columns = min(4, len(shown))
+    rows = (len(shown) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, shown):
+        ax.imshow(load_image(data.images[i]))  # transparency on white, as the model saw it
+        order = torch.topk(i2t[i], min(top, i2t.shape[1])).indices.tolist()
+        own = set(data.img2txt[i])
+        lines = [f"{'✓' if t in own else '✗'} {textwrap.shorten(data.texts[t], 34)}" for t in order]
+        ax.set_title("\n".join(lines), fontsize=8, loc="left", color="darkgreen" if order[0] in own else "darkred")
+    fig.suptitle("held-out stamps: the best 3 of all held-out captions (ITC)")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
