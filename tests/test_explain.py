@@ -184,3 +184,13 @@ def test_explain_command_errors(explain_files, capsys):
     bad.write_text(json.dumps([{"image": "red.png"}]))
     assert main(["explain", "--pairs", str(bad), "--checkpoint", str(explain_files / "model.pt")]) == 2
     assert "record 0, field 'text'" in capsys.readouterr().err
+
+
+def test_heat_of_a_long_thin_picture():
+    # Real clip art includes banners and rules a few pixels high; the blur must fit inside them.
+    from simla.explain.render import smoothed_heat
+
+    grid = torch.rand(6, 6)
+    for size in ((126, 20), (20, 126), (1, 300), (48, 48)):
+        heat = smoothed_heat(grid, size, patch_pixels=21.0)
+        assert tuple(heat.shape) == size and torch.isfinite(heat).all()

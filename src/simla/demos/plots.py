@@ -139,8 +139,10 @@ def plot_retrieval_examples(data: Any, i2t: Tensor, png_path: Path, count: int =
         order = torch.topk(i2t[i], min(top, i2t.shape[1])).indices.tolist()
         own = set(data.img2txt[i])
         lines = [f"{'✓' if t in own else '✗'} {textwrap.shorten(data.texts[t], 34)}" for t in order]
+        if not own & set(order):
+            lines.append(f"(its own: {textwrap.shorten(data.texts[min(own)], 30)})")
         ax.set_title("\n".join(lines), fontsize=8, loc="left", color="darkgreen" if order[0] in own else "darkred")
-    fig.suptitle("held-out stamps: the best 3 of all held-out captions (ITC)")
+    fig.suptitle(f"held-out pictures: the best {top} of all {len(data.texts)} held-out captions (ITC); ✓ = its own")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

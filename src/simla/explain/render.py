@@ -52,7 +52,11 @@ def smoothed_heat(grid_map: Tensor, size: tuple[int, int], patch_pixels: float) 
     heat = upsample_map(grid_map, size).clamp(min=0)
     sigma = max(patch_pixels / 2, 0.5)
     kernel = 2 * math.ceil(2 * sigma) + 1
-    return gaussian_blur(heat[None, None], [kernel, kernel], [sigma, sigma])[0, 0]
+    # Reflection padding must stay inside the image: a long thin picture (a 126 x 20 banner) gets a shorter
+    # kernel across its narrow side. torchvision takes the sizes as (width, height).
+    height, width = heat.shape
+    sizes = [min(kernel, 2 * side - 1) for side in (width, height)]
+    return gaussian_blur(heat[None, None], sizes, [sigma, sigma])[0, 0]
 
 
 def normalised(heat: Tensor, floor: float = 0.0) -> Tensor:
