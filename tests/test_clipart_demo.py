@@ -93,3 +93,8 @@ def test_quick_demo_on_the_real_pictures(real_collections, tmp_path):
     assert len(report["explain_sheets"]) == QUICK.explain_count
     assert json.loads((tmp_path / "demo" / "report.json").read_text())["summary"] == report["summary"]
     assert "checks the mechanics" in report["summary"]
+
+
+def test_the_clipart_demo_pretrains_its_own_model(tmp_path, capsys):
+    one_line_error(capsys, ["demo", "clipart", "--from", str(tmp_path), "--output", str(tmp_path / "out")],
+                   "--from belongs to the task demos", "clipart demo pretrains its own model")

@@ -27,7 +27,6 @@ from simla.train.recipe import load_recipe
 from conftest import one_line_error
 from test_train_pretrain import tiny_overrides
 
-TUXPAINT_STAMPS = Path("/usr/share/tuxpaint/stamps")
 
 
 def png(path: Path, colour=(200, 30, 30), size=(20, 20), mode="RGB") -> Path:
@@ -193,9 +192,8 @@ def test_read_records_mixes_folders_and_files_and_names_unknown_files(tmp_path: 
         read_records(tmp_path / "ann.yaml")
 
 
-@pytest.mark.skipif(not TUXPAINT_STAMPS.is_dir(), reason="Tux Paint stamps are not installed")
-def test_tux_paint_stamps_read_with_english_first_lines() -> None:
-    records = read_folder(TUXPAINT_STAMPS)
+def test_tux_paint_stamps_read_with_english_first_lines(real_collections) -> None:
+    records = read_folder(real_collections[0])
     assert len(records) >= 700
     captions = {r.origin: r.captions for r in records}
     assert captions["food/vegetables/potato.png"] == ("A brown potato.",)

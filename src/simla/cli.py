@@ -158,8 +158,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             raise ConfigError("--ablation belongs to the retrieval and clipart demos (simla demo clipart --ablation)")
         options["ablation"] = True
     if args.source:
-        if args.task == "retrieval":
-            raise ConfigError("--from belongs to the task demos (e.g. simla demo vqa --from runs/demo)")
+        if args.task in ("retrieval", "clipart"):
+            raise ConfigError(f"--from belongs to the task demos (e.g. simla demo vqa --from runs/demo); the "
+                              f"{args.task} demo pretrains its own model")
         options["source"] = args.source
     # The demos train on the CPU: the command gives them the malloc policy every CPU training run gets.
     configure_cpu_allocator("auto")

@@ -125,10 +125,15 @@ def plot_recall_curve(curve: Sequence[Mapping[str, float]], chance: Mapping[str,
     return png_path
 
 
+def spread_indices(total: int, count: int) -> list[int]:
+    """`count` indices spread evenly over range(total), first and last included (sets are sorted by folder)."""
+    return sorted({round(i * (total - 1) / max(1, count - 1)) for i in range(min(count, total))})
+
+
 def plot_retrieval_examples(data: Any, i2t: Tensor, png_path: Path, count: int = 8, top: int = 3) -> Path:
-    """The first `count` images of a retrieval set, each with its `top` best captions (green: its own)."""
+    """`count` images spread evenly over a retrieval set, each with its `top` best captions (green: its own)."""
     plt = _pyplot()
-    shown = list(range(min(count, len(data.images))))
+    shown = spread_indices(len(data.images), count)
     columns = min(4, len(shown))
     rows = (len(shown) + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 3.6 * rows), squeeze=False)
