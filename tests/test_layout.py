@@ -185,7 +185,7 @@ def test_every_task_is_described_once_and_consistently():
     streams = {spec.name: spec.seed_stream for spec in tasks.all_tasks()}
     assert streams == {"base": None, "pretrain": 7, "retrieval": 11, "vqa": 12, "nlvr-ta": 14, "nlvr": 13, "ve": 13,
                        "grounding": 11}
-    assert sorted(tasks.demos()) == ["grounding", "nlvr", "retrieval", "search", "ve", "vqa"]
+    assert sorted(tasks.demos()) == ["clipart", "grounding", "nlvr", "retrieval", "search", "ve", "vqa"]
     # A checkpoint written before the rename of the NLVR2 text-assignment task still finds its class.
     assert simla.models.registry.model_class("nlvr_ta") is tasks.get_task("nlvr-ta").model
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -68,6 +69,10 @@ ARMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ITC+ITM+MLM (ALBEF)", ("itc", "itm", "mlm")),
     ("SIMLA (all five)", tuple(LOSS_NAMES)),
 )
+
+
+#: The folders a run writes into its output folder (removed first when it is run again).
+PRODUCED_FOLDERS = ("pretrain", "finetune", "index", "explain", "ablation")
 
 
 @dataclass(frozen=True)
@@ -161,12 +166,8 @@ def search(collections: ClipartCollections, checkpoint: Path, out: Path, rerank:
     """Index every stamp and query it by category; writes results.html for the first query."""
     annotations = write_retrieval_eval_json(collections.stamps, out / "stamps.json")
     index_dir = out / "index"
-    if (index_dir / "manifest.sqlite").exists():
-        index = Index.open(index_dir, checkpoint=checkpoint)
-        index.update(num_workers=0, progress=False)
-    else:
-        index = Index.build(annotations, index_dir, checkpoint=checkpoint, image_root=collections.stamps_root,
-                            num_workers=0, progress=False)
+    index = Index.build(annotations, index_dir, checkpoint=checkpoint, image_root=collections.stamps_root,
+                        num_workers=0, progress=False)
     rows = []
     for query, folders in CATEGORY_QUERIES.items():
         relevant = sum(is_relevant(r.image, collections.stamps_root, folders) for r in collections.stamps)
@@ -218,6 +219,8 @@ def run_clipart_demo(output: str | Path = "runs/demo_clipart", *, quick: bool = 
     minilm_directory()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    for previous in PRODUCED_FOLDERS:  # a run into the same folder starts afresh: nothing is mixed or resumed
+        shutil.rmtree(out / previous, ignore_errors=True)
     started = time.perf_counter()
     files, train, test = _write_files(collections, out)
     test_set = read_retrieval_eval(files.test)
