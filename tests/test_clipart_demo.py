@@ -98,3 +98,7 @@ def test_quick_demo_on_the_real_pictures(real_collections, tmp_path):
 def test_the_clipart_demo_pretrains_its_own_model(tmp_path, capsys):
     one_line_error(capsys, ["demo", "clipart", "--from", str(tmp_path), "--output", str(tmp_path / "out")],
                    "--from belongs to the task demos", "clipart demo pretrains its own model")
+
+
+def test_an_unknown_demo_is_one_line_naming_the_demos(capsys):
+    one_line_error(capsys, ["demo", "foo"], "unknown demo 'foo'", "clipart", "retrieval", "vqa")
