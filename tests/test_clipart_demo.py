@@ -83,8 +83,9 @@ def test_quick_demo_on_the_real_pictures(real_collections, tmp_path):
     report = run_clipart_demo(tmp_path / "demo", quick=True)
     assert report["test_stamps"] >= 150 and report["pretraining_pairs"]["openclipart"] > 7000
     assert report["steps"] == QUICK.steps
-    for ranking in ("itc", "itm"):
-        assert 0.0 <= report["zero_shot"][ranking]["img_r10"] <= 100.0
+    # Twelve steps learn no retrieval, but they do learn: on this fixed seed the summed loss falls (27.8 -> 19.6).
+    assert sum(report["final_losses"].values()) < sum(report["first_losses"].values()) - 4.0
+    assert set(report["zero_shot"]) == {"itc", "itm"} and report["images"]["transparent"] > 0
     assert report["chance"]["img_r10"] == pytest.approx(1000.0 / report["test_stamps"])
     assert report["search"]["images"] >= 700 and len(report["search"]["queries"]) == 12
     assert report["skipped"].get("too_large", 0) <= 20  # OpenClipart's few posters of > 89 megapixels
