@@ -355,9 +355,6 @@ def summary(report: dict[str, Any]) -> str:
     lines.append(f"time: {seconds['total']} s (pretraining {seconds['pretraining']} s, fine-tuning "
                  f"{seconds['finetuning']} s, search and explain {seconds['search_and_explain']} s)"
                  + (f"; the ablation's runs {seconds['ablation']} s more" if "ablation" in seconds else ""))
-    if report["mode"] == "quick":
-        lines.append("quick mode checks the mechanics on real pictures, not learning: run without --quick for "
-                     "the figures in the README")
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint_files import NotACheckpointError, read_checkpoint
+from .reference import add_quick_notice
 from .retrieval import run_retrieval_demo
 
 
@@ -64,6 +65,10 @@ def as_overrides(settings: dict[str, Any]) -> list[str]:
 
 
 def write_report(out: Path, report: dict[str, Any], title: str, body: str) -> None:
-    """report.json, and report.md: the title, the printable summary, then `body` (pictures, tables, links)."""
+    """report.json, and report.md: the title, the printable summary, then `body` (pictures, tables, links).
+
+    The title is "simla demo NAME"; a quick run's summary gets NAME's full-run figures (`reference`).
+    """
+    add_quick_notice(report, title.split()[-1])
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     (out / "report.md").write_text(f"# {title}\n\n```\n{report['summary']}\n```\n\n{body}\n", encoding="utf-8")

@@ -45,6 +45,7 @@ from ..train.recipe import load_recipe
 from .easy_vqa import CAPTION_TEMPLATES, ShapeImage, label_easy_vqa, write_pretraining_json, write_retrieval_json
 from .evaluation import CLASSES, ShapeProbe, confusion_matrix, itm_pair_accuracy, score_classes, zero_shot_accuracy
 from .plots import plot_accuracy_curve, plot_confusion, plot_examples, plot_losses
+from .reference import add_quick_notice
 
 
 logger = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ def run_retrieval_demo(output: str | Path = "runs/demo", *, quick: bool = False,
         report["ablation"] = _ablation(settings, train_json, test_json, probe, out, seed, full_row)
     report["seconds"]["total"] = round(time.perf_counter() - started, 1)
     report["summary"] = _summary(report)
+    add_quick_notice(report, "retrieval")
     (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     (out / "report.md").write_text(_markdown(report), encoding="utf-8")
     return report
