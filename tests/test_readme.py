@@ -75,3 +75,38 @@ def test_a_quick_report_says_what_it_checks_and_quotes_the_full_run():
 def test_quick_notice_names_the_command_of_the_full_run():
     assert "`simla demo grounding --from runs/demo`" in quick_notice("grounding")
     assert "`simla demo`" in quick_notice("retrieval")
+
+
+# ------------------------------------------------------------------------ the README's figures
+def _pct(value: float) -> str:
+    return f"{value:.1f}%"
+
+
+def _clipart_figures() -> list[str]:
+    r = full_run("clipart")
+    arms = {arm["arm"]: arm for arm in r["ablation"]["arms"]}
+
+    def arm(name: str) -> str:
+        return f"{arms[name]['itc_img_r10']:.1f} ± {arms[name]['itc_img_r10_std']:.1f}"
+
+    return [
+        f"{r['steps']} steps of {r['batch_size']} pairs, {r['seconds']['total']:.0f} s in all",
+        f"zero-shot\ntext-to-image R@10 {_pct(r['zero_shot']['itc']['img_r10'])} (chance "
+        f"{_pct(r['chance']['img_r10'])}), {_pct(r['finetuned']['img_r10'])} after fine-tuning",
+        f"category precision@10 {r['search']['precision_at_10']['itc']:.2f} (random "
+        f"{r['search']['precision_at_10']['chance']:.2f})",
+        f"{r['zero_shot']['itc']['img_r10'] / r['chance']['img_r10']:.1f}x chance",
+        f"ITC alone {arm('ITC (CLIP-like)')}, ALBEF's ITC+ITM+MLM {arm('ITC+ITM+MLM (ALBEF)')}",
+        f"SIMLA's five objectives {arm('SIMLA (all five)')}",
+    ]
+
+
+FIGURES = {"clipart": _clipart_figures}
+
+
+@pytest.mark.parametrize("demo", sorted(FIGURES))
+def test_readme_figures_are_the_full_runs(demo):
+    # Each figure the README quotes, formatted from the shipped full-run report (line breaks as in the README).
+    flat = " ".join(README.split())
+    missing = [figure for figure in FIGURES[demo]() if " ".join(figure.split()) not in flat]
+    assert not missing, f"README figures of `{demo}` that differ from its full run: {missing}"
