@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 import simla
 from simla.cli import main
+from simla.search import Index
 
 from conftest import one_line_error
 from datasets import draw
@@ -59,3 +61,52 @@ def test_explain_with_some_readable_images_explains_those_and_exits_1(tmp_path, 
     assert "explained 1 of 2 pairs" in captured.out and "missing.png" in caplog.text
     summary = json.loads((out / "explanations.json").read_text())
     assert summary["explained"] == 1 and summary["failed"][0]["image"].endswith("missing.png")
+
+
+def _index_args(source, out, checkpoint):
+    return ["index", "build", str(source), "--checkpoint", str(checkpoint), "--output", str(out), "--batch-size", "4",
+            "--num-workers", "0", "--device", "cpu", "--quiet"]
+
+
+def test_index_build_without_usable_images_is_one_line_and_writes_no_index(tmp_path, capsys, tiny_checkpoint):
+    empty, out = tmp_path / "empty", tmp_path / "idx"
+    empty.mkdir()
+    one_line_error(capsys, _index_args(empty, out, tiny_checkpoint), "no images to index", "the folder holds no files",
+                   "no index was written")
+    assert not out.exists()
+
+    notes = tmp_path / "notes"
+    for i in range(5):
+        (notes / f"n{i}.txt").parent.mkdir(exist_ok=True)
+        (notes / f"n{i}.txt").write_text("words")
+    (notes / ".hidden.png").write_bytes(b"x")
+    (notes / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (notes / "empty.jpg").write_bytes(b"")
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's own file")  # an existing --output keeps what it held
+    err = one_line_error(capsys, _index_args(notes, out, tiny_checkpoint), "8 files skipped",
+                         "5 not named as images", "n0.txt, n1.txt, n2.txt, +2 more", "1 hidden: .hidden.png",
+                         "bad.png", "empty.jpg")
+    assert "n3.txt" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+def test_an_emptied_index_updates_warns_and_searches_say_so(tmp_path, capsys, tiny_checkpoint):
+    photos, out = tmp_path / "photos", tmp_path / "idx"
+    photos.mkdir()
+    draw("red", "circle").save(photos / "red.png")
+    assert main(_index_args(photos, out, tiny_checkpoint)) == 0
+    capsys.readouterr()
+    update = ["index", "update", str(out), "--num-workers", "0", "--device", "cpu", "--quiet"]
+
+    shutil.move(photos, tmp_path / "elsewhere")  # an unmounted or moved source must not empty the index
+    one_line_error(capsys, update, "source folder", "is gone", "left as it was")
+    assert len(Index.open(out)) == 1
+    shutil.move(tmp_path / "elsewhere", photos)
+
+    (photos / "red.png").unlink()  # every image deleted on purpose: the update follows, and says so
+    assert main(update) == 0
+    captured = capsys.readouterr()
+    assert "1 deleted" in captured.out and "index: 0 items" in captured.out
+    assert captured.err.startswith(f"warning: {out} now holds no images") and captured.err.count("\n") == 1
+    one_line_error(capsys, ["search", str(out), "a red circle"], "holds no images", f"simla index update {out}")
