@@ -110,3 +110,32 @@ def test_an_emptied_index_updates_warns_and_searches_say_so(tmp_path, capsys, ti
     assert "1 deleted" in captured.out and "index: 0 items" in captured.out
     assert captured.err.startswith(f"warning: {out} now holds no images") and captured.err.count("\n") == 1
     one_line_error(capsys, ["search", str(out), "a red circle"], "holds no images", f"simla index update {out}")
+
+
+def test_loss_curves_label_every_y_axis():
+    from simla.demos.plots import LOSS_AXES, loss_figure
+
+    records = [{"step": s, "loss_itc": 9.0 - s, "loss_itm": 0.69, "loss_new": 1.0} for s in range(1, 4)]
+    fig = loss_figure(records, "t")
+    labels = [ax.get_ylabel() for ax in fig.axes]
+    assert labels == [LOSS_AXES["itc"], LOSS_AXES["itm"], "loss, nats"] and all("nats" in label for label in labels)
+
+
+def test_confusion_cells_carry_their_counts_and_labels_lie_flat():
+    from simla.demos.plots import confusion_figure
+    from simla.demos.retrieval import CLASSES
+
+    matrix = torch.tensor([[5, 0, 2], [1, 7, 0], [0, 3, 4]])
+    fig = confusion_figure(matrix, ["contradiction", "neutral", "entailment"])
+    ax = fig.axes[0]
+    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t for t in ax.texts}
+    assert {key: t.get_text() for key, t in texts.items()} == {
+        (r, c): str(int(matrix[r, c])) for r in range(3) for c in range(3)}
+    assert texts[(1, 1)].get_color() == "white" and texts[(0, 2)].get_color() == "black"  # dark cell, light cell
+    assert all(label.get_rotation() == 0 for label in ax.get_xticklabels() + ax.get_yticklabels())
+
+    retrieval = confusion_figure(torch.eye(24, dtype=torch.long) * 3, CLASSES).axes[0]  # the 24-class demo
+    assert len(retrieval.texts) == 24 * 24
+    assert all(label.get_rotation() == 0 for label in retrieval.get_xticklabels())
+    crowded = confusion_figure(torch.eye(30, dtype=torch.long), [f"class-number-{i:02d}-long" for i in range(30)])
+    assert all(label.get_rotation() == 90 for label in crowded.axes[0].get_xticklabels())  # only when they must
