@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -84,7 +85,7 @@ def plot_accuracy_curve(curve: Sequence[Mapping[str, float]], png_path: Path, ch
 def _overlapping(labels, renderer) -> bool:
     """Whether neighbouring tick labels (left to right) overlap once drawn."""
     boxes = [label.get_window_extent(renderer) for label in labels if label.get_text()]
-    return any(a.x1 > b.x0 for a, b in zip(boxes, boxes[1:]))
+    return any(a.x1 > b.x0 for a, b in itertools.pairwise(boxes))
 
 
 def confusion_figure(matrix: Tensor, classes: Sequence[str], *,

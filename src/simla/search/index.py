@@ -98,7 +98,7 @@ def _load_model(checkpoint: str | os.PathLike, device: str | torch.device):
     return model.to(device).eval()
 
 
-def _with_images(index: "Index", spec: SourceSpec) -> "Index":
+def _with_images(index: Index, spec: SourceSpec) -> Index:
     """A just-built ``index``, or NoImagesError (its manifest closed) when its source gave no usable image."""
     if len(index) > 0:
         return index
