@@ -103,7 +103,7 @@ def confusion_figure(matrix: Tensor, classes: Sequence[str], *,
     rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
     n = len(classes)
     cell = min(1.6, max(0.55, 8.0 / max(n, 1)))  # inches
-    tick_size, number_size = (7, 6) if n > 16 else (8, 8) if n > 8 else (10, 12)
+    tick_size, number_size = (7, 7) if n > 16 else (8, 8) if n > 8 else (10, 12)
     fig, ax = plt.subplots(figsize=(n * cell + 3.2, n * cell + 1.8))
     image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), [name.replace(" ", "\n") for name in classes], fontsize=tick_size)
