@@ -18,7 +18,8 @@ from .cli_evaluate import add_evaluate_commands
 from .cli_search import add_search_commands
 from .config import get_config, list_models
 from .distributed import evaluation_group
-from .errors import USER_OS_ERRORS, ConfigError, SimlaError
+from .data.images import BadSampleError, load_image
+from .errors import USER_OS_ERRORS, ConfigError, SimlaError, UnusableDataError
 from .explain.run import explain_pairs, read_pairs
 from .models.momentum import is_teacher_key
 from .models.registry import build_model, model_tasks
@@ -138,6 +139,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                               "(or --pairs FILE.json)")
         *images, text = args.inputs
         pairs = [(image, text) for image in images]
+    _require_an_image(pairs)
     with evaluation_group(args.device) as device:
         model = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle).to(device)
         summary = explain_pairs(model, pairs, args.output, layer=args.layer, target=args.target,
@@ -148,6 +150,27 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(f"explained {summary['explained']} of {summary['pairs']} pairs into {args.output} "
           f"({len(summary['failed'])} unreadable images)")
     return 0 if not summary["failed"] else 1
+
+
+#: How `simla explain` names an unreadable image's problem, by BadSampleError kind (else its full reason).
+_SHORT_IMAGE_PROBLEMS = {"missing": "no such file", "corrupt": "not an image, or a damaged one",
+                         "truncated": "empty or truncated"}
+
+
+def _require_an_image(pairs: Sequence[tuple[str, str]]) -> None:
+    """Refuse, before the model is loaded and before anything is written, when no image of `pairs` can be
+    read. When some can, `explain_pairs` explains those and lists the others (the command then exits 1)."""
+    problems = []
+    for path in dict.fromkeys(image for image, _ in pairs):
+        try:
+            load_image(path)
+        except BadSampleError as err:
+            problems.append(f"{path} ({_SHORT_IMAGE_PROBLEMS.get(err.kind, err.reason)})")
+        else:
+            return
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    which = "the image cannot" if len(problems) == 1 else f"none of the {len(problems)} images can"
+    raise UnusableDataError(f"nothing to explain: {which} be read: {shown}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

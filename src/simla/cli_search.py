@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .data.images import load_image
 from .distributed import evaluation_group, get_rank
-from .search import Index
+from .search import Index, SearchError
 from .search.check import check_index, repair_index
 from .search.html import render_results_page
 from .search.index import jpeg_thumbnail
@@ -22,7 +22,7 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     with evaluation_group(args.device) as device:
         index = Index.build(args.source, args.output, checkpoint=args.checkpoint, image_root=args.image_root,
                             batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
-                            device=device, progress=not args.quiet)
+                            device=device, progress=not args.quiet, allow_empty=False)
         if get_rank() == 0:
             print(index.last_summary.describe())
             print(f"index: {index.path}")
@@ -36,7 +36,18 @@ def cmd_index_update(args: argparse.Namespace) -> int:
                                progress=not args.quiet)
         if get_rank() == 0:
             print(summary.describe())
+            if summary.items == 0:
+                print(f"warning: {index.path} now holds no images: {_no_images(index)}", file=sys.stderr)
     return 0
+
+
+def _no_images(index: Index) -> str:
+    """Why an index is empty, and the way out (for `update`'s warning and `search`'s error)."""
+    info = index.info()
+    errors = (f"; its {info['errors']:,} unusable files are listed by `simla index info {index.path} --errors`"
+              if info["errors"] else "")
+    return (f"its source {info['source']} had none it could read at the last update{errors}; add images there and "
+            f"run `simla index update {index.path}`")
 
 
 def cmd_index_info(args: argparse.Namespace) -> int:
@@ -83,6 +94,8 @@ def _warn_if_incomplete(index: Index) -> None:
 
 def cmd_search(args: argparse.Namespace) -> int:
     index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, backend=args.backend)
+    if len(index) == 0:  # not a bare table header: nothing can ever match
+        raise SearchError(f"{index.path} holds no images: {_no_images(index)}")
     _warn_if_incomplete(index)
     dedup = args.dedup
     hits = index.search(args.text, args.image, k=args.k, rerank=args.rerank, offset=args.offset, dedup=dedup,
@@ -110,6 +123,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     allowed_hosts(args.host, args.allow_host)  # a bad --allow-host is refused before the model is loaded
     index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, backend=args.backend)
     _warn_if_incomplete(index)
+    if len(index) == 0:  # the page refreshes after an update, so serving an empty index can make sense
+        print(f"warning: {index.path} holds no images yet: {_no_images(index)}", file=sys.stderr)
     index.search("warm-up", k=1, dedup=None)  # load the model and the features before the first visitor
     print(f"serving {index.path} ({len(index):,} images) on http://{args.host}:{args.port}  (Ctrl-C to stop)")
     serve(index, host=args.host, port=args.port, allow_hosts=args.allow_host)

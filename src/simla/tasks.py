@@ -21,6 +21,7 @@ from typing import Any
 
 from .demos.classification import run_classification_demo
 from .demos.clipart import run_clipart_demo
+from .demos.common import require_finished_demo
 from .demos.grounding import run_grounding_demo
 from .demos.retrieval import run_retrieval_demo
 from .demos.search import run_search_demo
@@ -149,6 +150,9 @@ def run_demo(name: str = "retrieval", **options: Any) -> dict[str, Any]:
         raise ConfigError(f"unknown demo {name!r}; available: {sorted(available)}")
     if name not in _OWN_PICTURES and importlib.util.find_spec("easy_vqa") is None:
         raise MissingExtraError('the demos need the easy-VQA images: pip install "simla[demo]"')
+    if options.get("source") is not None:
+        # Checked once, here, before any demo writes its data files into the output folder.
+        require_finished_demo(options["source"])
     return available[name](**options)
 
 

@@ -19,14 +19,27 @@ from .retrieval import run_retrieval_demo
 logger = logging.getLogger(__name__)
 
 
+def require_finished_demo(source: str | Path) -> Path:
+    """`source` as a finished `simla demo` folder (its pretrain/checkpoints/last.pt exists), else a one-line
+    FileNotFoundError. `simla.tasks.run_demo` calls it before a demo writes anything."""
+    folder = Path(source)
+    last = folder / "pretrain" / "checkpoints" / "last.pt"
+    if last.is_file():
+        return folder
+    if not folder.exists():
+        why = "no such folder"
+    elif folder.is_file():
+        why = "it is a file, not a folder" + ("; give the demo folder that holds pretrain/checkpoints/last.pt"
+                                             if folder.name.endswith(".pt") else "")
+    else:
+        why = f"{last} is missing (run `simla demo --output {folder}` first, or let it finish)"
+    raise FileNotFoundError(f"--from {source}: not a finished `simla demo` folder: {why}")
+
+
 def pretrained_demo(source: str | Path | None, out: Path, quick: bool, seed: int) -> Path:
     """The folder of a finished `simla demo` (its pretrain/ checkpoint and train.json), made now if not given."""
     if source is not None:
-        folder = Path(source)
-        if not (folder / "pretrain" / "checkpoints" / "last.pt").is_file():
-            raise FileNotFoundError(f"{source} is not a finished `simla demo` folder: "
-                                    f"{folder / 'pretrain' / 'checkpoints' / 'last.pt'} is missing")
-        return folder
+        return require_finished_demo(source)
     logger.info("no --from folder: pretraining the demo model first (simla demo%s)", " --quick" if quick else "")
     run_retrieval_demo(out / "pretrained", quick=quick, seed=seed)
     return out / "pretrained"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -24,19 +25,38 @@ def _pyplot():
     return plt
 
 
+#: Each logged loss: what it is and its unit (the y-axis label of its panel). All are mean cross-entropies in nats.
+LOSS_AXES = {
+    "itc": "contrastive CE, nats\n(mean of image→text, text→image)",
+    "itm": "match CE, nats per pair",
+    "mlm": "CE, nats per masked token",
+    "mim": "CE, nats per masked patch",
+    "psl": "binary CE, nats per concept",
+}
+
+
+def loss_figure(records: Sequence[Mapping[str, Any]], title: str):
+    """The figure of :func:`plot_losses`: one panel per `loss_*` key of the log records, y-axis labelled."""
+    plt = _pyplot()
+    names = [k for k in records[0] if k.startswith("loss_")]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.0), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        short = name.removeprefix("loss_")
+        ax.plot([r["step"] for r in records], [r[name] for r in records], color="tab:blue")
+        ax.set_title(short.upper())
+        ax.set_xlabel("step")
+        ax.set_ylabel(LOSS_AXES.get(short, "loss, nats"), fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def plot_losses(log_path: Path, png_path: Path, title: str) -> Path:
     """One panel per logged loss, against the optimizer step."""
     plt = _pyplot()
     records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    names = [k for k in records[0] if k.startswith("loss_")]
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        ax.plot([r["step"] for r in records], [r[name] for r in records], color="tab:blue")
-        ax.set_title(name.removeprefix("loss_").upper())
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig = loss_figure(records, title)
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
     return png_path
@@ -62,22 +82,57 @@ def plot_accuracy_curve(curve: Sequence[Mapping[str, float]], png_path: Path, ch
     return png_path
 
 
-def plot_confusion(matrix: Tensor, classes: Sequence[str], png_path: Path, *,
-                   title: str = "image → text confusion on held-out images (ITM)",
-                   xlabel: str = "best-ranked caption", ylabel: str = "true colour and shape") -> Path:
-    """Row-normalised confusion matrix of counts: true class (rows) against the prediction (columns)."""
+def _overlapping(labels, renderer) -> bool:
+    """Whether neighbouring tick labels (left to right) overlap once drawn."""
+    boxes = [label.get_window_extent(renderer) for label in labels if label.get_text()]
+    return any(a.x1 > b.x0 for a, b in itertools.pairwise(boxes))
+
+
+def confusion_figure(matrix: Tensor, classes: Sequence[str], *,
+                     title: str = "image → text confusion on held-out images (ITM)",
+                     xlabel: str = "best-ranked caption", ylabel: str = "true colour and shape"):
+    """The figure of :func:`plot_confusion`.
+
+    Cell colour: the fraction of the row (true class); the number in each cell: the count of examples (zeros
+    in grey, others dark on light cells and white on dark ones). Column labels are horizontal, one word per
+    line; they are turned upright only when even then neighbours would overlap (many classes with long
+    words). The figure grows with the number of classes so that 24 classes (the retrieval demo) still fit.
+    """
     plt = _pyplot()
-    rates = matrix.float() / matrix.sum(1, keepdim=True).clamp(min=1)
-    fig, ax = plt.subplots(figsize=(8.5, 7.5))
+    counts = matrix.float()
+    rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    n = len(classes)
+    cell = min(1.6, max(0.55, 8.0 / max(n, 1)))  # inches
+    tick_size, number_size = (7, 7) if n > 16 else (8, 8) if n > 8 else (10, 12)
+    fig, ax = plt.subplots(figsize=(n * cell + 3.2, n * cell + 1.8))
     image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(classes)), classes, fontsize=7)
+    ax.set_xticks(range(n), [name.replace(" ", "\n") for name in classes], fontsize=tick_size)
+    ax.set_yticks(range(n), classes, fontsize=tick_size)
+    for row in range(n):
+        for column in range(n):
+            value, rate = float(counts[row, column]), float(rates[row, column])
+            colour = "0.6" if value == 0 else "white" if rate > 0.5 else "black"
+            ax.text(column, row, f"{value:g}", ha="center", va="center", fontsize=number_size, color=colour)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the row")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="colour: fraction of the row; numbers: counts")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    fig.canvas.draw()
+    if _overlapping(ax.get_xticklabels(), fig.canvas.get_renderer()):
+        ax.tick_params(axis="x", labelrotation=90)
+        fig.tight_layout()
+    return fig
+
+
+def plot_confusion(matrix: Tensor, classes: Sequence[str], png_path: Path, *,
+                   title: str = "image → text confusion on held-out images (ITM)",
+                   xlabel: str = "best-ranked caption", ylabel: str = "true colour and shape") -> Path:
+    """Confusion matrix: true class (rows) against the prediction (columns); colour = fraction of the row,
+    number = count (see :func:`confusion_figure`)."""
+    plt = _pyplot()
+    fig = confusion_figure(matrix, classes, title=title, xlabel=xlabel, ylabel=ylabel)
+    fig.savefig(png_path, dpi=110, bbox_inches="tight", pad_inches=0.15)  # long class names: nothing clipped
     plt.close(fig)
     return png_path
 

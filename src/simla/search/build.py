@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,17 +31,60 @@ from tqdm.auto import tqdm
 from ..data.images import BadSampleError, load_image
 from ..data.transforms import EvalView
 from ..distributed import get_rank, get_world_size, is_distributed
-from ..errors import ConfigError
-from .manifest import Manifest
-from .sources import ItemUnavailableError, ScanProblem, SourceItem, SourceSpec, read_item_bytes, scan_source
+from ..errors import ConfigError, SimlaError
+from .manifest import Manifest, StoredError
+from .sources import (IMAGE_SUFFIXES, ItemUnavailableError, ScanProblem, SourceItem, SourceSpec, read_item_bytes,
+                      scan_source)
 from .store import compact, remove_orphans, write_chunk
 
 
-__all__ = ["SyncSummary", "sync_index"]
+__all__ = ["NoImagesError", "SyncSummary", "describe_no_images", "sync_index"]
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class NoImagesError(SimlaError, ValueError):
+    """A build found no image it could index in its source; the message says what was skipped and why."""
+
+
+#: How the "no images" message names each error-table kind.
+_KIND_TEXT = {"missing": "missing", "unreadable": "unreadable", "corrupt": "corrupt or not an image",
+              "truncated": "empty or truncated", "too_large": "too large", "unsupported": "unsupported format",
+              "outside_source": "links outside the source"}
+
+
+def _named_out(spec: SourceSpec) -> dict[str, list[str]]:
+    """Files of a folder source that the scan passes over by their name, grouped by why (see _scan_folder)."""
+    skipped: dict[str, list[str]] = {}
+    if spec.kind != "folder":
+        return skipped
+    for directory, subdirs, files in os.walk(spec.location):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        for name in sorted(files):
+            key = os.path.relpath(os.path.join(directory, name), spec.location).replace(os.sep, "/")
+            if name.startswith("."):
+                skipped.setdefault("hidden", []).append(key)
+            elif not name.lower().endswith(IMAGE_SUFFIXES):
+                skipped.setdefault(f"not named as images ({', '.join(IMAGE_SUFFIXES)})", []).append(key)
+    return skipped
+
+
+def describe_no_images(spec: SourceSpec, errors: list[StoredError], shown: int = 3) -> str:
+    """Why a source gave no usable image: the files skipped, counted by reason, with the first few names."""
+    groups = _named_out(spec)
+    for error in errors:
+        groups.setdefault(_KIND_TEXT.get(error.kind, error.kind.replace("_", " ")), []).append(error.key)
+    if not groups:
+        return {"folder": "the folder holds no files", "annotations": "the annotation file lists no images",
+                "shards": "the shards hold no image members"}.get(spec.kind, "nothing found")
+    total = sum(len(keys) for keys in groups.values())
+    parts = []
+    for reason, keys in sorted(groups.items(), key=lambda group: -len(group[1])):
+        more = f", +{len(keys) - shown} more" if len(keys) > shown else ""
+        parts.append(f"{len(keys)} {reason}: {', '.join(keys[:shown])}{more}")
+    return f"{total} file{'s' if total != 1 else ''} skipped: " + "; ".join(parts)
 
 
 @dataclass
@@ -216,7 +260,8 @@ def _embed_work(index_dir: Path, manifest: Manifest, model, mine: list[_Work], s
     loader = DataLoader(_WorkImages(mine, view), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=_as_list)
     autocast = _autocast(model.device, precision)
-    with tqdm(total=len(mine), desc="indexing", unit="img", disable=not progress or get_rank() != 0) as bar:
+    quiet = not progress or get_rank() != 0 or not mine  # no bar for no work
+    with tqdm(total=len(mine), desc="indexing", unit="img", disable=quiet) as bar:
         for batch in loader:
             _commit_batch(index_dir, manifest, model, autocast, mine, batch, summary)
             bar.update(len(batch))
@@ -230,6 +275,10 @@ def sync_index(index_dir: Path, manifest: Manifest, spec: SourceSpec, model, *, 
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    if spec.kind == "folder" and not os.path.isdir(spec.location):
+        # os.walk would list nothing, and the update would drop every item of an unmounted or moved folder.
+        raise FileNotFoundError(f"the index's source folder {spec.location} is gone (moved, deleted or not "
+                                f"mounted); the index {index_dir} is left as it was")
     start = time.perf_counter()
     rank, world = get_rank(), get_world_size()
     items, problems = scan_source(spec)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -40,18 +41,18 @@ from ..errors import SimlaError
 from ..explain import gradcam
 from ..explain.render import overlay_png
 from ..version import __version__
-from .build import SyncSummary, sync_index
+from .build import NoImagesError, SyncSummary, describe_no_images, sync_index
 from .fingerprint import ModelMismatchError, model_fingerprint
-from .lock import write_lock
+from .lock import LOCK_NAME, write_lock
 from .manifest import MANIFEST_NAME, CorruptIndexError, ItemNotFoundError, Manifest, StoredItem
 from .rerank import itm_probabilities
 from .results import Hit
 from .sources import SourceSpec, read_item_bytes, resolve_source
-from .store import load_live_features, verify_chunks
+from .store import FEATURES_DIR, load_live_features, verify_chunks
 from .vectors import VectorIndex
 
 
-__all__ = ["Index", "IndexExistsError", "IndexNotFoundError", "ItemNotFoundError", "SearchError"]
+__all__ = ["Index", "IndexExistsError", "IndexNotFoundError", "ItemNotFoundError", "NoImagesError", "SearchError"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,29 @@ def jpeg_thumbnail(image: Image.Image, size: int = 256) -> bytes:
 def _load_model(checkpoint: str | os.PathLike, device: str | torch.device):
     model = load_checkpoint(checkpoint, task="base")
     return model.to(device).eval()
+
+
+def _with_images(index: Index, spec: SourceSpec) -> Index:
+    """A just-built ``index``, or NoImagesError (its manifest closed) when its source gave no usable image."""
+    if len(index) > 0:
+        return index
+    why = describe_no_images(spec, index.manifest.errors())
+    index.manifest.close()
+    raise NoImagesError(f"no images to index in {spec.location}: {why}; no index was written to {index.path}")
+
+
+def _remove_empty_index(folder: Path, before: set[str] | None) -> None:
+    """Undo a build that found no images: its index files, whatever else it added, the folder if it made it."""
+    if not folder.is_dir():
+        return
+    ours = {MANIFEST_NAME, f"{MANIFEST_NAME}-wal", f"{MANIFEST_NAME}-shm", f"{MANIFEST_NAME}-journal", FEATURES_DIR,
+            LOCK_NAME}
+    for name in os.listdir(folder):
+        if name in ours or before is None or name not in before:
+            path = folder / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    if before is None and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 class Index:
@@ -145,21 +169,33 @@ class Index:
     def build(cls, source: str | os.PathLike, output: str | os.PathLike, *, checkpoint: str | os.PathLike | None = None,
               model=None, image_root: str | os.PathLike | None = None, batch_size: int = 64, num_workers: int = 2,
               precision: str = "auto", device: str | torch.device = "cpu", progress: bool = True,
-              backend: str = "auto") -> "Index":
+              backend: str = "auto", allow_empty: bool = True) -> "Index":
         """Index every image of ``source`` (folder, annotation file or shard pattern) into ``output``.
 
         A folder holding an unfinished build of the same source and model is resumed; a finished index is
         refused (use :meth:`update`). Give ``checkpoint`` (recorded, so later commands need not repeat it)
         or an in-memory ``model`` (then pass it again to :meth:`open`).
+
+        A source without one usable image gives an empty index (a later :meth:`update` can fill it), unless
+        ``allow_empty=False`` (what `simla index build` passes): then :class:`NoImagesError` says which files
+        were skipped and why, and the build's files are removed again (an existing folder keeps what it held).
         """
         if (checkpoint is None) == (model is None):
             raise SearchError("give exactly one of checkpoint= or model=")
         spec = resolve_source(source, image_root)
         folder = Path(output)
         checkpoint = os.path.abspath(checkpoint) if checkpoint is not None else None
-        with write_lock(folder):
-            return cls._build_locked(spec, folder, checkpoint, model, device, backend, {
-                "batch_size": batch_size, "num_workers": num_workers, "precision": precision, "progress": progress})
+        before = set(os.listdir(folder)) if folder.is_dir() else None
+        try:
+            with write_lock(folder):
+                index = cls._build_locked(spec, folder, checkpoint, model, device, backend, {
+                    "batch_size": batch_size, "num_workers": num_workers, "precision": precision,
+                    "progress": progress})
+                return index if allow_empty else _with_images(index, spec)
+        except NoImagesError:
+            if get_rank() == 0:
+                _remove_empty_index(folder, before)
+            raise
 
     @classmethod
     def _build_locked(cls, spec: SourceSpec, folder: Path, checkpoint: str | None, model, device, backend: str,
