@@ -425,3 +425,48 @@ def test_screenshot_script_drives_the_page(browser_tools, fake, tmp_path):
     with Image.open(path) as shot:
         assert shot.size == (1280, 900)
     assert fake.calls[-1]["rerank"] == 3 and fake.calls[-1]["k"] == 8
+
+
+# Window widths the result grid must fill, and the columns its CSS yields there with the page's 24 px side
+# padding and 14 px gaps: 210 px tracks for plain cards, 340 px for cards with a Grad-CAM overlay beside.
+GRID_WIDTHS = {1280: (5, 3), 1024: (4, 2), 800: (3, 2), 400: (1, 1)}
+
+
+def resize(driver, width: int, height: int = 900) -> None:
+    driver.set_window_size(width, height)
+    inner = driver.execute_script("return window.innerWidth;")
+    if inner != width:
+        driver.set_window_size(2 * width - inner, height)
+
+
+def assert_row_is_full(layout: dict, columns: int) -> None:
+    # One card per track, side by side, the last one flush with the grid's right edge; nothing overflows.
+    assert layout["columns"] == columns, layout
+    assert layout["row"] == layout["positions"] == columns, layout
+    assert abs(layout["left_gap"]) < 1 and abs(layout["right_gap"]) < 1, layout
+    assert not layout["overflow"], layout
+
+
+def test_result_grid_rows_fill_the_width_in_a_browser(browser_tools, fake, tmp_path):
+    from simla.search.server import background_server
+
+    hits = fake.search("a dog", k=12)
+    static = {}
+    for name, overlays in (("plain", None), ("overlays", fake.explain("a dog", [hit.item_id for hit in hits]))):
+        page = render_results_page({"text": "a dog"}, hits, lambda hit: fake.thumbnail(hit.item_id), overlays)
+        static[name] = tmp_path / f"results-{name}.html"
+        static[name].write_text(page, encoding="utf-8")
+    with background_server(fake) as url:
+        driver = browser_tools.make_driver(1280, 900)
+        try:
+            for width, (plain, with_overlays) in GRID_WIDTHS.items():
+                resize(driver, width)
+                assert browser_tools.run_query(driver, url, "a dog", k=12) == 12
+                assert_row_is_full(browser_tools.grid_layout(driver), plain)
+                for name, columns in (("plain", plain), ("overlays", with_overlays)):
+                    driver.get(static[name].as_uri())
+                    layout = browser_tools.grid_layout(driver)
+                    assert layout["window"] == width and layout["cards"] == 12
+                    assert_row_is_full(layout, columns)
+        finally:
+            driver.quit()
