@@ -231,7 +231,29 @@ def test_page_and_info(client, fake):
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert 'id="search-form"' in response.text and "photos.idx" in response.text
     assert "http://" not in response.text and "https://" not in response.text
-    assert client.get("/api/info").json() == fake.info()
+    assert client.get("/api/info").json() == {**fake.info(), "model_label": "fake-simla (8-d features)"}
+
+
+def test_model_label_describes_the_loaded_model(tmp_path):
+    from types import SimpleNamespace
+
+    import simla
+    from simla.search.server import create_app, model_label
+
+    pytest.importorskip("httpx")
+    testclient = pytest.importorskip("fastapi.testclient")
+    # The demo model: the simla_tiny preset run at 48 px with 4 px patches; the preset's name alone hides that.
+    config = simla.get_config("simla_tiny", **{"vision.image_size": 48, "vision.patch_size": 4})
+    label = "simla_tiny (48 px images, 4 px patches, 64-d features)"
+    assert model_label({"model": "simla_tiny", "dim": 64}, SimpleNamespace(config=config)) == label
+    assert model_label({"model": "simla_tiny", "dim": 64}) == "simla_tiny (64-d features)"
+    assert model_label({"model": None, "dim": 64}) is None
+
+    index = FakeIndex(tmp_path / "photos.idx")
+    index.model = SimpleNamespace(config=config)  # an index's model, as Index.model loads it
+    with testclient.TestClient(create_app(index), base_url="http://localhost:8000") as test_client:
+        info = test_client.get("/api/info").json()
+    assert info["model_label"] == label and info["model"] == "fake-simla"
 
 
 def test_get_search_round_trip_and_paging(client, fake):
@@ -373,6 +395,7 @@ def test_search_page_in_a_headless_browser(browser_tools, fake, tmp_path):
             assert [int(card.get_attribute("data-item-id")) for card in cards] == [5, 6, 7, 8, 9, 10]
             assert "46 images" not in driver.find_element(By.ID, "status").text
             assert "45 images" in driver.find_element(By.ID, "status").text
+            assert "model fake-simla (8-d features)" in driver.find_element(By.ID, "status").text
             widths = driver.execute_script(
                 "return Array.from(document.querySelectorAll('#results img'), (img) => img.naturalWidth);")
             assert len(widths) == 6 and all(width > 0 for width in widths)

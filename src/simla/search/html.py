@@ -339,7 +339,7 @@ async function loadInfo() {
     if (info.errors) parts.push(info.errors.toLocaleString() + " unreadable");
     if (info.complete === false) parts.push("build not complete");
     if (info.source) parts.push("from " + info.source);
-    if (info.model) parts.push("model " + info.model + (info.dim ? " (" + info.dim + "-d)" : ""));
+    if (info.model_label) parts.push("model " + info.model_label);
     parts.push(info.rerank_available ? "ITM re-ranking available" : "no ITM re-ranking");
     $("status").textContent = parts.join(" \\u00b7 ");
     if (!info.rerank_available) {
