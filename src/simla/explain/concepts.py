@@ -10,14 +10,20 @@ What may be a tag (docs/concepts.md gives the reasons and the measurements):
 - Only vocabulary items made of letters and digits: no special tokens, [unused] slots or punctuation.
 - No English function words (:data:`STOP_WORDS`, "a", "the", "with", ...): PSL's keywords are caption
   tokens and the commonest caption tokens are these, so an untuned head ranks them first.
-- No "##" continuation pieces. A word-start piece ("rec" of "rec ##tangle") is also a whole-word entry of
-  the vocabulary and cannot be told from a word by the tokenizer; the probability threshold is what
-  keeps such pieces out (they are predicted, with their continuation, only as strongly as the word).
 - At least :data:`MIN_TAG_LETTERS` characters (numbers excepted): two-letter vocabulary items are almost all
   function words, abbreviations or pieces.
-- Probability (sigmoid of the concept logit) at least ``min_probability``, by default
-  :data:`DEFAULT_MIN_PROBABILITY`, calibrated on held-out images of two trained models. An image may
-  therefore have no tags: that says the head is not sure of anything, which beats showing noise.
+- Probability (sigmoid of the concept logit) at least ``min_probability`` and at least ``min_margin`` above
+  the image's background (the probability of its 30th most probable candidate word: a head that has
+  learnt nothing gives its whole vocabulary about the same probability). Defaults calibrated on held-out
+  images of two pretrained models. An image may have no tags; it then says so instead of showing noise.
+- No "##" continuation piece on its own. A word-start piece ("rec" of "rec ##tangle") is also a
+  whole-word entry of the vocabulary, so the tokenizer cannot tell it from a word. When a continuation
+  passes the same bar as a word-start piece and the tokenizer splits their concatenation into exactly
+  those two pieces, they are shown joined ("rectangle"). The check is weak (WordPiece splits almost any
+  string that way), which is why only pieces that clear the bar are joined, only to start pieces of at
+  most :data:`MAX_JOINED_START` letters, and each to the start piece of the closest probability; a start
+  piece whose continuation falls below the bar is shown as it is, and words of three or more pieces are
+  not rebuilt.
 """
 
 from __future__ import annotations
@@ -44,19 +50,22 @@ class ConceptTags:
         maps: (len(tags), g, g) Grad-CAM map of each tag (of a joined word's first piece), or None when
             not asked for.
         image_size: (height, width) of the image as given.
-        min_probability: the threshold the tags passed.
+        min_probability: the probability threshold the tags passed.
+        min_margin: the margin over the image's background they passed.
     """
 
     tags: list[tuple[str, float]]
     maps: Tensor | None
     image_size: tuple[int, int]
     min_probability: float = 0.0
+    min_margin: float = 0.0
 
     def describe(self) -> str:
         """One line for a sheet or a terminal: "circle 0.91, red 0.72", or why there is none."""
         if self.tags:
             return ", ".join(f"{word} {p:.2f}" for word, p in self.tags)
-        return f"none with probability >= {self.min_probability:g}"
+        return (f"none with probability >= {self.min_probability:g} and >= {self.min_margin:g} above the "
+                f"image's background")
 
     @property
     def maps_image(self) -> Tensor | None:
@@ -64,7 +73,7 @@ class ConceptTags:
 
     def to_dict(self, decimals: int = 5) -> dict[str, Any]:
         out: dict[str, Any] = {"tags": [[w, round(p, 6)] for w, p in self.tags], "image_size": list(self.image_size),
-                               "min_probability": self.min_probability}
+                               "min_probability": self.min_probability, "min_margin": self.min_margin}
         if self.maps is not None:
             out["maps"] = {w: torch.round(m, decimals=decimals).tolist() for (w, _), m in zip(self.tags, self.maps)}
         return out
@@ -80,7 +89,7 @@ def has_concept_head(model: Any) -> bool:
 STOP_WORDS = frozenset("""
 a an the this that these those there here
 i me my mine we us our ours you your yours he him his she her hers it its they them their theirs
-one ones someone something anyone anything everyone everything nobody nothing
+someone something anyone anything everyone everything nobody nothing
 who whom whose which what when where why how whoever whatever
 am is are was were be been being do does did doing done have has had having
 can could may might must shall should will would ought
@@ -96,9 +105,18 @@ as etc
 #: Shortest tag, in characters (a number may be shorter).
 MIN_TAG_LETTERS = 3
 
-#: The default ``min_probability`` of :func:`concepts`. Chosen on held-out images of two trained models
-#: (docs/concepts.md, "How the threshold was chosen").
-DEFAULT_MIN_PROBABILITY = 0.5
+#: Longest word-start piece that may be joined to a continuation: longer ones are far likelier words of
+#: their own (on the demo model "circle" + "##tangle" would otherwise make "circletangle").
+MAX_JOINED_START = 4
+
+#: The default ``min_probability`` and ``min_margin`` of :func:`concepts`, chosen on held-out images of two
+#: pretrained models (docs/concepts.md, "How the thresholds were chosen").
+DEFAULT_MIN_PROBABILITY = 0.35
+DEFAULT_MIN_MARGIN = 0.05
+
+#: A tag must stand ``min_margin`` above the probability of the image's BACKGROUND_RANK-th most probable
+#: candidate word: the level below which a head's untaught vocabulary sits for that image.
+BACKGROUND_RANK = 30
 
 
 def _is_tag(token: str | None) -> bool:
@@ -113,38 +131,67 @@ def is_tag_word(word: str) -> bool:
 
 
 def whole_word_mask(tokenizer: Any, vocab_size: int) -> Tensor:
-    """True for the vocabulary ids that are whole words or numbers (what a tag may be)."""
+    """True for the vocabulary ids that are whole words or numbers (rule 1 of the module docstring)."""
     tokens = tokenizer.backend.convert_ids_to_tokens(list(range(vocab_size)))
     special = set(tokenizer.special_token_ids)
     return torch.tensor([i not in special and _is_tag(tok) for i, tok in enumerate(tokens)])
 
 
-def select_tags(tokenizer: Any, probabilities: Tensor, allowed: Tensor, top: int,
-                min_probability: float) -> list[tuple[str, int, float]]:
+def tag_mask(tokenizer: Any, vocab_size: int) -> Tensor:
+    """True for the vocabulary ids that may be tags: whole words that are no function words, long enough."""
+    tokens = tokenizer.backend.convert_ids_to_tokens(list(range(vocab_size)))
+    return whole_word_mask(tokenizer, vocab_size) & torch.tensor([is_tag_word(t) for t in tokens])
+
+
+def continuation_mask(tokenizer: Any, vocab_size: int) -> Tensor:
+    """True for the "##" continuation pieces of letters and digits (what a word-start piece may join)."""
+    tokens = tokenizer.backend.convert_ids_to_tokens(list(range(vocab_size)))
+    return torch.tensor([t is not None and t.startswith("##") and t[2:].isalnum() and t[2:].isascii() for t in tokens])
+
+
+def select_tags(tokenizer: Any, probabilities: Tensor, mask: Tensor, top: int, min_probability: float,
+                min_margin: float = 0.0, pieces: Tensor | None = None) -> list[tuple[str, int, float]]:
     """An image's tags from its (V,) concept probabilities: (word, vocabulary id, probability), best first.
 
-    allowed: the mask of :func:`whole_word_mask`. Function words and too-short tokens are dropped after the
-    threshold, so an image can have fewer than `top` tags, or none.
+    mask: :func:`tag_mask`. A tag needs a probability of at least `min_probability` and at least `min_margin`
+    above the image's background (the probability of its BACKGROUND_RANK-th best candidate); at most `top`.
+    pieces: :func:`continuation_mask`; a continuation that passes the same bar is joined to the passing
+    word-start piece (at most MAX_JOINED_START letters, not a number) that it completes ("rec" + "##tangle"
+    -> "rectangle": the tokenizer splits the joined word into exactly those two pieces) and whose
+    probability is closest to its own (the head sees both pieces of a caption word with the same images),
+    at the lower of the two probabilities. Each piece joins once.
     """
-    passing = torch.nonzero((probabilities >= min_probability) & allowed)[:, 0]
+    background = float(probabilities[mask].topk(min(BACKGROUND_RANK, int(mask.sum()))).values[-1])
+    bar = max(min_probability, background + min_margin)
+    passing = torch.nonzero((probabilities >= bar) & mask)[:, 0]
     passing = passing[probabilities[passing].argsort(descending=True)].tolist()
-    tags = []
-    for token_id, word in zip(passing, tokenizer.backend.convert_ids_to_tokens(passing)):
-        if is_tag_word(word):
-            tags.append((word, token_id, float(probabilities[token_id])))
-            if len(tags) == top:
-                break
-    return tags
+    backend = tokenizer.backend
+    tags = [[word, token_id, float(probabilities[token_id]), False]
+            for word, token_id in zip(backend.convert_ids_to_tokens(passing), passing)]
+    if pieces is not None:
+        ends = torch.nonzero((probabilities >= bar) & pieces)[:, 0]
+        ends = ends[probabilities[ends].argsort(descending=True)][:len(passing)].tolist()
+        for piece, piece_id in zip(backend.convert_ids_to_tokens(ends), ends):
+            p = float(probabilities[piece_id])
+            starts = [tag for tag in tags if not tag[3] and len(tag[0]) <= MAX_JOINED_START and not tag[0].isdigit()
+                      and backend.tokenize(tag[0] + piece[2:]) == [tag[0], piece]]
+            if starts:
+                tag = min(starts, key=lambda tag: abs(tag[2] - p))
+                tag[0], tag[2], tag[3] = tag[0] + piece[2:], min(tag[2], p), True
+    tags = [(word, token_id, probability) for word, token_id, probability, _ in tags]
+    return sorted(tags, key=lambda tag: -tag[2])[:top]
 
 
 def concepts(model: Any, images: Any, top: int = 10, maps: bool = False, block: int | None = None,
-             batch_size: int = 16, min_probability: float = DEFAULT_MIN_PROBABILITY) -> list[ConceptTags]:
+             batch_size: int = 16, min_probability: float = DEFAULT_MIN_PROBABILITY,
+             min_margin: float = DEFAULT_MIN_MARGIN) -> list[ConceptTags]:
     """Up to `top` concept tags of each image, with their probabilities (and Grad-CAM maps if `maps`).
 
     images: image paths, PIL images or (B, 3, R, R) normalised pixels. block: the ViT block of the maps
     (default two thirds of the depth, as Grad-CAM's itc mode). min_probability: the least probability a
-    tag needs (0 shows the `top` best candidates whatever they are); an image may get fewer tags, or none.
-    The rules for what may be a tag are in this module's docstring.
+    tag needs; min_margin: how far it must stand above the image's background (the probability of its
+    30th most probable candidate word). With both 0 the `top` best candidates are shown whatever they
+    are; otherwise an image may get fewer tags, or none. The rules are in this module's docstring.
     """
     if not has_concept_head(model):
         raise MissingConceptHead(
@@ -152,14 +199,14 @@ def concepts(model: Any, images: Any, top: int = 10, maps: bool = False, block: 
             "with the psl objective (fine-tuned checkpoints and pretraining without psl drop the head)")
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
-    if not 0 <= min_probability <= 1:
-        raise ValueError(f"min_probability must lie in [0, 1], got {min_probability}")
+    for name, value in (("min_probability", min_probability), ("min_margin", min_margin)):
+        if not 0 <= value <= 1:
+            raise ValueError(f"{name} must lie in [0, 1], got {value}")
     pil, pixels = open_images(images)
     count = len(pil) if pil is not None else pixels.shape[0]
     vocab_size = model.concept_head.out_features
-    allowed = whole_word_mask(model.tokenizer, vocab_size)
-    # Without a threshold every vocabulary item passes: look only at the best few candidates.
-    candidates = min(vocab_size, 8 * top + 64)
+    mask = tag_mask(model.tokenizer, vocab_size)
+    pieces = continuation_mask(model.tokenizer, vocab_size)
     block = (2 * model.config.vision.depth) // 3 if block is None else block
     grid = model.config.grid_size
     results: list[ConceptTags] = []
@@ -170,10 +217,8 @@ def concepts(model: Any, images: Any, top: int = 10, maps: bool = False, block: 
             with torch.no_grad():
                 logits = model.concept_head(model.image_features(model.visual_encoder(batch))).float()
             probabilities = logits.sigmoid().cpu()
-            chosen = []
-            for row in probabilities:
-                floor = max(min_probability, float(row.masked_fill(~allowed, 0).topk(candidates).values[-1]))
-                chosen.append(select_tags(model.tokenizer, row, allowed, top, floor))
+            chosen = [select_tags(model.tokenizer, row, mask, top, min_probability, min_margin, pieces)
+                      for row in probabilities]
             tag_maps = None
             if maps and any(chosen):
                 ids = torch.tensor([tag_id for tags in chosen for _, tag_id, _ in tags], device=batch.device)
@@ -184,7 +229,8 @@ def concepts(model: Any, images: Any, top: int = 10, maps: bool = False, block: 
                 row_maps = None
                 if maps:
                     row_maps = tag_maps[row] if tag_maps is not None else torch.zeros(0, grid, grid)
-                results.append(ConceptTags([(w, p) for w, _, p in tags], row_maps, sizes[row], min_probability))
+                results.append(ConceptTags([(w, p) for w, _, p in tags], row_maps, sizes[row], min_probability,
+                                           min_margin))
     return results
 
 
