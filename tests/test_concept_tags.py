@@ -149,7 +149,7 @@ def test_explanations_json_lists_only_tags_that_pass(model, tmp_path):
     pairs = [(str(tmp_path / "red.png"), "a red circle")]
     summary = explain_pairs(model, pairs, tmp_path / "out", min_concept_probability=0.6)
     written = json.loads((tmp_path / "out" / "explanations.json").read_text())
-    assert written["concepts_min_probability"] == 0.6
+    assert written["concepts_min_probability"] == 0.6 and written["concepts_min_margin"] == DEFAULT_MIN_MARGIN
     assert [w for w, _ in written["explanations"][0]["concepts"]] == ["red", "circle"]
     assert written == json.loads(json.dumps(summary))
     none = explain_pairs(model, pairs, tmp_path / "none", min_concept_probability=0.99)
