@@ -66,7 +66,7 @@ main { padding: 18px 24px 40px; max-width: 1600px; margin: 0 auto; }
 }
 .summary { color: var(--muted); margin: 0 0 10px; min-height: 1.4em; }
 /* Every card takes one track, so a full row always spans the grid's width (a card spanning two tracks
-   leaves a hole wherever the column count is odd). Cards with a Grad-CAM overlay show two pictures side
+   leaves a hole wherever the column count is odd). Cards with an explanation overlay show two pictures side
    by side, so their grid has wider tracks. min(..., 100%) keeps one column inside a narrow window. */
 .grid {
   display: grid; gap: 14px; grid-template-columns: repeat(auto-fill, minmax(min(210px, 100%), 1fr));
