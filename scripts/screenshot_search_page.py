@@ -37,6 +37,30 @@ return {
 };
 """
 
+# The result grid's first row as laid out: how many tracks the CSS made, how many cards sit in the row, at
+# how many distinct x positions, and how far the row's last card stops short of the grid's right edge.
+_GRID_LAYOUT = """
+const grid = document.querySelector(".grid");
+const cards = Array.from(grid.querySelectorAll(".card"), (card) => card.getBoundingClientRect());
+const box = grid.getBoundingClientRect();
+const row = cards.filter((card) => Math.abs(card.top - cards[0].top) < 1);
+return {
+  window: window.innerWidth,
+  columns: getComputedStyle(grid).gridTemplateColumns.split(" ").length,
+  cards: cards.length,
+  row: row.length,
+  positions: new Set(row.map((card) => Math.round(card.left))).size,
+  left_gap: row[0].left - box.left,
+  right_gap: box.right - row[row.length - 1].right,
+  overflow: document.documentElement.scrollWidth > document.documentElement.clientWidth,
+};
+"""
+
+
+def grid_layout(driver: Any) -> dict[str, Any]:
+    """The result grid's first row in the page ``driver`` shows (see ``_GRID_LAYOUT``)."""
+    return driver.execute_script(_GRID_LAYOUT)
+
 
 def find_browser(chromium: str | None = None, chromedriver: str | None = None) -> tuple[str, str]:
     """Paths of a Chromium binary and its chromedriver; raises FileNotFoundError naming what is missing."""

@@ -231,7 +231,29 @@ def test_page_and_info(client, fake):
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert 'id="search-form"' in response.text and "photos.idx" in response.text
     assert "http://" not in response.text and "https://" not in response.text
-    assert client.get("/api/info").json() == fake.info()
+    assert client.get("/api/info").json() == {**fake.info(), "model_label": "fake-simla (8-d features)"}
+
+
+def test_model_label_describes_the_loaded_model(tmp_path):
+    from types import SimpleNamespace
+
+    import simla
+    from simla.search.server import create_app, model_label
+
+    pytest.importorskip("httpx")
+    testclient = pytest.importorskip("fastapi.testclient")
+    # The demo model: the simla_tiny preset run at 48 px with 4 px patches; the preset's name alone hides that.
+    config = simla.get_config("simla_tiny", **{"vision.image_size": 48, "vision.patch_size": 4})
+    label = "simla_tiny (48 px images, 4 px patches, 64-d features)"
+    assert model_label({"model": "simla_tiny", "dim": 64}, SimpleNamespace(config=config)) == label
+    assert model_label({"model": "simla_tiny", "dim": 64}) == "simla_tiny (64-d features)"
+    assert model_label({"model": None, "dim": 64}) is None
+
+    index = FakeIndex(tmp_path / "photos.idx")
+    index.model = SimpleNamespace(config=config)  # an index's model, as Index.model loads it
+    with testclient.TestClient(create_app(index), base_url="http://localhost:8000") as test_client:
+        info = test_client.get("/api/info").json()
+    assert info["model_label"] == label and info["model"] == "fake-simla"
 
 
 def test_get_search_round_trip_and_paging(client, fake):
@@ -373,6 +395,7 @@ def test_search_page_in_a_headless_browser(browser_tools, fake, tmp_path):
             assert [int(card.get_attribute("data-item-id")) for card in cards] == [5, 6, 7, 8, 9, 10]
             assert "46 images" not in driver.find_element(By.ID, "status").text
             assert "45 images" in driver.find_element(By.ID, "status").text
+            assert "model fake-simla (8-d features)" in driver.find_element(By.ID, "status").text
             widths = driver.execute_script(
                 "return Array.from(document.querySelectorAll('#results img'), (img) => img.naturalWidth);")
             assert len(widths) == 6 and all(width > 0 for width in widths)
@@ -425,3 +448,48 @@ def test_screenshot_script_drives_the_page(browser_tools, fake, tmp_path):
     with Image.open(path) as shot:
         assert shot.size == (1280, 900)
     assert fake.calls[-1]["rerank"] == 3 and fake.calls[-1]["k"] == 8
+
+
+# Window widths the result grid must fill, and the columns its CSS yields there with the page's 24 px side
+# padding and 14 px gaps: 210 px tracks for plain cards, 340 px for cards with a Grad-CAM overlay beside.
+GRID_WIDTHS = {1280: (5, 3), 1024: (4, 2), 800: (3, 2), 400: (1, 1)}
+
+
+def resize(driver, width: int, height: int = 900) -> None:
+    driver.set_window_size(width, height)
+    inner = driver.execute_script("return window.innerWidth;")
+    if inner != width:
+        driver.set_window_size(2 * width - inner, height)
+
+
+def assert_row_is_full(layout: dict, columns: int) -> None:
+    # One card per track, side by side, the last one flush with the grid's right edge; nothing overflows.
+    assert layout["columns"] == columns, layout
+    assert layout["row"] == layout["positions"] == columns, layout
+    assert abs(layout["left_gap"]) < 1 and abs(layout["right_gap"]) < 1, layout
+    assert not layout["overflow"], layout
+
+
+def test_result_grid_rows_fill_the_width_in_a_browser(browser_tools, fake, tmp_path):
+    from simla.search.server import background_server
+
+    hits = fake.search("a dog", k=12)
+    static = {}
+    for name, overlays in (("plain", None), ("overlays", fake.explain("a dog", [hit.item_id for hit in hits]))):
+        page = render_results_page({"text": "a dog"}, hits, lambda hit: fake.thumbnail(hit.item_id), overlays)
+        static[name] = tmp_path / f"results-{name}.html"
+        static[name].write_text(page, encoding="utf-8")
+    with background_server(fake) as url:
+        driver = browser_tools.make_driver(1280, 900)
+        try:
+            for width, (plain, with_overlays) in GRID_WIDTHS.items():
+                resize(driver, width)
+                assert browser_tools.run_query(driver, url, "a dog", k=12) == 12
+                assert_row_is_full(browser_tools.grid_layout(driver), plain)
+                for name, columns in (("plain", plain), ("overlays", with_overlays)):
+                    driver.get(static[name].as_uri())
+                    layout = browser_tools.grid_layout(driver)
+                    assert layout["window"] == width and layout["cards"] == 12
+                    assert_row_is_full(layout, columns)
+        finally:
+            driver.quit()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..data.images import BadSampleError, load_image
 from ..data.readers import DataFormatError
-from .concepts import ConceptTags, concepts, has_concept_head
+from .concepts import DEFAULT_MIN_MARGIN, DEFAULT_MIN_PROBABILITY, ConceptTags, concepts, has_concept_head
 from .gradcam import Target, gradcam
 from .render import render_sheet
 
@@ -46,12 +46,16 @@ def _sheet_name(index: int, image: str, text: str) -> str:
 
 
 def explain_pairs(model: Any, pairs: Sequence[tuple[str, str]], output: str | Path, *, layer: int | None = None,
-                  target: Target = "itm", top_concepts: int = 10, batch_size: int = 16) -> dict[str, Any]:
+                  target: Target = "itm", top_concepts: int = 10, batch_size: int = 16,
+                  min_concept_probability: float = DEFAULT_MIN_PROBABILITY,
+                  min_concept_margin: float = DEFAULT_MIN_MARGIN) -> dict[str, Any]:
     """Explain every pair into OUT/<n>_<image>_<text>.png and OUT/explanations.json; return the JSON.
 
     Each image is read once. An unreadable image is reported (logged and listed under "failed") and its
     pairs are left out; the others are still explained. Concept tags are added when the model has a
-    concept head and `top_concepts` > 0.
+    concept head and `top_concepts` > 0: at most `top_concepts` per image, only those with a probability of
+    at least `min_concept_probability` and `min_concept_margin` above the image's background (see
+    :func:`~simla.explain.concepts.concepts`), so possibly none.
     """
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +71,8 @@ def explain_pairs(model: Any, pairs: Sequence[tuple[str, str]], output: str | Pa
     tags: dict[str, ConceptTags] = {}
     if top_concepts > 0 and has_concept_head(model) and images:
         names = list(images)
-        tags = dict(zip(names, concepts(model, [images[n] for n in names], top=top_concepts, batch_size=batch_size)))
+        tags = dict(zip(names, concepts(model, [images[n] for n in names], top=top_concepts, batch_size=batch_size,
+                                        min_probability=min_concept_probability, min_margin=min_concept_margin)))
     elif top_concepts > 0:
         logger.info("%s has no concept head (a fine-tuned checkpoint): no concept tags", type(model).__name__)
     explanations = gradcam(model, [images[i] for i, _ in kept], [t for _, t in kept], layer=layer, target=target,
@@ -80,5 +85,8 @@ def explain_pairs(model: Any, pairs: Sequence[tuple[str, str]], output: str | Pa
             record["concepts"] = tags[image].to_dict()["tags"]
         records.append(record)
     summary = {"pairs": len(pairs), "explained": len(records), "failed": failed, "explanations": records}
+    if tags:
+        summary["concepts_min_probability"] = min_concept_probability
+        summary["concepts_min_margin"] = min_concept_margin
     (out / "explanations.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     return summary

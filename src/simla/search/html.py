@@ -65,14 +65,17 @@ main { padding: 18px 24px 40px; max-width: 1600px; margin: 0 auto; }
   background: var(--chip); color: #33415c; border-radius: 999px; padding: 1px 9px; font-size: 12px;
 }
 .summary { color: var(--muted); margin: 0 0 10px; min-height: 1.4em; }
+/* Every card takes one track, so a full row always spans the grid's width (a card spanning two tracks
+   leaves a hole wherever the column count is odd). Cards with an explanation overlay show two pictures side
+   by side, so their grid has wider tracks. min(..., 100%) keeps one column inside a narrow window. */
 .grid {
-  display: grid; gap: 14px; grid-template-columns: repeat(auto-fill, minmax(210px, 1fr));
+  display: grid; gap: 14px; grid-template-columns: repeat(auto-fill, minmax(min(210px, 100%), 1fr));
 }
+.grid.with-overlays { grid-template-columns: repeat(auto-fill, minmax(min(340px, 100%), 1fr)); }
 .card {
   background: var(--panel); border: 1px solid var(--line); border-radius: var(--radius);
   overflow: hidden; display: flex; flex-direction: column;
 }
-.card.with-overlay { grid-column: span 2; }
 .figures { display: flex; background: #eceef2; position: relative; }
 .figures a, .figures figure { flex: 1; display: block; margin: 0; aspect-ratio: 4 / 3; min-width: 0; }
 .figures img { width: 100%; height: 100%; object-fit: contain; display: block; }
@@ -239,7 +242,7 @@ def render_results_page(query: dict[str, Any], hits: list[Hit], thumbnail: Calla
     return _page(title, f"""<header class="top"><h1>{_esc(title)}</h1></header>
 <main>
 {_query_panel(query, len(hits))}
-<div class="grid">
+<div class="{"grid with-overlays" if any(hit.item_id in overlays for hit in hits) else "grid"}">
 {cards}
 </div>
 </main>""")
@@ -336,7 +339,7 @@ async function loadInfo() {
     if (info.errors) parts.push(info.errors.toLocaleString() + " unreadable");
     if (info.complete === false) parts.push("build not complete");
     if (info.source) parts.push("from " + info.source);
-    if (info.model) parts.push("model " + info.model + (info.dim ? " (" + info.dim + "-d)" : ""));
+    if (info.model_label) parts.push("model " + info.model_label);
     parts.push(info.rerank_available ? "ITM re-ranking available" : "no ITM re-ranking");
     $("status").textContent = parts.join(" \\u00b7 ");
     if (!info.rerank_available) {

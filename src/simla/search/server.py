@@ -288,6 +288,20 @@ class _ThumbnailCache:
         self._items.clear()
 
 
+def model_label(info: dict[str, Any], model: Any = None) -> str | None:
+    """The index's model in words for the page: its name with the image size, patch size and feature
+    dimension it runs with, read from the loaded model's config (a preset's name alone hides overrides:
+    the demo model is "simla_tiny" at 48 px with 4 px patches). Without a model, the name and dimension
+    the index recorded."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        return (f"{config.name} ({config.vision.image_size} px images, {config.vision.patch_size} px patches, "
+                f"{config.objectives.embed_dim}-d features)")
+    if not info.get("model"):
+        return None
+    return f"{info['model']} ({info['dim']}-d features)" if info.get("dim") else str(info["model"])
+
+
 INCOMPLETE_WARNING = ("this index is not complete (its build was interrupted or is still running): the results "
                       "cover only the images indexed so far; `simla index update` finishes it")
 
@@ -300,6 +314,22 @@ class _Searcher:
         self.model_lock = threading.Lock()
         self.storage_lock = threading.Lock()
         self.thumbs = _ThumbnailCache()
+        self._model_label: str | None = None
+
+    def info(self) -> dict[str, Any]:
+        """The index's facts plus ``model_label`` (see :func:`model_label`); loads the model if it is not yet,
+        as the first search would."""
+        info = dict(self.index.info())
+        if self._model_label is None:
+            with self.model_lock:
+                try:
+                    model = getattr(self.index, "model", None)
+                except (OSError, SimlaError) as err:  # checkpoint gone or unknown: label from the records
+                    logger.warning("the search page's model label cannot load the model: %s", err)
+                    model = None
+                self._model_label = model_label(info, model)
+        info["model_label"] = self._model_label
+        return info
 
     def search(self, *, text: Any = None, image: Any = None, k: Any = 20, rerank: Any = 0, offset: Any = 0,
                dedup: Any = _INDEX_DEFAULT, itc_weight: Any = 0.0) -> dict[str, Any]:
@@ -382,7 +412,7 @@ def _add_error_handlers(app: Any) -> None:
         return _json_response({"detail": "; ".join(problems) or "invalid request"}, 400)
 
 
-def _add_page_routes(app: Any, index: Any) -> None:
+def _add_page_routes(app: Any, index: Any, searcher: _Searcher) -> None:
     from fastapi.responses import HTMLResponse
 
     name = getattr(getattr(index, "path", None), "name", "") or ""
@@ -394,7 +424,7 @@ def _add_page_routes(app: Any, index: Any) -> None:
 
     @app.get("/api/info")
     def info():
-        return _answered(lambda: _json_response(index.info()))
+        return _answered(lambda: _json_response(searcher.info()))
 
 
 def _add_search_routes(app: Any, searcher: _Searcher) -> None:
@@ -452,7 +482,7 @@ def create_app(index: Any, *, host: str | None = "127.0.0.1", allow_hosts: Itera
     app.state.index = index
     app.add_middleware(RequestGuard, hosts=hosts, max_body=MAX_BODY_BYTES)
     _add_error_handlers(app)
-    _add_page_routes(app, index)
+    _add_page_routes(app, index, searcher)
     _add_search_routes(app, searcher)
     _add_item_routes(app, searcher)
     return app
