@@ -20,6 +20,7 @@ from .config import get_config, list_models
 from .distributed import evaluation_group
 from .data.images import BadSampleError, load_image
 from .errors import USER_OS_ERRORS, ConfigError, SimlaError, UnusableDataError
+from .explain.concepts import DEFAULT_MIN_MARGIN, DEFAULT_MIN_PROBABILITY
 from .explain.run import explain_pairs, read_pairs
 from .models.momentum import is_teacher_key
 from .models.registry import build_model, model_tasks
@@ -143,7 +144,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     with evaluation_group(args.device) as device:
         model = load_checkpoint(args.checkpoint, trust_pickle=args.trust_pickle).to(device)
         summary = explain_pairs(model, pairs, args.output, layer=args.layer, target=args.target,
-                                top_concepts=args.concepts, batch_size=args.batch_size)
+                                top_concepts=args.concepts, batch_size=args.batch_size,
+                                min_concept_probability=args.concept_threshold,
+                                min_concept_margin=args.concept_margin)
     for record in summary["explanations"]:
         tags = ", ".join(word for word, _ in record.get("concepts", [])[:5])
         print(f"{record['sheet']}: score {record['score']:.3f}" + (f"; tags: {tags}" if tags else ""))
@@ -263,7 +266,13 @@ def _add_explain_command(sub: Any) -> None:
                          help="itm: cross-attention Grad-CAM per word (default); itc: ViT [CLS] attention map")
     explain.add_argument("--layer", type=int, help="explained layer (itm: shared encoder, default the config's "
                          "explain.gradcam_layer, 8 of 12; itc: ViT block)")
-    explain.add_argument("--concepts", type=int, default=10, help="concept tags per image (0: none)")
+    explain.add_argument("--concepts", type=int, default=10, help="concept tags per image, at most (0: none)")
+    explain.add_argument("--concept-threshold", type=float, default=DEFAULT_MIN_PROBABILITY,
+                         help="smallest probability a concept tag is shown with (default %(default)s, calibrated: "
+                         "see docs/concepts.md)")
+    explain.add_argument("--concept-margin", type=float, default=DEFAULT_MIN_MARGIN,
+                         help="how far above the image's 30th-best word a tag must be (default %(default)s; it "
+                         "silences an untrained concept head)")
     explain.add_argument("--batch-size", type=int, default=16, help="pairs per forward")
     explain.add_argument("--device", default="auto", help="auto, cpu or cuda")
     explain.add_argument("--trust-pickle", action="store_true", help="allow unpickling reference checkpoints")
