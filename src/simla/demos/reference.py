@@ -70,9 +70,10 @@ def quick_notice(demo: str) -> str:
     """The line a quick report carries: what a quick run shows, and what the full run measured."""
     headline = HEADLINES[demo]
     full = full_run(demo)
+    conditions = f", {full['measured_under']}" if full.get("measured_under") else ""
     return (f"quick run: it checks that every stage works, not that the model learns (too few steps). The full "
             f"run (`{headline.command}`, seed 0, 2-core CPU): {headline.figure(full)}, "
-            f"in {total_seconds(demo, full):.0f} s.")
+            f"in {total_seconds(demo, full):.0f} s{conditions}.")
 
 
 def add_quick_notice(report: dict[str, Any], demo: str) -> None:
@@ -96,14 +97,17 @@ def _without_paths(value: Any, prefix: str) -> Any:
     return value
 
 
-def save_reference(demo: str, folder: str | Path) -> Path:
-    """Copy a finished full run's report.json into the shipped references."""
+def save_reference(demo: str, folder: str | Path, measured_under: str | None = None) -> Path:
+    """Copy a finished full run's report.json into the shipped references; `measured_under` says what else
+    ran on the machine when its time is not that of an idle one."""
     if demo not in HEADLINES:
         raise KeyError(f"no headline defined for demo {demo!r}; known: {sorted(HEADLINES)}")
     folder = Path(folder).resolve()
     report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
     if report.get("mode") != "full":
         raise ValueError(f"{folder / 'report.json'}: mode {report.get('mode')!r}; only a full run is a reference")
+    if measured_under:
+        report["measured_under"] = measured_under
     parent = str(folder.parent)
     target = REFERENCE_DIR / f"{demo}.json"
     target.write_text(json.dumps(_without_paths(report, parent), indent=1) + "\n", encoding="utf-8")
