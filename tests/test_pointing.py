@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simla.eval.pointing import (PointingTally, centre_hits, contains, content_words, map_hits, peak_point,
-                                 random_point_rate)
+from simla.eval.pointing import (
+    PointingTally,
+    centre_hits,
+    contains,
+    content_words,
+    map_hits,
+    peak_point,
+    random_point_rate,
+)
 
 
 def spot(size=(128, 128), at=(20, 30)) -> torch.Tensor:
@@ -63,26 +70,32 @@ def test_content_words_leave_out_function_words():
 
 def test_tally_counts_whole_text_content_words_groups_and_baselines():
     tally = PointingTally()
-    box_a, box_b = (10, 10, 20, 20), (64, 64, 40, 40)
-    # 1: the text and "red" hit, "circle" is elsewhere, "a" is not counted even though it hits.
+    box_a, box_b, box_c = (10, 10, 20, 20), (64, 64, 40, 40), (0, 90, 20, 20)
+    # 1: the text and "red" hit, "circle" is on another object (box_c), "a" is not counted though it hits.
     maps = torch.stack([spot(at=(15, 15)), spot(at=(15, 15)), spot(at=(100, 5))])
-    assert tally.add(box_a, spot(at=(15, 15)), ["a", "red", "circle"], maps)
-    # 2: the text misses, "circle" hits, "blue" is ignored by the model (an all-zero map).
+    assert tally.add(box_a, spot(at=(15, 15)), ["a", "red", "circle"], maps, others=[box_b, box_c])
+    # 2: the text misses (on no object), "circle" hits, "blue" is ignored by the model (an all-zero map).
     maps = [torch.zeros(128, 128), spot(at=(80, 80)), torch.zeros(128, 128)]
     assert not tally.add(box_b, spot(at=(5, 5)), ["the", "circle", "that", "is", "blue"],
-                         [maps[0], maps[1], maps[0], maps[0], maps[2]])
+                         [maps[0], maps[1], maps[0], maps[0], maps[2]], others=[box_a])
     figures = tally.figures(groups={"colour words": ["red", "blue", "green"], "shape words": ["circle"]})
     assert figures["expressions"] == 2
-    assert figures["whole_text"] == {"hits": 1, "total": 2, "rate": 50.0, "flat": 0}
-    assert figures["content_words"] == {"hits": 2, "total": 4, "rate": 50.0, "flat": 1}
-    assert figures["by_word"]["circle"] == {"hits": 1, "total": 2, "rate": 50.0, "flat": 0}
-    assert figures["by_word"]["blue"] == {"hits": 0, "total": 1, "rate": 0.0, "flat": 1}
+    assert figures["whole_text"] == {"hits": 1, "total": 2, "rate": 50.0, "flat": 0, "on_another_object": 0}
+    assert figures["content_words"] == {"hits": 2, "total": 4, "rate": 50.0, "flat": 1, "on_another_object": 1}
+    assert figures["by_word"]["circle"] == {"hits": 1, "total": 2, "rate": 50.0, "flat": 0, "on_another_object": 1}
+    assert figures["by_word"]["blue"] == {"hits": 0, "total": 1, "rate": 0.0, "flat": 1, "on_another_object": 0}
     assert set(figures["by_word"]) == {"red", "circle", "blue"}
-    assert figures["groups"]["colour words"] == {"hits": 1, "total": 2, "rate": 50.0, "flat": 1}
+    assert figures["groups"]["colour words"] == {"hits": 1, "total": 2, "rate": 50.0, "flat": 1,
+                                                 "on_another_object": 0}
     assert figures["groups"]["shape words"]["total"] == 2
     assert figures["centre"] == {"hits": 1, "total": 2, "rate": 50.0}  # box_b starts at the centre
     assert figures["random_point"] == pytest.approx(100 * (400 + 1600) / 2 / 128 ** 2, abs=0.01)
-    # Without word maps only the whole text is counted.
+    assert figures["random_object"] == pytest.approx(100 * (1 / 3 + 1 / 2) / 2, abs=0.01)
+    # Without word maps only the whole text is counted; without other objects nothing is "another object".
     alone = PointingTally()
-    alone.add(box_a, spot(at=(15, 15)))
+    assert not alone.add(box_a, spot(at=(100, 5)))
     assert alone.figures()["content_words"]["total"] == 0 and "groups" not in alone.figures()
+    assert alone.figures()["whole_text"]["on_another_object"] == 0 and alone.figures()["random_object"] == 100.0
+    # A hit is a hit even where another object's box overlaps the named one.
+    assert alone.add(box_a, spot(at=(15, 15)), others=[(0, 0, 30, 30)])
+    assert alone.figures()["whole_text"]["on_another_object"] == 0

@@ -16,7 +16,11 @@ pixels, w and h counting whole pixels as the grounding data does):
 - baselines: the image centre (W / 2, H / 2) as the pointed-at point, with the edge rule above (on a 2x2
   canvas it is the corner where the four tiles meet, a hit only for a shape whose box reaches that corner),
   and a uniformly random point, whose expected hit rate is the box's area (clipped to the image) over the
-  image's area.
+  image's area;
+- when the other objects of the image are given (e.g. the other shapes of a canvas), a miss whose peak is
+  on one of them is counted as "on another object": the map found an object, but the wrong one. A map that
+  only finds objects, any of them, would hit about one time in the number of objects: the "random object"
+  baseline, 1 / (1 + others) averaged over the expressions.
 """
 
 from __future__ import annotations
@@ -29,8 +33,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FUNCTION_WORDS", "PointingTally", "centre_hits", "content_words", "contains", "map_hits", "peak_point",
-           "random_point_rate"]
+__all__ = [
+    "FUNCTION_WORDS",
+    "PointingTally",
+    "centre_hits",
+    "contains",
+    "content_words",
+    "map_hits",
+    "peak_point",
+    "random_point_rate",
+]
 
 BoxLike = Sequence[float]
 
@@ -91,20 +103,26 @@ class _Count:
     hits: int = 0
     total: int = 0
     flat: int = 0
+    other: int = 0  # misses whose peak is on another object
 
-    def add(self, hit: bool, flat: bool = False) -> None:
+    def add(self, heat: Tensor, box: BoxLike, others: Sequence[BoxLike] = ()) -> bool:
+        point = peak_point(heat)
+        hit = point is not None and contains(box, point)
         self.hits += hit
         self.total += 1
-        self.flat += flat
+        self.flat += point is None
+        self.other += not hit and point is not None and any(contains(b, point) for b in others)
+        return hit
 
     def figures(self) -> dict[str, Any]:
         rate = round(100 * self.hits / self.total, 2) if self.total else None
-        return {"hits": self.hits, "total": self.total, "rate": rate, "flat": self.flat}
+        return {"hits": self.hits, "total": self.total, "rate": rate, "flat": self.flat,
+                "on_another_object": self.other}
 
 
 def _summed(counts: Iterable[_Count]) -> _Count:
     counts = list(counts)
-    return _Count(sum(c.hits for c in counts), sum(c.total for c in counts), sum(c.flat for c in counts))
+    return _Count(*(sum(getattr(c, name) for c in counts) for name in ("hits", "total", "flat", "other")))
 
 
 @dataclass
@@ -113,35 +131,39 @@ class PointingTally:
 
     text: _Count = field(default_factory=_Count)
     words: dict[str, _Count] = field(default_factory=dict)
-    centre: _Count = field(default_factory=_Count)
+    centre_hits: int = 0
     random_sum: float = 0.0
+    random_object_sum: float = 0.0
 
     def add(self, box: BoxLike, text_heat: Tensor, words: Sequence[str] = (),
-            word_heats: Sequence[Tensor] | Tensor | None = None) -> bool:
+            word_heats: Sequence[Tensor] | Tensor | None = None, others: Sequence[BoxLike] = ()) -> bool:
         """Count one expression: its (H, W) whole-text map and, if given, its words' maps (only content words
-        are counted). Returns whether the whole-text map's peak is inside the box."""
+        are counted); `others` are the boxes of the image's other objects. Returns whether the whole-text
+        map's peak is inside the box."""
         size = tuple(text_heat.shape)
-        hit = map_hits(text_heat, box)
-        self.text.add(hit, peak_point(text_heat) is None)
-        self.centre.add(centre_hits(size, box))
+        hit = self.text.add(text_heat, box, others)
+        self.centre_hits += centre_hits(size, box)
         self.random_sum += random_point_rate(size, box)
+        self.random_object_sum += 1 / (1 + len(others))
         if word_heats is not None:
             for index in content_words(words):
-                heat = word_heats[index]
-                self.words.setdefault(normal_word(words[index]), _Count()).add(map_hits(heat, box),
-                                                                                peak_point(heat) is None)
+                self.words.setdefault(normal_word(words[index]), _Count()).add(word_heats[index], box, others)
         return hit
 
     def figures(self, groups: Mapping[str, Collection[str]] | None = None) -> dict[str, Any]:
         """Hit rates in percent (with counts): the whole text, all content words, each word, each named group
         of words (e.g. {"colour words": COLOURS}), and the two baselines."""
+        def share(amount: float) -> float | None:
+            return round(100 * amount / self.text.total, 2) if self.text.total else None
+
         every = _summed(self.words.values())
         out: dict[str, Any] = {
             "expressions": self.text.total,
             "whole_text": self.text.figures(),
             "content_words": every.figures(),
-            "centre": {k: v for k, v in self.centre.figures().items() if k != "flat"},
-            "random_point": round(100 * self.random_sum / self.text.total, 2) if self.text.total else None,
+            "centre": {"hits": self.centre_hits, "total": self.text.total, "rate": share(self.centre_hits)},
+            "random_point": share(self.random_sum),
+            "random_object": share(self.random_object_sum),
         }
         if groups:
             out["groups"] = {}

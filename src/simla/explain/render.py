@@ -124,7 +124,8 @@ def _draw(ax, image: Image.Image, level: Tensor | None, peak: Tensor | None, tit
     point = peak_point(peak) if level is not None and peak is not None and bool((level >= FLOOR).any()) else None
     if point is not None:  # imshow puts pixel (row, col)'s centre at (col, row); peak_point says (col + .5, row + .5)
         for colour, size, width in (("black", 9, 3.0), ("white", 7, 1.4)):
-            ax.plot([point[0] - 0.5], [point[1] - 0.5], marker="+", color=colour, markersize=size, markeredgewidth=width)
+            ax.plot([point[0] - 0.5], [point[1] - 0.5], marker="+", color=colour, markersize=size,
+                    markeredgewidth=width)
     ax.set_title(title, fontsize=10)
     ax.axis("off")
 
