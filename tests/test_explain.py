@@ -229,7 +229,7 @@ def test_one_span_per_sheet_an_ignored_word_is_blank_and_words_are_comparable():
     assert image[0] is None and text[2] == "whole text"
     assert the[0].max() < 1e-4 and the[2].startswith("the  (x")  # flat: nothing above the floor (float noise)
     for level, *_ in (text, blue, triangle):
-        assert level.min() == 0  # the level every patch gets is not drawn
+        assert level.min() == 0  # the level most of the image gets is not drawn
     assert float(text[0].max()) == pytest.approx(1.0)
     assert float(blue[0].max()) == pytest.approx(1.0, abs=1e-4)  # it is all the rise there is
     # Comparable: "triangle" rises half as much as "blue" (the same smoothing acts on both).
@@ -261,6 +261,12 @@ def test_cold_pixels_are_the_image_unchanged(tmp_path):
     assert drawn.shape == pixels.shape
     assert (drawn[32:, 32:] == pixels[32:, 32:]).all()  # the cold background: exactly the image
     assert (drawn[:4, :4] != pixels[:4, :4]).any()
+    # A dip (a cold ring around an object, say) does not make the rest of the background look hot: the
+    # level drawn from is the map's median, not its minimum.
+    dip = _hot(0, 0, 2.0, base=1.0)
+    dip[5, 5] = 0.0
+    drawn = np.asarray(Image.open(io.BytesIO(overlay_png(image, _explanation(["x"], [dip])))).convert("RGB"))
+    assert (drawn[24:40, 24:40] == pixels[24:40, 24:40]).all()
 
 
 def test_a_sheet_says_when_the_match_probability_is_too_low(tmp_path, monkeypatch):

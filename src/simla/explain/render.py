@@ -4,14 +4,16 @@ The sheet shows the image, the whole-text map, one map per word (the word as its
 model has a concept head, the image's top concept tags. What a map means decides how it is drawn. An ITM
 Grad-CAM value is a token's attention to a patch times how much that attention raises the match score: the
 values of one pair's words are in the same units, and the whole-text map is the MEAN of its real tokens'
-maps. Attention is never zero, so every map also carries a level that every patch gets; what points at
-something is the rise above that level. Therefore:
+maps. Attention is never zero, so every map also carries a level that most of the image gets; what points
+at something is the rise above that level. Therefore:
 
 1. each map is upsampled to the image bicubically (as the grounding evaluation does), negatives from the
    bicubic overshoot clipped to 0, and smoothed with a Gaussian of half a patch (sigma in image pixels), so
    the patch grid does not show as blocks on large photos;
-2. a panel shows its map's rise above the map's own lowest value, on ONE span per sheet: the rise of the
-   tokens' SUM (the whole-text map times the token count). So the whole-text panel uses the full colour
+2. a panel shows its map's rise above the map's own MEDIAN (the level at least half of the image gets: a
+   dip somewhere, often a ring around an object, must not make the whole background look hot), on ONE span
+   per sheet: the rise of the tokens' SUM (the whole-text map times the token count) from its median to its
+   peak. So the whole-text panel uses the full colour
    range, and a word's panel shows its share of that evidence: words are comparable with each other and
    with the whole text, a word the model ignores (a flat map) stays blank, and no word is stretched to fill
    the range on its own (a word that rises more than all tokens together is clipped). Each word's title
@@ -25,7 +27,7 @@ something is the rise above that level. Therefore:
    in the image, so the maps show what would raise the score, not where the thing is.
 
 `overlay_png` (search result pages) draws the whole-text map alone by the same rules (its span is its own
-rise), so a cold background stays exactly the image's pixels.
+rise from median to peak), so at least half of every image, the coldest half, stays exactly its pixels.
 """
 
 from __future__ import annotations
@@ -139,15 +141,16 @@ def sheet_panels(explanation: Explanation, size: tuple[int, int]) -> list[Panel]
     text_heat = smoothed_heat(explanation.text_map, size, patch_pixels)
     text_peak = float(text_heat.max())
     # The whole text drawn as the tokens' sum (the mean times their count): its rise is the sheet's span.
+    # (torch's median is the lower of the two middle values: a value of the map, no interpolation.)
     summed = text_heat * token_count(explanation)
-    span = float(summed.max() - summed.min())
+    span = float(summed.max() - summed.median())
     panels: list[Panel] = [(None, None, "image"),
-                           (levels(summed, float(summed.min()), span), explanation.text_map_image, "whole text")]
+                           (levels(summed, float(summed.median()), span), explanation.text_map_image, "whole text")]
     if explanation.word_maps is not None:
         for word, grid_map, peak in zip(explanation.words, explanation.word_maps, explanation.word_maps_image):
             heat = smoothed_heat(grid_map, size, patch_pixels)
             relative = float(heat.max()) / text_peak if text_peak > 0 else 0.0
-            panels.append((levels(heat, float(heat.min()), span), peak, f"{word}  (x{relative:.2f})"))
+            panels.append((levels(heat, float(heat.median()), span), peak, f"{word}  (x{relative:.2f})"))
     return panels
 
 
@@ -205,7 +208,7 @@ def overlay_png(image: Image.Image, explanation: Explanation) -> bytes:
     image = image.convert("RGB")
     size = (image.height, image.width)
     heat = smoothed_heat(explanation.text_map, size, max(size) / explanation.text_map.shape[-1])
-    level = levels(heat, float(heat.min()), float(heat.max() - heat.min())).numpy()
+    level = levels(heat, float(heat.median()), float(heat.max() - heat.median())).numpy()
     out = io.BytesIO()
     Image.fromarray(blend(image, level, colormaps["jet"])).save(out, format="PNG")
     return out.getvalue()
