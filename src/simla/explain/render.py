@@ -47,7 +47,6 @@ from ..eval.pointing import peak_point
 from .concepts import ConceptTags
 from .gradcam import Explanation, upsample_map
 
-
 FLOOR = 0.2  # share of the sheet's span below which a pixel is left as it is
 MIN_OPACITY, MAX_OPACITY = 0.25, 0.65  # at the floor and at the top of the span
 LOW_MATCH = 0.5  # below this ITM match probability the maps do not locate the text
