@@ -159,9 +159,31 @@ def test_quick_grounding_demo_grounds_every_expression_on_a_proposal_and_counts_
         assert r["hit"] == (r["iou"] >= 0.5) and r["miss"] is None
     assert report["accuracy"] == pytest.approx(sum(r["hit"] for r in results))  # percent of 100 expressions
     assert len(report["sheets"]) == 2 and all((tmp_path / s).stat().st_size > 5_000 for s in report["sheets"])
+    # The sheets are chosen from the results: one hit and one miss (the quick run has both: 15 hits of 100).
+    assert sorted(e["hit"] for e in report["sheet_examples"]) == [False, True]
+    by_id = {r["ref_id"]: r for r in results}
+    assert all(by_id[e["ref_id"]]["hit"] == e["hit"] and by_id[e["ref_id"]]["text"] == e["text"]
+               for e in report["sheet_examples"])
+    # The pointing game on every test expression, before and after fine-tuning, with its two baselines.
+    pointing = report["pointing"]
+    assert pointing["expressions"] == 100
+    for model in ("fine_tuned", "before_fine_tuning"):
+        figures = pointing[model]
+        assert figures["whole_text"]["total"] == 100 and 0 <= figures["whole_text"]["hits"] <= 100
+        # Two content words (a colour, a shape) per expression, never "the", "a", "that" or "is".
+        assert figures["content_words"]["total"] == 200
+        assert figures["groups"]["colour words"]["total"] == figures["groups"]["shape words"]["total"] == 100
+        assert not {"the", "a", "that", "is"} & set(figures["by_word"])
+    # On 2x2 canvases the centre is where four tiles meet: a shape rarely reaches it; a random point hits a
+    # shape's box in proportion to its area (easy-VQA shapes fill a few percent of a canvas).
+    assert pointing["baselines"]["image_centre"]["total"] == 100
+    assert 0.5 < pointing["baselines"]["random_point"] < 25
+    printed = capsys.readouterr().out
+    assert "pointing game" in printed and "a random point" in printed
+    assert "pointing game" in (tmp_path / "report.md").read_text() and "Miss:" in (tmp_path / "report.md").read_text()
     config = yaml.safe_load((tmp_path / "grounding" / "config.yaml").read_text())
     assert config["model"]["objectives"]["itm_negatives"] == "random"
-    assert "grounding accuracy" in capsys.readouterr().out
+    assert "grounding accuracy" in printed
 
 
 def test_quick_search_demo_indexes_and_reranks(quick_demo, tmp_path, capsys):

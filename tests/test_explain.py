@@ -3,9 +3,11 @@ hand-checked map arithmetic, the ITC mode, missing concept heads, and the comman
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,3 +196,92 @@ def test_heat_of_a_long_thin_picture():
     for size in ((126, 20), (20, 126), (1, 300), (48, 48)):
         heat = smoothed_heat(grid, size, patch_pixels=21.0)
         assert tuple(heat.shape) == size and torch.isfinite(heat).all()
+
+
+# ------------------------------------------------------------------------------------ how maps are drawn
+def _explanation(words, word_maps, score=0.9, tokens=None, text_map=None):
+    """A hand-made explanation on an 8x8 grid for a 64x64 image (the whole-text map is the tokens' mean)."""
+    from simla.explain import Explanation
+
+    word_maps = torch.stack(word_maps)
+    tokens = tokens or len(words) + 2
+    if text_map is None:
+        text_map = word_maps.sum(0) / tokens  # [CLS] and [SEP] contribute nothing here
+    return Explanation(text=" ".join(words), words=list(words), target="itm", layer=0, score=score,
+                       text_map=text_map, word_maps=word_maps, image_size=(64, 64), tokens=tokens)
+
+
+def _hot(row, col, value=1.0, base=0.0):
+    grid = torch.full((8, 8), base)
+    grid[row, col] = value
+    return grid
+
+
+def test_one_span_per_sheet_an_ignored_word_is_blank_and_words_are_comparable():
+    from simla.explain.render import FLOOR, sheet_panels
+
+    words = ["the", "blue", "triangle"]
+    # "the" is flat (ignored), "blue" carries all the evidence on the patch (1, 1), "triangle" half as much
+    # on (6, 6); both sit on a level every patch gets (base), which is not evidence.
+    maps = [torch.full((8, 8), 0.3), _hot(1, 1, 1.0, base=0.3), _hot(6, 6, 0.65, base=0.3)]
+    explanation = _explanation(words, maps, tokens=5)
+    image, text, the, blue, triangle = sheet_panels(explanation, (64, 64))
+    assert image[0] is None and text[2] == "whole text"
+    assert the[0].max() < 1e-4 and the[2].startswith("the  (x")  # flat: nothing above the floor (float noise)
+    for level, *_ in (text, blue, triangle):
+        assert level.min() == 0  # the level most of the image gets is not drawn
+    assert float(text[0].max()) == pytest.approx(1.0)
+    assert float(blue[0].max()) == pytest.approx(1.0, abs=1e-4)  # it is all the rise there is
+    # Comparable: "triangle" rises half as much as "blue" (the same smoothing acts on both).
+    assert float(triangle[0].max()) == pytest.approx(float(blue[0].max()) / 2, rel=1e-3)
+    assert float(blue[0][:32, :32].max()) > FLOOR and float(blue[0][32:, 32:].max()) < FLOOR
+    # A word that barely rises would fill the colour range if scaled by its own peak; here it stays blank.
+    weak = _explanation(words, [maps[0], _hot(1, 1, 0.31, base=0.3), maps[2]], tokens=5)
+    assert float(sheet_panels(weak, (64, 64))[3][0].max()) < FLOOR
+
+
+def test_cold_pixels_are_the_image_unchanged(tmp_path):
+    from PIL import Image
+
+    from simla.explain.render import blend, overlay_png
+
+    from matplotlib import colormaps
+
+    pixels = (torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(3)) * 255).round().byte().numpy()
+    image = Image.fromarray(pixels)
+    level = torch.zeros(64, 64)
+    level[:10, :10] = 0.9
+    level[30:, 30:] = 0.15  # a weak rise, below the floor
+    out = blend(image, level.numpy(), colormaps["jet"])
+    assert (out[10:, :] == pixels[10:, :]).all() and (out[:, 10:] == pixels[:, 10:]).all()
+    assert (out[:10, :10] != pixels[:10, :10]).any()
+    # The search page's overlay: a map with one hot patch over a level everywhere leaves the rest untouched.
+    overlay = Image.open(io.BytesIO(overlay_png(image, _explanation(["x"], [_hot(0, 0, 2.0, base=1.0)]))))
+    drawn = np.asarray(overlay.convert("RGB"))
+    assert drawn.shape == pixels.shape
+    assert (drawn[32:, 32:] == pixels[32:, 32:]).all()  # the cold background: exactly the image
+    assert (drawn[:4, :4] != pixels[:4, :4]).any()
+    # A dip (a cold ring around an object, say) does not make the rest of the background look hot: the
+    # level drawn from is the map's median, not its minimum.
+    dip = _hot(0, 0, 2.0, base=1.0)
+    dip[5, 5] = 0.0
+    drawn = np.asarray(Image.open(io.BytesIO(overlay_png(image, _explanation(["x"], [dip])))).convert("RGB"))
+    assert (drawn[24:40, 24:40] == pixels[24:40, 24:40]).all()
+
+
+def test_a_sheet_says_when_the_match_probability_is_too_low(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from simla.explain.render import render_sheet
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its texts
+    image = Image.new("RGB", (64, 64), "white")
+    maps = [_hot(1, 1), _hot(5, 5)]
+    render_sheet(image, _explanation(["red", "circle"], maps, score=0.001), tmp_path / "low.png", box=(0, 0, 16, 16))
+    render_sheet(image, _explanation(["red", "circle"], maps, score=0.93), tmp_path / "high.png")
+    low, high = ([t.get_text() for t in fig.texts] for fig in figures)
+    assert any("below 0.5" in t and "do not show where" in t for t in low)
+    assert not any("below" in t for t in high)
+    assert (tmp_path / "low.png").stat().st_size > 5000

@@ -46,6 +46,8 @@ class Explanation:
         word_maps: (len(words), g, g) one map per word (itm only; None for itc).
         image_size: (height, width) of the image as given, the size `*_image` maps are upsampled to.
         truncated: the text had more tokens than the model's positions; the words after the cut are absent.
+        tokens: how many real tokens ([CLS], wordpieces, [SEP]) the whole-text map averages; a drawing needs it
+            to put the words on the scale of the tokens' summed maps (None when not known).
     """
 
     text: str
@@ -57,6 +59,7 @@ class Explanation:
     word_maps: Tensor | None
     image_size: tuple[int, int]
     truncated: bool = False
+    tokens: int | None = None
 
     @property
     def text_map_image(self) -> Tensor:
@@ -243,5 +246,5 @@ def _explain_batch(model: SimlaModel, pixels: Tensor, texts: list[str], sizes: l
         word_maps = [None] * len(texts)
     return [Explanation(text=t, words=p.words, target=target, layer=layer, score=float(s),
                         text_map=m.view(grid, grid).cpu(), word_maps=None if w is None else w.cpu(),
-                        image_size=size, truncated=p.truncated)
+                        image_size=size, truncated=p.truncated, tokens=len(p.ids))
             for t, p, s, m, w, size in zip(texts, pieces, scores.tolist(), text_maps, word_maps, sizes)]
