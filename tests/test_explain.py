@@ -136,7 +136,8 @@ def test_pairing_and_long_texts(model, pixels):
 
 
 def test_concept_tags(model, pixels):
-    (tags,) = concepts(model, pixels[:1], top=8, maps=True)
+    # A random head: no tag clears the calibrated bar, so ask for the 8 best whatever they are.
+    (tags,) = concepts(model, pixels[:1], top=8, maps=True, min_probability=0, min_margin=0)
     words = [w for w, _ in tags.tags]
     probabilities = [p for _, p in tags.tags]
     assert probabilities == sorted(probabilities, reverse=True) and all(0 < p < 1 for p in probabilities)
@@ -168,7 +169,8 @@ def test_explain_command(explain_files, capsys):
     assert summary["failed"][0]["image"].endswith("missing.png")
     for record in summary["explanations"]:
         assert (out / record["sheet"]).stat().st_size > 5000
-        assert record["words"] == ["a", "red", "circle"] and len(record["concepts"]) == 5
+        # A random concept head clears no calibrated bar: no tags, rather than noise.
+        assert record["words"] == ["a", "red", "circle"] and record["concepts"] == []
         assert len(record["text_map"]) == 8 and set(record["word_maps"]) == {"a", "red", "circle"}
     assert summary["explanations"][1]["image_size"] == [80, 80]
     assert "explained 2 of 3 pairs" in capsys.readouterr().out

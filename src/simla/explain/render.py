@@ -177,8 +177,7 @@ def render_sheet(image: Image.Image, explanation: Explanation, path: str | Path,
     for ax, (level, peak, title) in zip(axes.flat, panels):
         _draw(ax, image, level, peak, title, cmap, box)
     if tags is not None:
-        listing = ", ".join(f"{word} {p:.2f}" for word, p in tags.tags)
-        fig.text(0.02, 0.15 / height, "concept tags: " + listing, fontsize=9, ha="left", va="bottom", wrap=True)
+        fig.text(0.02, 0.15 / height, "concept tags: " + tags.describe(), fontsize=9, ha="left", va="bottom", wrap=True)
     what = "match probability" if explanation.target == "itm" else "ITC similarity"
     cut = " (text cut at the model's length)" if explanation.truncated else ""
     title = (f"\"{explanation.text}\"{cut}\n{what} {explanation.score:.3f}, "
