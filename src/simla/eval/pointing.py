@@ -30,8 +30,9 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
+
+from ..explain.gradcam import peak_point
 
 __all__ = [
     "FUNCTION_WORDS",
@@ -59,17 +60,6 @@ def normal_word(word: str) -> str:
 def content_words(words: Iterable[str]) -> list[int]:
     """Indices of the words that may name something in the image (not in FUNCTION_WORDS, not empty)."""
     return [i for i, word in enumerate(words) if normal_word(word) and normal_word(word) not in FUNCTION_WORDS]
-
-
-def peak_point(heat: Tensor) -> tuple[float, float] | None:
-    """The (x, y) centre of the map's first maximal pixel; None for a flat or non-finite map."""
-    if heat.dim() != 2 or heat.numel() == 0:
-        raise ValueError(f"expected an (H, W) map, got shape {tuple(heat.shape)}")
-    if not torch.isfinite(heat).all() or bool(heat.max() == heat.min()):
-        return None
-    index = int(torch.argmax(heat.flatten()))  # torch returns the first maximal index
-    row, col = divmod(index, heat.shape[1])
-    return col + 0.5, row + 0.5
 
 
 def contains(box: BoxLike, point: tuple[float, float]) -> bool:

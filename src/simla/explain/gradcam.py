@@ -96,7 +96,19 @@ def upsample_map(cam: Tensor, size: tuple[int, int]) -> Tensor:
     return out[0] if squeeze else out
 
 
+def peak_point(heat: Tensor) -> tuple[float, float] | None:
+    """The (x, y) centre of the map's first maximal pixel; None for a flat or non-finite map."""
+    if heat.dim() != 2 or heat.numel() == 0:
+        raise ValueError(f"expected an (H, W) map, got shape {tuple(heat.shape)}")
+    if not torch.isfinite(heat).all() or bool(heat.max() == heat.min()):
+        return None
+    index = int(torch.argmax(heat.flatten()))  # torch returns the first maximal index
+    row, col = divmod(index, heat.shape[1])
+    return col + 0.5, row + 0.5
+
+
 # ------------------------------------------------------------------------------------------- inputs
+
 def open_images(images: Any) -> tuple[list[Image.Image] | None, Tensor | None]:
     """Paths / PIL images -> RGB PIL images; a pixel tensor passes through as the second element."""
     if isinstance(images, Tensor):

@@ -43,9 +43,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur
 
-from ..eval.pointing import peak_point
 from .concepts import ConceptTags
-from .gradcam import Explanation, upsample_map
+from .gradcam import Explanation, peak_point, upsample_map
 
 FLOOR = 0.2  # share of the sheet's span below which a pixel is left as it is
 MIN_OPACITY, MAX_OPACITY = 0.25, 0.65  # at the floor and at the top of the span
