@@ -101,7 +101,18 @@ def _clipart_figures() -> list[str]:
     ]
 
 
-FIGURES = {"clipart": _clipart_figures}
+def _search_figures() -> list[str]:
+    r = full_run("search")
+    worse = [q for q in r["queries"] if q["itm"] < q["itc"]]
+    return [
+        f"| ITC alone | {r['precision_itc']:.3f} | {r['query_ms_itc']:.1f} ms |",
+        f"| ITC top {r['rerank']} re-ranked by ITM | {r['precision_itm']:.3f} | {r['query_ms_itm']:.0f} ms |",
+        *[f"\"{q['query']}\" {q['itc']:.1f} -> {q['itm']:.1f}" for q in worse],
+        f"On the easy-VQA test images ({r['images']} images",
+    ]
+
+
+FIGURES = {"clipart": _clipart_figures, "search": _search_figures}
 
 
 @pytest.mark.parametrize("demo", sorted(FIGURES))
