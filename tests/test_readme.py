@@ -112,7 +112,76 @@ def _search_figures() -> list[str]:
     ]
 
 
-FIGURES = {"clipart": _clipart_figures, "search": _search_figures}
+def _retrieval_figures() -> list[str]:
+    r = full_run("retrieval")
+    itm, itc, pair = r["zero_shot_accuracy_itm"], r["zero_shot_accuracy_itc"], r["itm_pair_accuracy"]
+    curve = {point["step"]: point for point in r["accuracy_curve"]}
+    rows = {row["row"]: row for row in r["ablation"]}
+    figures = [
+        f"| zero-shot accuracy, ITM ranking | {_pct(itm['image_to_text'])} | {_pct(itm['text_to_image'])} |",
+        f"| zero-shot accuracy, ITC ranking | {_pct(itc['image_to_text'])} | {_pct(itc['text_to_image'])} |",
+        f"ITM accuracy against near misses: {_pct(pair['accuracy'])} (own caption {_pct(pair['positives'])}, "
+        f"colour-only negatives {_pct(pair['colour_negatives'])}, shape-only negatives "
+        f"{_pct(pair['shape_negatives'])})",
+        f"the ITM loss falls from {r['first_losses']['loss_itm']:.3f} (a constant guess scores 0.636) to "
+        f"{r['final_losses']['loss_itm']:.3f}",
+        f"Time: {r['seconds']['pretraining']:.0f} s of pretraining plus {r['seconds']['evaluation']:.0f} s of "
+        f"evaluation",
+        f"climbs from {curve[50]['image_to_text']:.0f}% / {curve[50]['text_to_image']:.0f}% (image to text / text "
+        f"to image, step 50) to {curve[250]['image_to_text']:.0f}% / {curve[250]['text_to_image']:.0f}% at step 250",
+        f"the {r['labelling']['train']['labelled']:,} training images",
+    ]
+    for name, label in (("ITC+ITM", "ITC+ITM"), ("+MLM", "+MLM"), ("+MIM", "+MIM"), ("+PSL", "+PSL (all five)")):
+        row = rows[name]
+        figures.append(f"| {label} | {_pct(row['zero_shot_accuracy_itm']['image_to_text'])} | "
+                       f"{_pct(row['zero_shot_accuracy_itm']['text_to_image'])} | "
+                       f"{_pct(row['itm_pair_accuracy']['accuracy'])} | {row['seconds']:.0f} s |")
+    return figures
+
+
+def _task_figures() -> list[str]:
+    vqa, nlvr, ve, grounding = (full_run(name) for name in ("vqa", "nlvr", "ve", "grounding"))
+    types = vqa["per_question_type"]
+    return [
+        f"| vqa | {vqa['steps']:,} ({vqa['batch_size']}), ViT fixed | {_pct(vqa['accuracy'])} (all "
+        f"{vqa['questions']['test']:,} test questions) | | | {vqa['seconds']['total']:.0f} s |",
+        f"| nlvr | {nlvr['text_assignment_steps']} text assignment + {nlvr['steps']:,} ({nlvr['batch_size']}), ViT "
+        f"fixed | {_pct(nlvr['accuracy'])} | {_pct(nlvr['dev_accuracy'])} | {_pct(nlvr['majority_class_accuracy'])} | "
+        f"{nlvr['seconds']['total']:.0f} s |",
+        f"| ve | {ve['steps']:,} ({ve['batch_size']}) | {_pct(ve['accuracy'])} | {_pct(ve['dev_accuracy'])} | "
+        f"{_pct(ve['majority_class_accuracy'])} | {ve['seconds']['total']:.0f} s |",
+        f"| grounding | {grounding['steps']:,} ({grounding['batch_size']}) at {grounding['image_size']} px | "
+        f"{_pct(grounding['accuracy'])} ({grounding['test_expressions']:,} expressions) | | "
+        f"{_pct(grounding['chance'])} (random proposal) | {grounding['seconds']['total']:.0f} s |",
+        f"what colour {_pct(types['colour']['accuracy'])}, what shape {_pct(types['shape']['accuracy'])}, yes/no "
+        f"about a colour {_pct(types['yes/no colour']['accuracy'])}, yes/no about a shape "
+        f"{_pct(types['yes/no shape']['accuracy'])}",
+        f"{_pct(nlvr['per_class']['True']['accuracy'])} on true statements, "
+        f"{_pct(nlvr['per_class']['False']['accuracy'])} on false ones",
+        f"neutral {_pct(ve['per_class']['neutral']['accuracy'])}, entailment "
+        f"{_pct(ve['per_class']['entailment']['accuracy'])}, contradiction "
+        f"{_pct(ve['per_class']['contradiction']['accuracy'])}",
+        f"Grounding: {_pct(grounding['zero_shot_accuracy'])} before fine-tuning",
+    ]
+
+
+def _pointing_figures() -> list[str]:
+    r = full_run("grounding")
+    p = r["pointing"]
+    tuned, before = p["fine_tuned"], p["before_fine_tuning"]
+    return [
+        f"on the grounding demo's {p['expressions']:,} test expressions the whole-text map's peak falls inside "
+        f"the named shape's box {tuned['whole_text']['rate']:.1f}% of the time after fine-tuning "
+        f"({before['whole_text']['rate']:.1f}% before; a random one of the canvas's four shapes: "
+        f"{p['baselines']['random_shape']:.0f}%, a random point: {p['baselines']['random_point']:.1f}%, the image "
+        f"centre: {p['baselines']['image_centre']['rate']:.0f}%)",
+        f"colour words {tuned['groups']['colour words']['rate']:.1f}% and shape words "
+        f"{tuned['groups']['shape words']['rate']:.1f}%",
+    ]
+
+
+FIGURES = {"clipart": _clipart_figures, "search": _search_figures, "retrieval": _retrieval_figures,
+           "tasks": _task_figures, "pointing": _pointing_figures}
 
 
 @pytest.mark.parametrize("demo", sorted(FIGURES))

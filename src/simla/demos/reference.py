@@ -87,13 +87,13 @@ def add_quick_notice(report: dict[str, Any], demo: str) -> None:
 
 
 def _without_paths(value: Any, prefix: str) -> Any:
-    """A report with every string under the run folder made relative to it (the machine's paths mean nothing)."""
+    """A report with every path under `prefix` made relative to it (the machine's paths mean nothing elsewhere)."""
     if isinstance(value, dict):
         return {key: _without_paths(item, prefix) for key, item in value.items()}
     if isinstance(value, list):
         return [_without_paths(item, prefix) for item in value]
-    if isinstance(value, str) and value.startswith(prefix):
-        return value[len(prefix):].lstrip("/")
+    if isinstance(value, str):
+        return value.replace(prefix.rstrip("/") + "/", "")
     return value
 
 
