@@ -33,8 +33,7 @@ from ..data.transforms import EvalView
 from ..distributed import get_rank, get_world_size, is_distributed
 from ..errors import ConfigError, SimlaError
 from .manifest import Manifest, StoredError
-from .sources import (IMAGE_SUFFIXES, ItemUnavailableError, ScanProblem, SourceItem, SourceSpec, read_item_bytes,
-                      scan_source)
+from .sources import ItemUnavailableError, ScanProblem, SourceItem, SourceSpec, read_item_bytes, scan_source, walk_folder
 from .store import compact, remove_orphans, write_chunk
 
 
@@ -56,18 +55,12 @@ _KIND_TEXT = {"missing": "missing", "unreadable": "unreadable", "corrupt": "corr
 
 
 def _named_out(spec: SourceSpec) -> dict[str, list[str]]:
-    """Files of a folder source that the scan passes over by their name, grouped by why (see _scan_folder)."""
+    """Files of a folder source that the scan passes over by their name, grouped by why."""
     skipped: dict[str, list[str]] = {}
-    if spec.kind != "folder":
-        return skipped
-    for directory, subdirs, files in os.walk(spec.location):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in sorted(files):
-            key = os.path.relpath(os.path.join(directory, name), spec.location).replace(os.sep, "/")
-            if name.startswith("."):
-                skipped.setdefault("hidden", []).append(key)
-            elif not name.lower().endswith(IMAGE_SUFFIXES):
-                skipped.setdefault(f"not named as images ({', '.join(IMAGE_SUFFIXES)})", []).append(key)
+    if spec.kind == "folder":
+        for key, _, why in walk_folder(spec.location):
+            if why is not None:
+                skipped.setdefault(why, []).append(key)
     return skipped
 
 

@@ -28,6 +28,7 @@ import os
 import stat
 import tarfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -324,17 +325,28 @@ def _split(found: list[SourceItem | ScanProblem]) -> tuple[list[SourceItem], lis
     return [f for f in found if isinstance(f, SourceItem)], [f for f in found if isinstance(f, ScanProblem)]
 
 
-def _scan_folder(spec: SourceSpec) -> tuple[list[SourceItem], list[ScanProblem]]:
-    found: list[SourceItem | ScanProblem] = []
-    root, confinement, limit = spec.location, source_confinement(spec), max_item_bytes()
+#: Why a folder walk passes over a file by its name (None: an image candidate).
+NAMED_OUT_HIDDEN = "hidden"
+NAMED_OUT_SUFFIX = f"not named as images ({', '.join(IMAGE_SUFFIXES)})"
+
+
+def walk_folder(root: str) -> Iterator[tuple[str, str, str | None]]:
+    """Every file under `root` as (key, path, why it is passed over by name, or None), in sorted order;
+    hidden folders are not entered."""
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))  # hidden folders are not photos
         for name in sorted(files):
-            if name.startswith(".") or not name.lower().endswith(IMAGE_SUFFIXES):
-                continue
             path = os.path.join(directory, name)
             key = os.path.relpath(path, root).replace(os.sep, "/")
-            found.append(_candidate(key, path, confinement, limit, walked=True))
+            why = (NAMED_OUT_HIDDEN if name.startswith(".")
+                   else NAMED_OUT_SUFFIX if not name.lower().endswith(IMAGE_SUFFIXES) else None)
+            yield key, path, why
+
+
+def _scan_folder(spec: SourceSpec) -> tuple[list[SourceItem], list[ScanProblem]]:
+    confinement, limit = source_confinement(spec), max_item_bytes()
+    found: list[SourceItem | ScanProblem] = [_candidate(key, path, confinement, limit, walked=True)
+                                             for key, path, why in walk_folder(spec.location) if why is None]
     return _split(found)
 
 
