@@ -113,15 +113,19 @@ def test_shared_views_aligned_without_randaugment(pattern: Image.Image) -> None:
     assert 8 <= flips <= 32  # flips happened (and not always), and alignment held through them
 
 
-def test_encoder_view_matches_torchvision_resized_crop(pattern: Image.Image) -> None:
+def test_views_match_torchvision_resized_crop_up_to_rounding(pattern: Image.Image) -> None:
+    # The views resize with torch's uint8 kernel (and the tokenizer view from the encoder view): the same
+    # antialiased bicubic crop as PIL's, up to rounding.
     config = PretrainViewConfig(randaugment=False, hflip_prob=0.0)
-    encoder, tokenizer = PretrainViews(config)(pattern, random.Random(7))
-    top, left, h, w = sample_crop_box(400, 300, config.scale, config.ratio, random.Random(7))
     bicubic = InterpolationMode.BICUBIC
-    reference = TF.to_tensor(TF.resized_crop(pattern, top, left, h, w, [256, 256], bicubic))
-    assert torch.allclose(_unnormalise(encoder), reference, atol=1e-5)
-    reference_small = TF.to_tensor(TF.resized_crop(pattern, top, left, h, w, [128, 128], bicubic))
-    assert torch.equal(tokenizer, reference_small)
+    for seed in range(5):
+        encoder, tokenizer = PretrainViews(config)(pattern, random.Random(seed))
+        top, left, h, w = sample_crop_box(400, 300, config.scale, config.ratio, random.Random(seed))
+        levels = (_unnormalise(encoder) - TF.to_tensor(TF.resized_crop(pattern, top, left, h, w, [256, 256], bicubic)))
+        levels = levels.abs() * 255
+        assert levels.max() <= 2 + 1e-3 and levels.mean() < 0.05, seed
+        small = (tokenizer - TF.to_tensor(TF.resized_crop(pattern, top, left, h, w, [128, 128], bicubic))).abs() * 255
+        assert small.max() <= 3 + 1e-3 and small.mean() < 0.5, seed
 
 
 def test_shared_geometric_randaugment_keeps_alignment(pattern: Image.Image) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -100,7 +101,7 @@ class PairSampleBuilder:
     view: FinetuneView
 
     def build(self, record: PairRecord, rng) -> dict[str, Any]:
-        pixels = [self.view(load_image(image), rng) for image in record.images]
+        pixels = [self.view(partial(load_image, image), rng) for image in record.images]
         sample: dict[str, Any] = {"caption": record.sentence, "label": record.label}
         if len(pixels) == 1:
             sample["image"] = pixels[0]

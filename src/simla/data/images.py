@@ -27,6 +27,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from collections.abc import Callable
 from typing import IO
 
 import numpy as np
@@ -35,7 +36,7 @@ from PIL import Image, ImageFile, ImageOps
 from ..errors import SimlaError
 from .svg import ExternalResourceRefused, SvgUnavailable, UnsafeSvgRefused, looks_like_svg, rasterise_svg
 
-__all__ = ["ALPHA_BACKGROUND", "BAD_SAMPLE_KINDS", "BadSampleError", "DEFAULT_MAX_PIXELS", "IMAGE_NOTES",
+__all__ = ["ALPHA_BACKGROUND", "BAD_SAMPLE_KINDS", "BadSampleError", "DecodeSize", "DEFAULT_MAX_PIXELS", "IMAGE_NOTES",
            "SMALL_IMAGE_SIDE", "load_image"]
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,11 @@ class BadSampleError(SimlaError):
         return f"{self.source}: {self.reason}"
 
 
+# Told the upright (width, height) of an image before its pixels are decoded, returns the smallest upright
+# size the caller will use, or None for the full size (see load_image's ``decode_size``).
+DecodeSize = Callable[[tuple[int, int]], "tuple[int, int] | None"]
+
+
 @dataclass(frozen=True)
 class _Options:
     """The per-call decoding options, passed down as one value."""
@@ -138,6 +144,7 @@ class _Options:
     background: tuple[int, int, int]
     exif_transpose: bool
     svg_size: int
+    decode_size: DecodeSize | None = None
 
 
 def load_image(
@@ -149,6 +156,7 @@ def load_image(
     exif_transpose: bool = True,
     svg_size: int = 512,
     notes: list[str] | None = None,
+    decode_size: DecodeSize | None = None,
 ) -> Image.Image:
     """Fully decode an image and return it in RGB mode, or raise :class:`BadSampleError`.
 
@@ -176,6 +184,11 @@ def load_image(
         exif_transpose: apply the EXIF orientation tag (False keeps the stored pixel order).
         svg_size: the longer side, in pixels, SVG drawings are rendered at.
         notes: when a list is given, what was done is appended to it (see :data:`IMAGE_NOTES`).
+        decode_size: called once with the upright (width, height) of the image as stored, before any
+            pixel is decoded; it returns the smallest upright size the caller needs (or None). A JPEG is
+            then decoded at the largest of libjpeg's reduced scales (1/2, 1/4, 1/8) that keeps at least that
+            size, which is several times faster than decoding every pixel and resizing them away. Other
+            formats are decoded in full. A random crop can ask for exactly what it will resize.
 
     Returns:
         A new, fully loaded RGB image not tied to any open file.
@@ -185,7 +198,10 @@ def load_image(
         TypeError, ValueError: the arguments themselves are wrong (a bug in the caller).
     """
     _check_args(source, name, max_pixels)
-    options = _Options(max_pixels, _check_background(background), bool(exif_transpose), _check_svg_size(svg_size))
+    if decode_size is not None and not callable(decode_size):
+        raise TypeError(f"decode_size must be callable, got {type(decode_size).__name__}")
+    options = _Options(max_pixels, _check_background(background), bool(exif_transpose), _check_svg_size(svg_size),
+                       decode_size)
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name if name is not None else "<bytes>"
         data = bytes(source)
@@ -196,7 +212,11 @@ def load_image(
         return _decode(io.BytesIO(data), label, options, notes)
 
     path = os.fspath(source)
-    label = name if name is not None else str(path)
+    return _load_file(path, name if name is not None else str(path), options, notes)
+
+
+def _load_file(path: str, label: str, options: _Options, notes: list[str] | None) -> Image.Image:
+    """load_image for a file path: open errors and empty files become BadSampleError, SVG is detected."""
     try:
         fp = open(path, "rb")  # noqa: SIM115 - closed in the finally below
     except OSError as exc:  # missing file, directory, permission denied ...
@@ -268,15 +288,31 @@ def _decode(fp: IO[bytes], label: str, options: _Options, notes: list[str] | Non
             raise BadSampleError(label, f"cannot identify image ({_describe(exc)})", _kind_of(exc)) from exc
         try:
             _check_size(img, label, options.max_pixels)
+            stored_size = img.size
+            if options.decode_size is not None:
+                _reduce_decoding(img, options)
             try:
                 img.load()  # the full decode: truncated or corrupt streams fail here, not later
             except _DATA_ERRORS as exc:
                 raise BadSampleError(label, f"corrupt or truncated image data ({_describe(exc)})",
                                      _kind_of(exc)) from exc
             upright = _apply_orientation(img, notes) if options.exif_transpose else img
-            return _finish(upright, label, options, notes)
+            return _finish(upright, label, options, notes, stored_size)
         finally:
             img.close()
+
+
+def _reduce_decoding(img: Image.Image, options: _Options) -> None:
+    """Ask the caller's ``decode_size`` what it needs and set up a reduced-scale JPEG decode to match."""
+    orientation = _orientation(img) if options.exif_transpose else None
+    swapped = orientation in (5, 6, 7, 8)  # stored sideways: upright width is the stored height
+    width, height = img.size
+    wanted = options.decode_size((height, width) if swapped else (width, height))
+    if wanted is None or img.format != "JPEG":
+        return
+    wanted_width, wanted_height = (int(wanted[1]), int(wanted[0])) if swapped else (int(wanted[0]), int(wanted[1]))
+    if wanted_width <= width // 2 and wanted_height <= height // 2:
+        img.draft(img.mode, (max(1, wanted_width), max(1, wanted_height)))
 
 
 def _decode_svg(data: bytes, label: str, options: _Options, notes: list[str] | None) -> Image.Image:
@@ -294,15 +330,22 @@ def _decode_svg(data: bytes, label: str, options: _Options, notes: list[str] | N
         raise BadSampleError(label, f"cannot render SVG ({_describe(exc)})", "corrupt") from exc
     _note(notes, "svg")
     _check_size(img, label, options.max_pixels)
-    return _finish(img, label, options, notes)
+    if options.decode_size is not None:
+        options.decode_size(img.size)  # rendered already: the caller still learns the size
+    return _finish(img, label, options, notes, img.size)
+
+
+def _orientation(img: Image.Image) -> int | None:
+    """The EXIF orientation tag (1-8), or None when absent or unreadable (never fatal)."""
+    try:
+        return img.getexif().get(_EXIF_ORIENTATION)
+    except _DATA_ERRORS:
+        return None
 
 
 def _apply_orientation(img: Image.Image, notes: list[str] | None) -> Image.Image:
     """The image turned upright by its EXIF orientation tag; unreadable EXIF is ignored, not fatal."""
-    try:
-        orientation = img.getexif().get(_EXIF_ORIENTATION)
-    except _DATA_ERRORS:
-        return img
+    orientation = _orientation(img)
     if orientation not in (2, 3, 4, 5, 6, 7, 8):
         return img
     try:
@@ -313,10 +356,11 @@ def _apply_orientation(img: Image.Image, notes: list[str] | None) -> Image.Image
     return upright
 
 
-def _finish(img: Image.Image, label: str, options: _Options, notes: list[str] | None) -> Image.Image:
-    """Note what the image is (small, palette, grey, deep, transparent) and convert it to RGB."""
+def _finish(img: Image.Image, label: str, options: _Options, notes: list[str] | None,
+            stored_size: tuple[int, int]) -> Image.Image:
+    """Note what the image is (small as stored, palette, grey, deep, transparent) and convert it to RGB."""
     if notes is not None:
-        if min(img.size) < SMALL_IMAGE_SIDE:
+        if min(stored_size) < SMALL_IMAGE_SIDE:
             notes.append("small")
         notes.extend(_mode_notes(img))
     return _to_rgb(img, label, options.background)

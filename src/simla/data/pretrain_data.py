@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -26,7 +27,7 @@ from ..errors import DataError, UnusableDataError
 from ..masking import BlockMaskGenerator
 from ..tokenizers.text import TextTokenizer
 from ..tokenizers.captions import pre_caption
-from .images import BadSampleError, load_image
+from .images import BadSampleError, DecodeSize, load_image
 from .readers import CaptionRecord
 from .shards import ShardStream, sample_image_and_caption
 from .transforms import PretrainViews
@@ -100,12 +101,21 @@ def collect_image_notes() -> Iterator[list[str]]:
         _IMAGE_NOTES.reset(token)
 
 
-def read_image(record: Any):
-    """The record's image in RGB (a path, or the bytes of a shard member named by its origin)."""
+def read_image(record: Any, decode_size: DecodeSize | None = None):
+    """The record's image in RGB (a path, or the bytes of a shard member named by its origin).
+
+    A view passes ``decode_size`` (see :func:`~simla.data.images.load_image`) when it can use a JPEG
+    decoded at reduced scale; ``image_reader(record)`` is this function waiting for it.
+    """
     notes = _IMAGE_NOTES.get()
     if isinstance(record.image, (bytes, bytearray)):
-        return load_image(record.image, name=record.origin, notes=notes)
-    return load_image(record.image, notes=notes)
+        return load_image(record.image, name=record.origin, notes=notes, decode_size=decode_size)
+    return load_image(record.image, notes=notes, decode_size=decode_size)
+
+
+def image_reader(record: Any) -> Callable[[DecodeSize | None], Any]:
+    """The record's image as a reader for the views: they decide the decode size once they know the image's."""
+    return partial(read_image, record)
 
 
 @dataclass
@@ -118,7 +128,7 @@ class SampleBuilder:
 
     def build(self, record: Any, rng: random.Random) -> dict[str, Any]:
         caption = read_caption(record, rng, self.max_words)
-        encoder_view, tokenizer_view = self.views(read_image(record), rng)
+        encoder_view, tokenizer_view = self.views(image_reader(record), rng)
         patch_mask = torch.from_numpy(self.masker(rng)).flatten()
         return {"image": encoder_view, "tokenizer_image": tokenizer_view, "caption": caption, "patch_mask": patch_mask}
 

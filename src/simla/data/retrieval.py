@@ -16,7 +16,7 @@ from typing import Any
 from ..tokenizers.captions import pre_caption
 from .annotations import join_image_root, load_records, record_field
 from .folders import FolderCaptions, read_folder
-from .pretrain_data import read_caption, read_image
+from .pretrain_data import image_reader, read_caption
 from .readers import DataFormatError
 from .transforms import FinetuneView
 
@@ -99,4 +99,4 @@ class RetrievalSampleBuilder:
 
     def build(self, record: RetrievalRecord, rng: random.Random) -> dict[str, Any]:
         caption = read_caption(record, rng, self.max_words)
-        return {"image": self.view(read_image(record), rng), "caption": caption, "image_id": record.image_id}
+        return {"image": self.view(image_reader(record), rng), "caption": caption, "image_id": record.image_id}

@@ -26,7 +26,7 @@ from ..errors import DataError
 from ..tokenizers.captions import pre_question
 from ..tokenizers.text import tokenize_answers
 from .images import BadSampleError, load_image
-from .pretrain_data import read_image
+from .pretrain_data import image_reader
 from .readers import DataFormatError
 from .annotations import check_text, join_image_root, load_records, record_field
 from .transforms import FinetuneView
@@ -181,7 +181,7 @@ class VQASampleBuilder:
     view: FinetuneView
 
     def build(self, record: VQARecord, rng) -> dict[str, Any]:
-        return {"image": self.view(read_image(record), rng), "question": record.question,
+        return {"image": self.view(image_reader(record), rng), "question": record.question,
                 "answers": record.answers, "weights": record.weights}
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..data.pretrain_data import read_caption, read_image
+from ..data.pretrain_data import image_reader, read_caption
 from ..data.transforms import FinetuneView
 from ..distributed import finish
 from .pretrain import caption_data
@@ -55,7 +55,7 @@ class ImageCaptionBuilder:
 
     def build(self, record: Any, rng) -> dict[str, Any]:
         caption = read_caption(record, rng, self.max_words)
-        return {"image": self.view(read_image(record), rng), "caption": caption}
+        return {"image": self.view(image_reader(record), rng), "caption": caption}
 
 
 def run_nlvr_text_assignment(recipe: NLVRTextAssignmentRecipe, on_step: Callable[[Any, int], None] | None = None) -> dict[str, Any]:
