@@ -155,6 +155,6 @@ def resize_uint8(pixels: torch.Tensor, size: int) -> torch.Tensor:
 
 def normalize_uint8(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float32 (x / 255 - mean) / std, in one pass over a batch or one view."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(3, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32).view(3, 1, 1)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32, device=pixels.device).view(3, 1, 1)
     return pixels.to(torch.float32).mul_(scale).sub_(shift)

@@ -127,10 +127,20 @@ class SampleBuilder:
     max_words: int = 30
 
     def build(self, record: Any, rng: random.Random) -> dict[str, Any]:
+        """The sample's caption, uint8 views (``to_float`` normalises them, in batches) and patch mask."""
         caption = read_caption(record, rng, self.max_words)
-        encoder_view, tokenizer_view = self.views(image_reader(record), rng)
+        encoder_view, tokenizer_view = self.views.pixels(image_reader(record), rng)
         patch_mask = torch.from_numpy(self.masker(rng)).flatten()
         return {"image": encoder_view, "tokenizer_image": tokenizer_view, "caption": caption, "patch_mask": patch_mask}
+
+    def to_float(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The views of a built batch (or sample) as the model reads them: the encoder view normalised, the
+        tokenizer view in [0, 1]. Run where the batch is used (on the GPU after the copy, in one pass)."""
+        out = dict(batch)
+        out["image"] = self.views.normalize(batch["image"])
+        if "tokenizer_image" in batch:
+            out["tokenizer_image"] = batch["tokenizer_image"].to(torch.float32) / 255.0
+        return out
 
 
 def collate(samples: list[dict[str, Any]], tokenizer: TextTokenizer, max_length: int) -> dict[str, Any]:

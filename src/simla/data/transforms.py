@@ -130,16 +130,28 @@ class PretrainViews:
         ``img`` is a decoded RGB image or a reader (see :data:`~simla.data.pixels.ImageSource`); a reader
         lets a JPEG be decoded at the reduced scale the crop allows.
         """
+        encoder, tokenizer = self.pixels(img, rng)
+        return self.normalize(encoder), tokenizer.to(torch.float32) / 255.0
+
+    def pixels(self, img: ImageSource, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two views as uint8 (3, R, R) tensors, before normalisation.
+
+        The pretraining loader batches these (a quarter of the bytes of floats to move between processes
+        and onto the GPU) and normalises whole batches on the device (:meth:`normalize`).
+        """
         if not isinstance(rng, random.Random):
             raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
         if self.config.shared_geometry:
-            encoder, tokenizer = self._shared_views(img, rng)
-            return normalize_uint8(encoder, self.config.mean, self.config.std), tokenizer.to(torch.float32) / 255.0
+            return self._shared_views(img, rng)
         # Reference order: the tokenizer view is transformed first, then the encoder view.
         img = _checked(read_source(img, None))
         tokenizer_img = self._independent_view(img, self.config.tokenizer_size, rng)
         encoder_img = self._independent_view(img, self.config.image_size, rng)
-        return _normalize(to_tensor(encoder_img), self.config.mean, self.config.std), to_tensor(tokenizer_img)
+        return from_pil(encoder_img), from_pil(tokenizer_img)
+
+    def normalize(self, encoder_pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 encoder view(s) (..., 3, R, R) -> float32 normalised with the config's mean and std."""
+        return normalize_uint8(encoder_pixels, self.config.mean, self.config.std)
 
     def _shared_views(self, source: ImageSource, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         """The same crop at both resolutions, so token (r, c) depicts ViT patch (r, c); uint8 (3, R, R) each.

@@ -73,7 +73,7 @@ def _fit_kmeans(recipe: PretrainRecipe, builder: SampleBuilder, records, shards,
         if len(views) >= recipe.kmeans_fit_images:
             break
         try:
-            views.append(builder.build(record, rng)["tokenizer_image"])
+            views.append(builder.to_float(builder.build(record, rng))["tokenizer_image"])
         except BadSampleError:
             continue
     if not views:
@@ -200,7 +200,7 @@ def run_pretraining(recipe: PretrainRecipe, record_history: bool = False,
     def prepare(batch: dict[str, Any]) -> dict[str, Any]:
         if visual_tokenizer is None:
             batch = {k: v for k, v in batch.items() if k not in ("tokenizer_image", "patch_mask")}
-        moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        moved = builder.to_float({k: v.to(device, non_blocking=True) for k, v in batch.items()})
         if visual_tokenizer is not None:
             moved["visual_tokens"] = visual_tokenizer(moved.pop("tokenizer_image"))
         return moved
