@@ -14,9 +14,12 @@ other, through benchmarks/pretrain_step.py:
 For each: samples/s, seconds/step, peak memory (torch.cuda.max_memory_allocated) and MFU, the share of
 the GPU's dense bf16 peak FLOP/s that the model FLOPs reach. Model FLOPs per sample are counted by
 torch.utils.flop_counter on one eager step of the fast path's layout (forward + backward; recomputation
-is not counted). Prints a Markdown table and writes everything as JSON (--output).
+is not counted). Then the loader check: simla's pretraining loader (the model's views) through a
+DataLoader with --loader-workers processes on the JPEGs of --loader-images (benchmarks/input_pipeline.py
+writes them to runs/bench_jpegs; carry that folder to the GPU machine), against the fast path's samples/s:
+does a step ever wait for data? Prints Markdown and writes everything as JSON (--output).
 
-    python benchmarks/gpu_pretrain.py --output gpu_pretrain.json
+    python benchmarks/gpu_pretrain.py --output gpu_pretrain.json --loader-images runs/bench_jpegs
     python benchmarks/gpu_pretrain.py --device cpu --model simla_tiny --batch-size 4 --steps 1 --no-compile  # smoke
 """
 
@@ -25,12 +28,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from simla.config import get_config  # noqa: E402
+from simla.masking import BlockMaskGenerator  # noqa: E402
 from pretrain_step import RunConfig, RunResult, _run_isolated, flops_per_sample  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from NVIDIA's data sheets; the first match wins.
@@ -60,8 +67,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu only for a smoke test")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the GPU's dense bf16 peak in TFLOP/s (default: looked up by device name)")
+    parser.add_argument("--loader-images", type=Path, default=None,
+                        help="JPEG folder for the loader check (e.g. runs/bench_jpegs from input_pipeline.py)")
+    parser.add_argument("--loader-workers", type=int, default=None,
+                        help="DataLoader workers for the loader check (default: all cores but one)")
     parser.add_argument("--output", type=Path, default=None, help="write the full results as JSON here")
     args = parser.parse_args(argv)
+    if args.loader_images is not None and not sorted(args.loader_images.glob("*.jpg")):
+        parser.error(f"--loader-images {args.loader_images}: no .jpg files (python benchmarks/input_pipeline.py "
+                     "makes runs/bench_jpegs)")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU is visible (use --device cpu --model simla_tiny for a smoke test)")
     if args.batch_size < 2 or args.steps < 1:
@@ -69,6 +83,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.compile and args.warmup < 3:
         parser.error("--warmup must be >= 3 with compilation (the first steps compile)")
     return args
+
+
+def loader_check(args: argparse.Namespace, gpu_samples_per_s: float) -> dict:
+    """simla's pretraining loader with the given worker count against the GPU's training rate."""
+    from input_pipeline import _tokenizer, loader_samples_per_second
+
+    workers = args.loader_workers or max(1, (os.cpu_count() or 2) - 1)
+    paths = sorted(args.loader_images.glob("*.jpg"))
+    config = get_config(args.model)
+    o = config.objectives
+    masker = BlockMaskGenerator(config.grid_size, o.mim_num_masked, o.mim_min_block, min_aspect=o.mim_min_aspect)
+    rate = loader_samples_per_second(paths, _tokenizer(None), args.batch_size, workers, batches=max(8, 2 * workers),
+                                     image_size=config.vision.image_size, masker=masker)
+    return {"workers": workers, "samples_per_s": rate, "gpu_samples_per_s": gpu_samples_per_s,
+            "keeps_up": rate >= gpu_samples_per_s, "workers_needed": math.ceil(gpu_samples_per_s / (rate / workers))}
 
 
 def _row(name: str, result: RunResult, flops: float, peak: float | None) -> dict:
@@ -109,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         report["speedup"] = rows[1]["samples_per_s"] / rows[0]["samples_per_s"]
         print(f"\nfast / reference: {report['speedup']:.2f}x samples/s, "
               f"{rows[1]['peak_memory_gib'] / rows[0]['peak_memory_gib']:.2f}x peak memory")
+    if args.loader_images is not None:
+        report["loader"] = loader = loader_check(args, rows[-1]["samples_per_s"])
+        verdict = "never waits for data" if loader["keeps_up"] else "waits for data"
+        print(f"\nloader: {loader['samples_per_s']:.0f} samples/s with {loader['workers']} workers "
+              f"({loader['samples_per_s'] / loader['workers']:.1f} per worker) against {loader['gpu_samples_per_s']:.0f} "
+              f"samples/s trained: the GPU {verdict} (at least {loader['workers_needed']} workers needed)")
     if args.output is not None:
         args.output.write_text(json.dumps(report, indent=2))
         print(f"wrote {args.output}")

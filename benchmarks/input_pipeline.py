@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, default_collate
 from torchvision import transforms as T
 
 from simla.data.pixels import ImageSource
@@ -150,6 +150,28 @@ def simla_pretrain_batches(paths: list[Path], tokenizer, batch_size: int, image_
     return batch
 
 
+def loader_samples_per_second(paths: list[Path], tokenizer, batch_size: int, workers: int, batches: int,
+                              image_size: int = 256, masker: BlockMaskGenerator | None = None) -> float:
+    """simla's pretraining batches through a DataLoader with `workers` processes (after a warm-up batch per worker).
+
+    `masker` defaults to the paper's (16 x 16 patches of 16 px, 75 masked)."""
+    records = [CaptionRecord(str(p), (CAPTIONS[i % len(CAPTIONS)],), str(p)) for i, p in enumerate(paths)]
+    views = PretrainViews(PretrainViewConfig(image_size=image_size, tokenizer_size=image_size // 2))
+    masker = masker if masker is not None else BlockMaskGenerator(image_size // 16)
+    dataset = CaptionBatches(records, SampleBuilder(views, masker), tokenizer, max_length=30, seed=0)
+    warm = max(1, workers)
+    specs = [BatchSpec(0, b, [(b * batch_size + i) % len(records) for i in range(batch_size)])
+             for b in range(warm + batches)]
+    loader = DataLoader(dataset, sampler=specs, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available())
+    iterator = iter(loader)
+    for _ in range(warm):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
 class _FinetuneRecord:
     def __init__(self, path: Path) -> None:
         self.image, self.origin = str(path), str(path)
@@ -219,6 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     parser.add_argument("--image-size", type=int, default=256, help="pretraining encoder view (default 256)")
     parser.add_argument("--finetune-size", type=int, default=384, help="fine-tuning view (default 384)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="also time simla's loader through a DataLoader with this many worker processes")
     parser.add_argument("--tokenizer", default=None, help="text tokenizer (default: the MiniLM vocab if installed)")
     parser.add_argument("--gpu-tflops", type=float, default=989.0, help="GPU dense bf16 TFLOP/s (default H100: 989)")
     parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation (default 0.4)")
@@ -256,11 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "load_average_at_start": load, "load_average_at_end": os.getloadavg()[0], "images": len(paths),
               "batch_size": b, "pretrain": pretrain, "finetune": finetune, "torch": torch.__version__}
-    print(f"\n| views | authors' loader | simla | simla / authors |\n|---|---:|---:|---:|")
+    print("\n| views | authors' loader | simla | simla / authors |\n|---|---:|---:|---:|")
     for label, result in ((f"pretraining ({args.image_size} + {args.image_size // 2} px)", pretrain),
                           (f"fine-tuning ({args.finetune_size} px)", finetune)):
         m = result["median"]
         print(f"| {label} | {m['authors']:.1f} samples/s | {m['simla']:.1f} samples/s | {result['ratio']:.2f}x |")
+    if args.workers > 0:
+        rate = loader_samples_per_second(paths, tokenizer, b, args.workers, args.batches * args.workers, args.image_size)
+        report["dataloader"] = {"workers": args.workers, "samples_per_s": rate}
+        print(f"\nsimla through a DataLoader with {args.workers} workers: {rate:.1f} samples/s "
+              f"({rate / args.workers:.1f} per worker)")
     if args.gpu_estimate:
         report["gpu"] = estimate = gpu_estimate(args, pretrain["median"]["simla"])
         print(f"\nsimla_base: {estimate['flops_per_sample'] / 1e12:.3f} TFLOP per sample per step; at "
