@@ -13,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -78,12 +80,47 @@ def test_pretrain_step_runs_checkpointing_under_a_named_malloc_against_the_plain
     assert refused.returncode == 2 and "add --isolate or --interleave" in refused.stderr
 
 
+def _photos(folder: Path, count: int = 3) -> Path:
+    """Large noisy JPEGs standing in for photographs (the benchmarks cut their test images from them)."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        smooth = np.kron(rng.integers(0, 256, (30, 40, 3)), np.ones((40, 40, 1)))
+        noisy = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / f"photo{i}.jpg", quality=90)
+    return folder
+
+
+def test_input_pipeline_benchmark_compares_both_loaders_on_cut_photos(tmp_path):
+    images, out = tmp_path / "jpegs", tmp_path / "pipeline.json"
+    done = _run("input_pipeline.py", "--source", str(_photos(tmp_path / "photos")), "--images", str(images),
+                "--count", "6", "--batch-size", "4", "--batches", "1", "--rounds", "2", "--workers", "1",
+                "--no-gpu-estimate", "--output", str(out))
+    report = json.loads(out.read_text())
+    sizes = [Image.open(p).size for p in sorted(images.glob("*.jpg"))]
+    assert len(sizes) == 6 and all(500 <= max(size) <= 1000 for size in sizes)  # COCO-like photos were cut
+    for views in ("pretrain", "finetune"):
+        rates = report[views]["rates"]
+        assert [len(rates["authors"]), len(rates["simla"])] == [2, 2] and all(r > 0 for v in rates.values() for r in v)
+        assert report[views]["ratio"] == pytest.approx(report[views]["median"]["simla"] / report[views]["median"]["authors"])
+    assert report["dataloader"]["workers"] == 1 and report["dataloader"]["samples_per_s"] > 0
+    assert "| pretraining (256 + 128 px) |" in done.stdout
+
+
 def test_gpu_benchmark_smoke_runs_on_cpu(tmp_path):
-    out = tmp_path / "gpu.json"
+    out, images = tmp_path / "gpu.json", tmp_path / "jpegs"
+    images.mkdir()
+    for i, p in enumerate(sorted(_photos(tmp_path / "photos").glob("*.jpg")) * 3):
+        (images / f"{i}.jpg").write_bytes(p.read_bytes())
     done = _run("gpu_pretrain.py", "--device", "cpu", "--model", "simla_tiny", "--batch-size", "4", "--steps", "1",
-                "--warmup", "1", "--text-length", "12", "--no-compile", "--output", str(out))
+                "--warmup", "1", "--text-length", "12", "--no-compile", "--output", str(out),
+                "--loader-images", str(images), "--loader-workers", "1")
     report = json.loads(out.read_text())
     assert [r["path"] for r in report["rows"]] == ["reference", "fast"]
     assert report["flops_per_sample"] > 1e6  # forward + backward of a real (tiny) model
     assert report["rows"][1]["config"]["precision"] == "bf16"
     assert "| fast |" in done.stdout and report["speedup"] > 0
+    loader = report["loader"]
+    assert loader["workers"] == 1 and loader["samples_per_s"] > 0 and loader["workers_needed"] >= 1
+    assert loader["keeps_up"] == (loader["samples_per_s"] >= report["rows"][1]["samples_per_s"])
+    assert "loader:" in done.stdout
