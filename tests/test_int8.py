@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,3 +240,17 @@ def test_retrieval_evaluation_in_int8(tmp_path, retrieval_data, pretrained, caps
     with pytest.raises(ValueError, match="does not match the model"):
         itm_pair_scores(float_model, torch.zeros(1, 2, 8), torch.zeros(1, 3, dtype=torch.long),
                         torch.ones(1, 3, dtype=torch.long), empty, empty, precision="int8")
+
+
+# ------------------------------------------------------------------------------------ benchmark
+def test_the_precision_benchmark_runs(tmp_path):
+    out = tmp_path / "speed.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "embedding_precision.py"
+    done = subprocess.run([sys.executable, str(script), "--models", "simla_tiny", "--iters", "2", "--warmup", "0",
+                           "--threads", "1", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(out.read_text())["rows"][0]
+    assert {"fp32", "int8"} <= set(row["variants"]) and row["int8_vs_fp32"]["images_per_s"] > 0
+    assert all(len(row["variants"]["int8"][f"{job}_seconds"]) == 2 for job in ("images", "texts"))
+    assert row["int8_min_cosine"]["images"] > 0.98 and "| simla_tiny (64 px) | int8 |" in done.stdout
+    assert "onnx" in row["variants"] or "ONNX Runtime was not available" in done.stdout
