@@ -30,6 +30,7 @@ from simla.search import Index, ModelMismatchError, SearchError, model_fingerpri
 from simla.search.build import sync_index
 from simla.search.manifest import MANIFEST_NAME
 from simla.search.precision import PrecisionMismatchError
+from simla.search.server import model_label
 from simla.search.store import load_live_features
 
 TEXTS = ["a red square", "a small green circle on the left", "blue", "two yellow things near a purple box"]
@@ -134,6 +135,7 @@ def test_an_int8_index_records_it_refuses_float_updates_and_queries_in_int8(phot
     index = Index.build(photos, tmp_path / "idx", checkpoint=checkpoint, batch_size=1, num_workers=0,
                         progress=False, precision="int8")
     assert index.precision == "int8" and index.info()["precision"] == "int8"
+    assert model_label(index.info(), model).endswith("64-d features, int8)")  # the search page says so
     assert index.manifest.get_meta("fingerprint") == model_fingerprint(model)  # the float weights'
     assert is_int8(index.query_model) and not is_int8(index.model)
     ids, stored = load_live_features(index.path, index.manifest)
