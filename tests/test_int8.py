@@ -26,10 +26,9 @@ from simla.errors import ConfigError
 from simla.eval.pair_scores import itm_pair_scores
 from simla.eval.retrieval import evaluate_retrieval
 from simla.models.quantize import INFERENCE_MODULES, Int8DeviceError, int8_device, is_int8
-from simla.search import Index, ModelMismatchError, SearchError, model_fingerprint
+from simla.search import Index, ModelMismatchError, PrecisionMismatchError, SearchError, model_fingerprint
 from simla.search.build import sync_index
 from simla.search.manifest import MANIFEST_NAME
-from simla.search.precision import PrecisionMismatchError
 from simla.search.server import model_label
 from simla.search.store import load_live_features
 
