@@ -94,9 +94,10 @@ def measure_speed(name: str, batch: int, iters: int, warmup: int, onnx: bool, wo
                 seconds = _timed(lambda: run(m))
                 if round_ >= warmup:
                     times[(variant, job)].append(seconds)
+    int8 = variants["int8"]
     with torch.no_grad():
-        cosine = {"images": F.cosine_similarity(model.encode_image(pixels), variants["int8"].encode_image(pixels)),
-                  "texts": F.cosine_similarity(model.encode_text((ids, mask)), variants["int8"].encode_text((ids, mask)))}
+        cosine = {"images": F.cosine_similarity(model.encode_image(pixels), int8.encode_image(pixels)),
+                  "texts": F.cosine_similarity(model.encode_text((ids, mask)), int8.encode_text((ids, mask)))}
     row = {"model": name, "image_size": model.config.vision.image_size, "batch_size": batch, "iters": iters,
            "onnx": "measured" if "onnx" in variants else onnx_note, "variants": {}}
     for variant in variants:

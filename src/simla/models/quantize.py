@@ -61,8 +61,9 @@ def int8_device(device: str | torch.device) -> str:
     :class:`Int8DeviceError` (for commands: one line saying what to change)."""
     if str(device) == "auto" or torch.device(device).type == "cpu":
         return "cpu"
-    raise Int8DeviceError(f"precision int8 runs on the CPU only (dynamic quantization has no {torch.device(device).type} "
-                          f"kernels), not on device {device}; use device cpu, or precision fp32/bf16 on the GPU")
+    kind = torch.device(device).type
+    raise Int8DeviceError(f"precision int8 runs on the CPU only (dynamic quantization has no {kind} kernels), not "
+                          f"on device {device}; use device cpu, or precision fp32/bf16 on the GPU")
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
