@@ -233,6 +233,11 @@ def test_retrieval_evaluation_in_int8(tmp_path, retrieval_data, pretrained, caps
     copy = simla.quantize_int8(float_model)
     same = evaluate_retrieval(copy, data, k=4, num_workers=0, precision="int8", return_scores=True)
     assert torch.allclose(same[1], i2t) and torch.allclose(same[2], t2i) and same[0] == pytest.approx(results)
+    for other in ({"method": "batched"}, {"keep_image_tokens": False}):  # the other scoring paths run in int8 too
+        _, o_i2t, o_t2i = evaluate_retrieval(copy, data, k=4, num_workers=0, precision="int8", return_scores=True,
+                                             **other)
+        # Activations are quantized per call, so other groupings of tokens round a little differently.
+        assert torch.equal(o_i2t == -100, i2t == -100) and torch.allclose(o_i2t, i2t, atol=0.1), other
     _, f_i2t, _ = evaluate_retrieval(float_model, data, k=4, num_workers=0, return_scores=True)
     assert not torch.allclose(f_i2t, i2t)  # the int8 copy did the scoring
     with pytest.raises(ValueError, match="precision='int8'"):
