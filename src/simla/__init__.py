@@ -7,6 +7,7 @@ Public API:
     load_checkpoint(path, task=None, trust_pickle=False, strict=True)
     save_checkpoint(model, path) / save_pretrained(model, directory)
     get_tokenizer(name_or_path)
+    quantize_int8(model): an int8 inference copy for faster CPU embedding and ITM scoring (docs/precision.md)
     SimlaForVQA.answer(images, questions, answer_list, top=5)
     tasks: the task registry (`simla.tasks.all_tasks()`, `register_task(TaskSpec(...))`)
 
@@ -19,6 +20,7 @@ from .config import ObjectiveConfig, SimlaConfig, TextConfig, VisionConfig, VQAC
 from .factory import build_model, create_model
 from .load_report import LoadReport
 from .models.pretrain import LOSS_NAMES, PretrainOutput, SimlaForPretraining
+from .models.quantize import quantize_int8
 from .models.retrieval import SimlaForRetrieval
 from .models.simla import SimlaBackbone, SimlaModel
 from .models.vqa import SimlaForVQA
@@ -49,6 +51,7 @@ __all__ = [
     "get_tokenizer",
     "list_models",
     "load_checkpoint",
+    "quantize_int8",
     "save_checkpoint",
     "register_task",
     "save_pretrained",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .data.images import load_image
 from .distributed import evaluation_group, get_rank
+from .models.quantize import INT8, int8_device
 from .search import Index, SearchError
 from .search.check import check_index, repair_index
 from .search.html import render_results_page
@@ -18,8 +19,15 @@ from .search.guard import allowed_hosts
 from .search.server import INCOMPLETE_WARNING, serve
 
 
+def _embedding_device(args: argparse.Namespace, recorded: str | None = None) -> str:
+    """--device for embedding: int8 (asked, or "auto" on an int8 index) runs on the CPU, which "auto" then
+    picks; a GPU is refused with one line before any model is loaded."""
+    int8 = args.precision == INT8 or (args.precision == "auto" and recorded == INT8)
+    return int8_device(args.device) if int8 else args.device
+
+
 def cmd_index_build(args: argparse.Namespace) -> int:
-    with evaluation_group(args.device) as device:
+    with evaluation_group(_embedding_device(args)) as device:
         index = Index.build(args.source, args.output, checkpoint=args.checkpoint, image_root=args.image_root,
                             batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
                             device=device, progress=not args.quiet, allow_empty=False)
@@ -30,7 +38,12 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_index_update(args: argparse.Namespace) -> int:
-    with evaluation_group(args.device) as device:
+    recorded = Index.open(args.index)
+    try:
+        chosen = _embedding_device(args, recorded.precision)
+    finally:
+        recorded.close()
+    with evaluation_group(chosen) as device:
         index = Index.open(args.index, checkpoint=args.checkpoint, device=device)
         summary = index.update(batch_size=args.batch_size, num_workers=args.num_workers, precision=args.precision,
                                progress=not args.quiet)
@@ -58,7 +71,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
         print(json.dumps({**info, **({"error_list": errors} if errors is not None else {})}, indent=2))
         return 0
     for key in ("path", "items", "errors", "source_kind", "source", "model", "checkpoint", "fingerprint", "dim",
-                "complete", "created", "updated"):
+                "precision", "complete", "created", "updated"):
         print(f"{key:>12}: {info[key]}")
     for error in errors or []:
         print(f"  {error['key']}: [{error['kind']}] {error['reason']}")
@@ -67,7 +80,7 @@ def cmd_index_info(args: argparse.Namespace) -> int:
 
 def cmd_index_check(args: argparse.Namespace) -> int:
     if args.repair:
-        with evaluation_group(args.device) as device:
+        with evaluation_group(_embedding_device(args)) as device:
             report = repair_index(args.index, checkpoint=args.checkpoint, device=device, batch_size=args.batch_size,
                                   num_workers=args.num_workers, precision=args.precision, progress=not args.quiet)
     else:
@@ -134,9 +147,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _add_embedding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--num-workers", type=int, default=2, help="image reading/decoding workers (default 2)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16", INT8), default="auto",
                         help="ViT precision: auto = bf16 autocast on a GPU, fp32 on a CPU (bf16 is slower on CPUs "
-                             "without bf16 instructions); features are stored in float16 either way")
+                             "without bf16 instructions), or the index's own if it is int8; int8 = a dynamically "
+                             "quantized model, CPU only (faster there, features move slightly: an index keeps "
+                             "int8 or float features, never both, and its queries use the same); features are "
+                             "stored in float16 either way")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (under torchrun: this rank's GPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

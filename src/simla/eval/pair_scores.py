@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..models.quantize import INT8, is_int8
 
 __all__ = ["itm_pair_scores"]
 
@@ -36,13 +37,17 @@ def itm_pair_scores(model, image_tokens: Tensor | Callable[[Tensor], Tensor], te
         text_ids, text_mask: (Nt, L) token ids and attention mask of all texts.
         images, texts: (P,) int64 indices of the pairs; the order of the result follows them.
         max_texts: texts per forward pass for one image.
-        precision: "fp32", or "bf16" (autocast; faster on GPUs, scores rounded to bf16 precision).
+        precision: "fp32", "bf16" (autocast; faster on GPUs, scores rounded to bf16 precision), or "int8":
+            ``model`` is an int8 copy (`simla.models.quantize.quantize_int8`; CPU), run without autocast.
     """
     if images.shape != texts.shape or images.dim() != 1:
         raise ValueError(f"images and texts must be two 1-D index tensors of one length, got "
                          f"{tuple(images.shape)} and {tuple(texts.shape)}")
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    if precision not in ("fp32", "bf16", INT8):
+        raise ValueError(f"precision must be fp32, bf16 or int8, got {precision!r}")
+    if (precision == INT8) != is_int8(model):
+        raise ValueError(f"precision {precision!r} does not match the model, which is "
+                         f"{'an int8 copy' if is_int8(model) else 'a float model'} (int8 needs quantize_int8's copy)")
     tokens_of = image_tokens if callable(image_tokens) else (lambda i: image_tokens[i])
     device = text_ids.device
     out = torch.empty(images.numel(), dtype=torch.float32, device=device)

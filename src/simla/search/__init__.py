@@ -9,7 +9,8 @@
 from .build import SyncSummary
 from .fingerprint import ModelMismatchError, model_fingerprint
 from .index import Index, IndexExistsError, IndexNotFoundError, SearchError
+from .precision import PrecisionMismatchError
 from .results import Hit
 
-__all__ = ["Hit", "Index", "IndexExistsError", "IndexNotFoundError", "ModelMismatchError", "SearchError", "SyncSummary",
-           "model_fingerprint"]
+__all__ = ["Hit", "Index", "IndexExistsError", "IndexNotFoundError", "ModelMismatchError", "PrecisionMismatchError",
+           "SearchError", "SyncSummary", "model_fingerprint"]

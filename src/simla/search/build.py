@@ -32,6 +32,7 @@ from ..data.images import BadSampleError, load_image
 from ..data.transforms import EvalView
 from ..distributed import get_rank, get_world_size, is_distributed
 from ..errors import ConfigError, SimlaError
+from ..models.quantize import INT8, is_int8
 from .manifest import Manifest, StoredError
 from .sources import ItemUnavailableError, ScanProblem, SourceItem, SourceSpec, read_item_bytes, scan_source, walk_folder
 from .store import compact, remove_orphans, write_chunk
@@ -41,7 +42,8 @@ __all__ = ["NoImagesError", "SyncSummary", "describe_no_images", "sync_index"]
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16")
+#: "int8": the model must be an int8 copy (`simla.models.quantize.quantize_int8`), run as it is (CPU only).
+PRECISIONS = ("auto", "fp32", "bf16", INT8)
 
 
 class NoImagesError(SimlaError, ValueError):
@@ -197,6 +199,7 @@ def _autocast(device: torch.device, precision: str) -> torch.autocast:
     """The autocast context the embedding runs under for ``precision`` on ``device``."""
     # "auto": bf16 on a GPU; fp32 on a CPU, where bf16 is slower unless the CPU has bf16 instructions
     # (the paper model embeds at 0.56x the fp32 rate on this project's test machine).
+    # "int8": the quantized copy runs its own kernels, without autocast.
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -268,6 +271,9 @@ def sync_index(index_dir: Path, manifest: Manifest, spec: SourceSpec, model, *, 
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    if (precision == INT8) != is_int8(model):
+        raise ConfigError("precision int8 embeds with an int8 copy of the model (quantize_int8) and only with one; "
+                          f"got precision {precision!r} and a {'int8' if is_int8(model) else 'float'} model")
     if spec.kind == "folder" and not os.path.isdir(spec.location):
         # os.walk would list nothing, and the update would drop every item of an unmounted or moved folder.
         raise FileNotFoundError(f"the index's source folder {spec.location} is gone (moved, deleted or not "

@@ -29,6 +29,7 @@ from typing import Any
 from .index import Index, IndexNotFoundError
 from .lock import write_lock
 from .manifest import MANIFEST_NAME, REQUIRED_TABLES, CorruptIndexError, Manifest
+from .precision import INT8
 from .sources import SourceSpec
 from .store import CorruptChunkError, chunk_path, load_chunk
 
@@ -239,6 +240,8 @@ def _rebuild(folder: Path, checkpoint: str | os.PathLike | None, options: dict[s
     for suffix in ("-journal", "-wal", "-shm"):
         (folder / f"{MANIFEST_NAME}{suffix}").unlink(missing_ok=True)
     actions.append(f"set the damaged manifest aside as {damaged.name}")
+    if options.get("precision") == "auto" and meta.get("precision") == INT8:
+        options = {**options, "precision": INT8}  # rebuilt in the precision it was built with
     index = Index.build(spec.location, folder, checkpoint=usable, image_root=spec.image_root, **options)
     actions.append(f"rebuilt the index from {spec.location} with {usable}: {len(index)} items")
     index.close()

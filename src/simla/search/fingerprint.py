@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import SimlaError
+from ..models.quantize import is_int8
 
 __all__ = ["ModelMismatchError", "model_fingerprint"]
 
@@ -20,7 +21,14 @@ class ModelMismatchError(SimlaError, ValueError):
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 (hex) of the config (as canonical JSON) and of each tensor's name, dtype, shape and bytes."""
+    """sha256 (hex) of the config (as canonical JSON) and of each tensor's name, dtype, shape and bytes.
+
+    Of a float model only: an int8 copy's weights are packed and rounded (an int8 index records the float
+    model's fingerprint and its precision, and quantizes the float model itself).
+    """
+    if is_int8(model):
+        raise ModelMismatchError("an int8 model has no fingerprint of its own: fingerprint (and give the index) "
+                                 "the float model it was quantized from")
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:

@@ -9,6 +9,11 @@ by the positive-class logit, simla by the match probability, which can be compar
 Re-ranked hits come first; the others follow in ITC order with ``score = itc``, as in the reference,
 which gives every candidate outside the top R the lowest score. Image queries are ranked by ITC alone.
 
+Precision. An index records the precision family its features were made in (``float``: fp32 or bf16
+autocast; ``int8``: a dynamically quantized copy of the model, CPU only; see `simla.search.precision`).
+Queries embed and re-rank with that family (an int8 index quantizes its model itself, and a query's
+features are comparable with the stored ones); an update in the other family is refused.
+
 Near-duplicates. With ``dedup=t``, a hit whose stored feature has cosine >= t with a better-ranked hit is
 folded into that hit (listed in ``Hit.duplicates``) instead of taking a place of its own. It is off by
 default because the right threshold depends on the model: a well-trained model puts re-encoded or resized
@@ -40,11 +45,13 @@ from ..distributed import get_rank, is_distributed
 from ..errors import SimlaError
 from ..explain import gradcam
 from ..explain.render import overlay_png
+from ..models.quantize import INT8, int8_device, is_int8, quantize_int8
 from ..version import __version__
 from .build import NoImagesError, SyncSummary, describe_no_images, sync_index
 from .fingerprint import ModelMismatchError, model_fingerprint
 from .lock import LOCK_NAME, write_lock
 from .manifest import MANIFEST_NAME, CorruptIndexError, ItemNotFoundError, Manifest, StoredItem
+from .precision import precision_family, update_precision
 from .rerank import itm_probabilities
 from .results import Hit
 from .sources import SourceSpec, read_item_bytes, resolve_source
@@ -98,6 +105,12 @@ def _load_model(checkpoint: str | os.PathLike, device: str | torch.device):
     return model.to(device).eval()
 
 
+def _refuse_int8_model(model) -> None:
+    if is_int8(model):
+        raise SearchError("give the index the float model: an int8 index quantizes it itself, and checks the "
+                          "float weights' fingerprint; pass precision='int8' to build one")
+
+
 def _with_images(index: Index, spec: SourceSpec) -> Index:
     """A just-built ``index``, or NoImagesError (its manifest closed) when its source gave no usable image."""
     if len(index) > 0:
@@ -137,9 +150,11 @@ class Index:
         self.backend = backend
         self._checkpoint = checkpoint
         self._model = None
+        self._int8_model = None  # the quantized copy an int8 index embeds and re-ranks with, made on first use
         self._live: _Live | None = None
         self._data_version = manifest.data_version()
         if model is not None:
+            _refuse_int8_model(model)
             self._check_model(model)
             self._model = model.eval()
 
@@ -176,12 +191,19 @@ class Index:
         refused (use :meth:`update`). Give ``checkpoint`` (recorded, so later commands need not repeat it)
         or an in-memory ``model`` (then pass it again to :meth:`open`).
 
+        ``precision``: "auto" (bf16 on a GPU, fp32 on a CPU), "fp32", "bf16", or "int8" (a dynamically
+        quantized copy of the model, CPU only); the index records int8 or float, and keeps to it.
+
         A source without one usable image gives an empty index (a later :meth:`update` can fill it), unless
         ``allow_empty=False`` (what `simla index build` passes): then :class:`NoImagesError` says which files
         were skipped and why, and the build's files are removed again (an existing folder keeps what it held).
         """
         if (checkpoint is None) == (model is None):
             raise SearchError("give exactly one of checkpoint= or model=")
+        if model is not None:
+            _refuse_int8_model(model)
+        if precision == INT8:
+            int8_device(device)  # refused on a GPU before anything is written
         spec = resolve_source(source, image_root)
         folder = Path(output)
         checkpoint = os.path.abspath(checkpoint) if checkpoint is not None else None
@@ -222,6 +244,7 @@ class Index:
                 "fingerprint": model_fingerprint(model), "model": model.config.name,
                 "dim": model.config.objectives.embed_dim, "image_size": model.config.vision.image_size,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "simla_version": __version__, "complete": False,
+                "precision": precision_family(options["precision"]),
             })
         if is_distributed():
             torch.distributed.barrier()
@@ -235,11 +258,15 @@ class Index:
 
         Holds the index's write lock (another writer raises IndexBusyError at once) and first checks every
         feature chunk the index keeps: a damaged one raises CorruptIndexError instead of a false success.
+        ``precision`` "auto" follows the index's recorded family; one of the other family raises
+        :class:`~simla.search.precision.PrecisionMismatchError`.
         """
         spec = SourceSpec(**self.manifest.get_meta("source"))
+        precision = update_precision(self.path, self.precision, precision)
+        model = self.query_model if precision == INT8 else self.model
         with write_lock(self.path):
             verify_chunks(self.path, self.manifest)
-            summary = sync_index(self.path, self.manifest, spec, self.model, batch_size=batch_size,
+            summary = sync_index(self.path, self.manifest, spec, model, batch_size=batch_size,
                                  num_workers=num_workers, precision=precision, progress=progress)
         self._live = None  # the features changed, rows moved, and changed files must be scored again
         self._data_version = self.manifest.data_version()
@@ -289,6 +316,22 @@ class Index:
             self._model = model
         return self._model
 
+    @property
+    def precision(self) -> str:
+        """The family the index's features were made in: "int8" or "float" (also for indexes that predate it)."""
+        return precision_family(self.manifest.get_meta("precision"))
+
+    @property
+    def query_model(self):
+        """The model queries are embedded and re-ranked with: the index's model for a float index, its int8
+        copy (made once, on the CPU) for an int8 index."""
+        if self.precision != INT8:
+            return self.model
+        if self._int8_model is None:
+            int8_device(self.device)
+            self._int8_model = quantize_int8(self.model)
+        return self._int8_model
+
     # ------------------------------------------------------------------------------ facts
     def __len__(self) -> int:
         return self.manifest.count_items()
@@ -300,7 +343,8 @@ class Index:
                 "source": source.get("location"), "source_kind": source.get("kind"), "model": meta.get("model"),
                 "checkpoint": meta.get("checkpoint"), "fingerprint": meta.get("fingerprint"),
                 "dim": meta.get("dim"), "complete": meta.get("complete"), "created": meta.get("created"),
-                "updated": meta.get("updated"), "rerank_available": True, "path": str(self.path)}
+                "updated": meta.get("updated"), "precision": self.precision, "rerank_available": True,
+                "path": str(self.path)}
 
     def item(self, item_id: int) -> StoredItem:
         """The stored item ``item_id``; raises ItemNotFoundError (a LookupError) if there is none (any more)."""
@@ -338,7 +382,7 @@ class Index:
         return live
 
     def _query_feature(self, text: str | None, image) -> torch.Tensor:
-        model = self.model
+        model = self.query_model
         parts = []
         with torch.no_grad():
             if text is not None:
@@ -386,7 +430,7 @@ class Index:
         cache = live.itm_cache
         missing = [r for r in rows if (text, r) not in cache]
         if missing:
-            scores = itm_probabilities(self.model, text, [int(live.ids[r]) for r in missing], self, rows=missing,
+            scores = itm_probabilities(self.query_model, text, [int(live.ids[r]) for r in missing], self, rows=missing,
                                        batch_size=batch_size)
             cache.update(((text, r), p) for r, p in scores.items())
         for r in rows:
@@ -439,7 +483,8 @@ class Index:
 
     # ------------------------------------------------------------------------------ explain
     def explain(self, text: str, item_ids: Sequence[int]) -> dict[int, bytes]:
-        """PNG overlays of the Grad-CAM map of ``text`` over each item's image (ITM, whole-text map)."""
+        """PNG overlays of the Grad-CAM map of ``text`` over each item's image (ITM, whole-text map; by the
+        float model also for an int8 index: Grad-CAM needs gradients, which quantized layers do not give)."""
         out: dict[int, bytes] = {}
         for item_id in item_ids:
             image = self.load_image(item_id)

@@ -292,14 +292,15 @@ def model_label(info: dict[str, Any], model: Any = None) -> str | None:
     """The index's model in words for the page: its name with the image size, patch size and feature
     dimension it runs with, read from the loaded model's config (a preset's name alone hides overrides:
     the demo model is "simla_tiny" at 48 px with 4 px patches). Without a model, the name and dimension
-    the index recorded."""
+    the index recorded. An int8 index says so ("int8")."""
+    int8 = ", int8" if info.get("precision") == "int8" else ""
     config = getattr(model, "config", None)
     if config is not None:
         return (f"{config.name} ({config.vision.image_size} px images, {config.vision.patch_size} px patches, "
-                f"{config.objectives.embed_dim}-d features)")
+                f"{config.objectives.embed_dim}-d features{int8})")
     if not info.get("model"):
         return None
-    return f"{info['model']} ({info['dim']}-d features)" if info.get("dim") else str(info["model"])
+    return f"{info['model']} ({info['dim']}-d features{int8})" if info.get("dim") else str(info["model"])
 
 
 INCOMPLETE_WARNING = ("this index is not complete (its build was interrupted or is still running): the results "

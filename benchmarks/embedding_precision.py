@@ -1,0 +1,190 @@
+"""CPU embedding in fp32 against int8 (`simla.quantize_int8`): speed, and what it costs in retrieval recall.
+
+Speed (default): images/s of `encode_image` and texts/s of `encode_text` for each model, fp32 eager against
+its int8 copy, measured in one process on the same synthetic batch (random weights: the cost does not
+depend on them; captions of COCO-like lengths, 8-20 tokens padded to 30). The runs alternate (fp32, int8,
+fp32, int8, ...) so that a change in the machine's load hits both alike; each figure is the median of
+`--iters` timed runs after `--warmup` untimed ones, and the ratio is int8 / fp32 of the medians. The
+smallest cosine between the fp32 and int8 features of the batch is reported beside it. When
+`simla.onnx_runtime` exists and onnxruntime is installed, an ONNX Runtime row (exported from the fp32
+model) is timed in the same rotation; otherwise the report says it was not available.
+
+Accuracy (`--checkpoint C --eval-json J`): `evaluate_retrieval` of the checkpoint in fp32 and in int8 on
+a retrieval evaluation file; recall R@1/5/10 of both directions side by side, and the seconds each took
+(int8's include making the quantized copy; this mode is for the recall, the speed mode for the speed).
+
+Run: python benchmarks/embedding_precision.py --models simla_base simla_tiny --iters 20
+     python benchmarks/embedding_precision.py --checkpoint simla.pt --eval-json test.json --image-root images/
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import simla
+from simla.data.retrieval import read_retrieval_eval
+from simla.eval.retrieval import evaluate_retrieval
+
+PADDED_LENGTH = 30
+RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+
+
+def _all_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def synthetic_batch(model, batch: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(pixels (B, 3, R, R), (token ids, mask) (B, 30)) with captions of 8-20 tokens."""
+    g = torch.Generator().manual_seed(0)
+    size = model.config.vision.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=g) * 0.5 + 2 * torch.rand(batch, 3, 1, 1, generator=g) - 1
+    ids = torch.randint(1000, 5000, (batch, PADDED_LENGTH), generator=g)
+    ids[:, 0] = model.config.text.cls_token_id
+    lengths = torch.randint(8, 21, (batch,), generator=g)
+    mask = (torch.arange(PADDED_LENGTH)[None] < lengths[:, None]).long()
+    return pixels, (ids * mask, mask)
+
+
+def onnx_runtime_variant(model, folder: Path):
+    """An ONNX Runtime model exported from ``model``, or (None, why it is not available)."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return None, "onnxruntime is not installed"
+    try:
+        module = importlib.import_module("simla.onnx_runtime")
+    except ModuleNotFoundError:
+        return None, "simla.onnx_runtime does not exist in this simla"
+    module.export_onnx(model, folder)
+    return module.OnnxModel.load(folder), ""
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    with torch.no_grad():
+        fn()
+    return time.perf_counter() - started
+
+
+def measure_speed(name: str, batch: int, iters: int, warmup: int, onnx: bool, work: Path) -> dict:
+    """Median images/s and texts/s of each variant of model ``name``, runs alternating across variants."""
+    torch.manual_seed(0)
+    model = simla.create_model(name, task="base").eval()
+    pixels, (ids, mask) = synthetic_batch(model, batch)
+    variants = {"fp32": model, "int8": simla.quantize_int8(model)}
+    onnx_note = "not asked (--no-onnx)"
+    if onnx:
+        onnx_model, onnx_note = onnx_runtime_variant(model, work / f"{name}-onnx")
+        if onnx_model is not None:
+            variants["onnx"] = onnx_model
+    jobs = {"images": lambda m: m.encode_image(pixels), "texts": lambda m: m.encode_text((ids, mask))}
+    times: dict[tuple[str, str], list[float]] = {(v, j): [] for v in variants for j in jobs}
+    for round_ in range(warmup + iters):
+        for job, run in jobs.items():
+            for variant, m in variants.items():
+                seconds = _timed(lambda: run(m))
+                if round_ >= warmup:
+                    times[(variant, job)].append(seconds)
+    int8 = variants["int8"]
+    with torch.no_grad():
+        cosine = {"images": F.cosine_similarity(model.encode_image(pixels), int8.encode_image(pixels)),
+                  "texts": F.cosine_similarity(model.encode_text((ids, mask)), int8.encode_text((ids, mask)))}
+    row = {"model": name, "image_size": model.config.vision.image_size, "batch_size": batch, "iters": iters,
+           "onnx": "measured" if "onnx" in variants else onnx_note, "variants": {}}
+    for variant in variants:
+        row["variants"][variant] = {f"{job}_per_s": batch / statistics.median(times[(variant, job)]) for job in jobs}
+        row["variants"][variant].update({f"{job}_seconds": times[(variant, job)] for job in jobs})
+    for variant in variants:
+        if variant != "fp32":
+            row[f"{variant}_vs_fp32"] = {f"{job}_per_s": row["variants"][variant][f"{job}_per_s"]
+                                         / row["variants"]["fp32"][f"{job}_per_s"] for job in jobs}
+    row["int8_min_cosine"] = {job: float(c.min()) for job, c in cosine.items()}
+    return row
+
+
+def print_speed(rows: list[dict], threads: int) -> None:
+    print(f"{threads} threads, batch {rows[0]['batch_size']}, median of {rows[0]['iters']} alternating runs")
+    print("| model | variant | images/s | vs fp32 | texts/s | vs fp32 | min cosine to fp32 (img / txt) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        for variant, v in r["variants"].items():
+            ratio = r.get(f"{variant}_vs_fp32", {"images_per_s": 1.0, "texts_per_s": 1.0})
+            cos = (f"{r['int8_min_cosine']['images']:.4f} / {r['int8_min_cosine']['texts']:.4f}"
+                   if variant == "int8" else "")
+            print(f"| {r['model']} ({r['image_size']} px) | {variant} | {v['images_per_s']:.1f} | "
+                  f"{ratio['images_per_s']:.2f}x | {v['texts_per_s']:.1f} | {ratio['texts_per_s']:.2f}x | {cos} |")
+    for r in rows:
+        if r["onnx"] != "measured":
+            print(f"{r['model']}: ONNX Runtime was not available ({r['onnx']})")
+
+
+def measure_accuracy(args: argparse.Namespace) -> dict:
+    model = simla.load_checkpoint(args.checkpoint, task="base").eval()
+    data = read_retrieval_eval(args.eval_json, args.image_root)
+    report = {"checkpoint": args.checkpoint, "eval_json": args.eval_json, "k": args.k, "images": len(data.images),
+              "texts": len(data.texts), "precisions": {}}
+    for precision in ("fp32", "int8"):
+        started = time.perf_counter()
+        metrics = evaluate_retrieval(model, data, k=args.k, batch_size=args.batch_size, num_workers=args.workers,
+                                     precision=precision)
+        report["precisions"][precision] = {**metrics, "seconds": time.perf_counter() - started}
+    return report
+
+
+def print_accuracy(report: dict) -> None:
+    print(f"{report['checkpoint']} on {report['eval_json']}: {report['images']} images, {report['texts']} texts, "
+          f"k={report['k']}")
+    print("| precision | " + " | ".join(RECALL_KEYS) + " | seconds |")
+    print("|---|" + "---:|" * (len(RECALL_KEYS) + 1))
+    for precision, m in report["precisions"].items():
+        print(f"| {precision} | " + " | ".join(f"{m[key]:.2f}" for key in RECALL_KEYS) + f" | {m['seconds']:.1f} |")
+    fp32, int8 = report["precisions"]["fp32"], report["precisions"]["int8"]
+    print("| int8 - fp32 | " + " | ".join(f"{int8[key] - fp32[key]:+.2f}" for key in RECALL_KEYS)
+          + f" | x{int8['seconds'] / fp32['seconds']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["simla_base", "simla_tiny"],
+                        help="speed: model presets, random weights (default simla_base simla_tiny)")
+    parser.add_argument("--batch-size", type=int, default=16, help="speed: images or texts per call (default 16); "
+                        "accuracy: images per forward")
+    parser.add_argument("--iters", type=int, default=10, help="speed: timed runs per variant (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="speed: untimed runs first (default 2)")
+    parser.add_argument("--no-onnx", action="store_true", help="speed: leave ONNX Runtime out even if available")
+    parser.add_argument("--threads", type=int, default=_all_cores(), help="torch threads (default: all cores)")
+    parser.add_argument("--checkpoint", help="accuracy mode: the checkpoint to evaluate in fp32 and int8")
+    parser.add_argument("--eval-json", help="accuracy mode: retrieval evaluation file [{image, caption: [...]}]")
+    parser.add_argument("--image-root", help="accuracy mode: folder relative image paths are joined to")
+    parser.add_argument("--k", type=int, default=16, help="accuracy mode: ITC candidates re-scored by ITM")
+    parser.add_argument("--workers", type=int, default=2, help="accuracy mode: image loading workers")
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args()
+    if (args.checkpoint is None) != (args.eval_json is None):
+        parser.error("accuracy mode needs both --checkpoint and --eval-json")
+    torch.set_num_threads(args.threads)
+
+    if args.checkpoint:
+        report = measure_accuracy(args)
+        print_accuracy(report)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = [measure_speed(name, args.batch_size, args.iters, args.warmup, not args.no_onnx, Path(tmp))
+                    for name in args.models]
+        print_speed(rows, args.threads)
+        report = {"threads": args.threads, "rows": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
