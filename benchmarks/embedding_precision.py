@@ -140,6 +140,28 @@ def measure_accuracy(args: argparse.Namespace) -> dict:
     return report
 
 
+def measure_search_precision(args: argparse.Namespace, work: Path) -> dict:
+    """`simla demo search`'s precision@10 (24 class queries over the easy-VQA test images) of an fp32 index and of
+    an int8 index built with the same checkpoint."""
+    from simla.demos.easy_vqa import label_easy_vqa, write_retrieval_json
+    from simla.demos.search import RERANK, class_query_precision
+    from simla.search import Index
+
+    items, _ = label_easy_vqa("test")
+    annotations = write_retrieval_json(items, work / "test.json", seed=0)
+    label_of = {str(Path(item.image).resolve()): f"{item.colour} {item.shape}" for item in items}
+    image_root = os.path.commonpath([item.image for item in items])
+    found = {}
+    for precision in ("fp32", "int8"):
+        started = time.perf_counter()
+        index = Index.build(annotations, work / f"index_{precision}", checkpoint=args.checkpoint, image_root=image_root,
+                            num_workers=0, progress=False, precision=precision, device="cpu")
+        _, mean = class_query_precision(index, label_of, RERANK["full"])
+        found[precision] = {**mean, "images": len(index), "seconds": time.perf_counter() - started}
+        index.close()
+    return {"rerank": RERANK["full"], "precisions": found}
+
+
 def print_accuracy(report: dict) -> None:
     print(f"{report['checkpoint']} on {report['eval_json']}: {report['images']} images, {report['texts']} texts, "
           f"k={report['k']}")
@@ -150,6 +172,12 @@ def print_accuracy(report: dict) -> None:
     fp32, int8 = report["precisions"]["fp32"], report["precisions"]["int8"]
     print("| int8 - fp32 | " + " | ".join(f"{int8[key] - fp32[key]:+.2f}" for key in RECALL_KEYS)
           + f" | x{int8['seconds'] / fp32['seconds']:.2f} |")
+    if "search" in report:
+        search = report["search"]
+        print(f"\nsearch demo, {search['precisions']['fp32']['images']} easy-VQA test images, 24 class queries:")
+        print(f"| precision | P@10 ITC | P@10 ITM re-rank {search['rerank']} | build + queries (s) |\n|---|---:|---:|---:|")
+        for precision, m in search["precisions"].items():
+            print(f"| {precision} | {m['itc']:.3f} | {m['itm']:.3f} | {m['seconds']:.1f} |")
 
 
 def main() -> None:
@@ -167,6 +195,8 @@ def main() -> None:
     parser.add_argument("--image-root", help="accuracy mode: folder relative image paths are joined to")
     parser.add_argument("--k", type=int, default=16, help="accuracy mode: ITC candidates re-scored by ITM")
     parser.add_argument("--workers", type=int, default=2, help="accuracy mode: image loading workers")
+    parser.add_argument("--search-demo", action="store_true",
+                        help="accuracy mode: also the search demo's precision@10 (a `simla demo` checkpoint)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     if (args.checkpoint is None) != (args.eval_json is None):
@@ -175,6 +205,9 @@ def main() -> None:
 
     if args.checkpoint:
         report = measure_accuracy(args)
+        if args.search_demo:
+            with tempfile.TemporaryDirectory() as tmp:
+                report["search"] = measure_search_precision(args, Path(tmp))
         print_accuracy(report)
     else:
         with tempfile.TemporaryDirectory() as tmp:

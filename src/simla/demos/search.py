@@ -33,6 +33,22 @@ def _precision(index: Any, label_of: dict[str, str], query: str, rerank: int) ->
     return sum(label_of[hit.key] == query.removeprefix("a ") for hit in hits) / K, seconds
 
 
+def class_query_precision(index: Any, label_of: dict[str, str], rerank: int) -> tuple[list[dict], dict[str, float]]:
+    """Precision@10 of the 24 class queries ("a red circle") by ITC and with ITM re-ranking: (rows, means).
+
+    ``label_of`` maps an indexed image's key to its class ("red circle")."""
+    rows = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            query = f"a {colour} {shape}"
+            itc, itc_seconds = _precision(index, label_of, query, 0)
+            itm, itm_seconds = _precision(index, label_of, query, rerank)
+            rows.append({"query": query, "relevant": sum(v == query[2:] for v in label_of.values()),
+                         "itc": itc, "itm": itm, "itc_ms": 1000 * itc_seconds, "itm_ms": 1000 * itm_seconds})
+    mean = {key: sum(row[key] for row in rows) / len(rows) for key in ("itc", "itm", "itc_ms", "itm_ms")}
+    return rows, mean
+
+
 def run_search_demo(output: str | Path = "runs/demo_search", *, quick: bool = False, steps: int | None = None,
                     source: str | Path | None = None, seed: int = 0) -> dict[str, Any]:
     """Index, query, write report.json, report.md and results.html; returns the report dict."""
@@ -60,14 +76,7 @@ def run_search_demo(output: str | Path = "runs/demo_search", *, quick: bool = Fa
         summary = index.last_summary
 
     rerank = RERANK[mode]
-    rows = []
-    for colour in COLOURS:
-        for shape in SHAPES:
-            query = f"a {colour} {shape}"
-            itc, itc_seconds = _precision(index, label_of, query, 0)
-            itm, itm_seconds = _precision(index, label_of, query, rerank)
-            rows.append({"query": query, "relevant": sum(v == query[2:] for v in label_of.values()),
-                         "itc": itc, "itm": itm, "itc_ms": 1000 * itc_seconds, "itm_ms": 1000 * itm_seconds})
+    rows, mean = class_query_precision(index, label_of, rerank)
 
     hits = index.search(EXAMPLE_QUERY, k=K, rerank=rerank)
     overlays = index.explain(EXAMPLE_QUERY, [hit.item_id for hit in hits])
@@ -75,7 +84,6 @@ def run_search_demo(output: str | Path = "runs/demo_search", *, quick: bool = Fa
                                lambda hit: index.thumbnail(hit.item_id), overlays, title="simla demo search")
     (out / "results.html").write_text(page, encoding="utf-8")
 
-    mean = {key: sum(row[key] for row in rows) / len(rows) for key in ("itc", "itm", "itc_ms", "itm_ms")}
     report: dict[str, Any] = {
         "mode": mode, "k": K, "rerank": rerank, "images": len(index), "index_errors": summary.errors,
         "indexing_images_per_second": round(summary.images_per_second, 1), "queries": rows,
