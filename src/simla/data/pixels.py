@@ -126,7 +126,8 @@ class ResizeRegion:
         y0, x0 = int(math.floor(top * sy)), int(math.floor(left * sx))
         y1 = min(img.height, max(y0 + 1, int(round((top + h) * sy))))
         x1 = min(img.width, max(x0 + 1, int(round((left + w) * sx))))
-        return resize_uint8(from_pil(img)[:, y0:y1, x0:x1], self.out_size)
+        # PIL copies just the box out (a fraction of the photo) before the one conversion to a tensor.
+        return resize_uint8(from_pil(img.crop((x0, y0, x1, y1))), self.out_size)
 
 
 def read_source(source: ImageSource, decode_size: Callable | None) -> Image.Image:
