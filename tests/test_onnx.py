@@ -4,7 +4,9 @@ graphs compute what the torch model computes, at any batch size and caption leng
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +153,14 @@ def _load_any(folder):
     """Load an export folder (only its description is needed to reach the runtime import)."""
     (folder / DESCRIPTION_FILE).write_text(json.dumps({"format": "simla-onnx", "version": 1, "graphs": {}}))
     return OnnxModel.load(folder)
+
+
+def test_the_speed_benchmark_runs(tmp_path):
+    pytest.importorskip("onnxruntime")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "onnx_runtime.py"
+    done = subprocess.run([sys.executable, str(script), "--model", "simla_tiny", "--batch", "2", "--threads", "1",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=600, check=True)
+    report = json.loads(done.stdout)
+    assert {row["config"] for row in report["results"]} == {"torch_fp32", "torch_int8", "ort_fp32", "ort_int8"}
+    assert all(row["images_per_s_median"] > 0 for row in report["results"])
+    assert report["agreement_with_torch_fp32"]["ort_fp32"]["max_abs_diff"] < 1e-4

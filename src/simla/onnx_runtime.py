@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,14 +100,28 @@ def _export_graph(module: nn.Module, inputs: dict[str, Tensor], output: str, pat
     batch = torch.export.Dim("batch", min=1, max=65536)
     length = torch.export.Dim("length", min=1, max=max_length)
     shapes = {name: ({0: batch} if name == "pixels" else {0: batch, 1: length}) for name in inputs}
-    program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, input_names=list(inputs),
-                                output_names=[output], dynamic_shapes=shapes, verbose=False)
+    with warnings.catch_warnings():
+        # Inputs that share the batch (or length) axis make the exporter say it names the axis once.
+        warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")
+        program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, input_names=list(inputs),
+                                    output_names=[output], dynamic_shapes=shapes, verbose=False)
     program.save(str(path), external_data=False)
 
 
 def _quantize(source: Path, target: Path) -> None:
     quantization = _require("onnxruntime.quantization", "int8 ONNX export")
-    quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8)
+    root = logging.getLogger()
+    root.addFilter(_no_preprocessing_advice)
+    try:
+        quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8)
+    finally:
+        root.removeFilter(_no_preprocessing_advice)
+
+
+def _no_preprocessing_advice(record: logging.LogRecord) -> bool:
+    """Drop ONNX Runtime's advice (on the root logger, for every call) to pre-process a model for static
+    quantisation: dynamic quantisation of an exported graph does not need it."""
+    return not str(record.msg).startswith("Please consider to run pre-processing")
 
 
 def export_onnx(model: SimlaModel, folder: str | Path, *, int8: bool = False) -> Path:
