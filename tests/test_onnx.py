@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import simla
 from simla.cli import main
 from simla.errors import CheckpointError, MissingExtraError
-from simla.onnx_runtime import DESCRIPTION_FILE, GRAPHS, OnnxModel, export_onnx
+from simla.onnx_runtime import DESCRIPTION_FILE, GRAPHS, OnnxModel, _cpu_copy, export_onnx
 from simla.search.fingerprint import model_fingerprint
 
 from conftest import one_line_error
@@ -75,6 +76,15 @@ def test_itm_score_matches_torch_and_pairs_one_to_one(model, exports):
         onnx_model.itm_score(pixels[:2], TEXTS)
 
 
+def test_pictures_are_prepared_as_the_model_prepares_them(model, exports, tmp_path):
+    picture = Image.new("RGB", (90, 50), (200, 30, 40))
+    picture.save(tmp_path / "red.png")
+    onnx_model = OnnxModel.load(exports["fp32"])
+    pixels = onnx_model.prepare_pixels([picture, tmp_path / "red.png"])
+    torch.testing.assert_close(pixels, model.prepare_pixels([picture, tmp_path / "red.png"]))
+    assert onnx_model.prepare_pixels(picture).shape == (1, 3, 64, 64)
+
+
 def test_int8_export_keeps_the_features_direction(model, exports):
     onnx_model = OnnxModel.load(exports["int8"])
     assert onnx_model.precision == "int8"
@@ -105,6 +115,14 @@ def test_export_leaves_the_callers_model_as_it_was(tmp_path):
     before = model_fingerprint(model)
     export_onnx(model, tmp_path)
     assert model.training and model_fingerprint(model) == before
+
+
+@pytest.mark.parametrize("task", ["base", "retrieval"])
+def test_a_model_off_the_cpu_is_exported_from_an_equal_cpu_copy(task):
+    model = simla.create_model("simla_tiny", task=task)
+    copy = _cpu_copy(model)
+    assert type(copy) is type(model) and copy is not model
+    assert model_fingerprint(copy) == model_fingerprint(model)
 
 
 def test_the_export_command_writes_a_loadable_export(tmp_path, capsys):

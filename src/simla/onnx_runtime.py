@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from .config import SimlaConfig
+from .data.images import load_image
+from .data.transforms import EvalView
 from .errors import CheckpointError, MissingExtraError
 from .models.simla import SimlaModel
 from .search.fingerprint import model_fingerprint
@@ -249,6 +252,17 @@ class OnnxModel:
         if ids.dim() == 1:
             ids, mask = ids.unsqueeze(0), mask.unsqueeze(0)
         return _int64(ids), _int64(mask)
+
+    def prepare_pixels(self, images) -> Tensor:
+        """(B, 3, R, R) normalised pixels from PIL images or image paths (one or a list), resized to the
+        export's resolution as in evaluation (bicubic, no crop), as `SimlaModel.prepare_pixels`."""
+        if isinstance(images, Tensor):
+            return images
+        view = EvalView(self.description["image_size"])
+        single = isinstance(images, (str, bytes, os.PathLike)) or hasattr(images, "convert")
+        items = [images] if single else list(images)
+        return torch.stack([view(item.convert("RGB") if hasattr(item, "convert") else load_image(item))
+                            for item in items])
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         """(B, 3, R, R) normalised pixels -> (B, embed_dim) L2-normalised ITC features."""
