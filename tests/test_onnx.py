@@ -74,6 +74,8 @@ def test_itm_score_matches_torch_and_pairs_one_to_one(model, exports):
     torch.testing.assert_close(scores, expected, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="one to one"):
         onnx_model.itm_score(pixels[:2], TEXTS)
+    with pytest.raises(ValueError, match=r"\(B, 3, 64, 64\)"):
+        onnx_model.encode_image(torch.zeros(2, 3, 32, 32))
 
 
 def test_pictures_are_prepared_as_the_model_prepares_them(model, exports, tmp_path):
@@ -98,6 +100,11 @@ def test_int8_export_keeps_the_features_direction(model, exports):
     # int8 weights: the graphs are much smaller than the fp32 ones.
     for name in GRAPHS.values():
         assert (exports["int8"] / name).stat().st_size < 0.5 * (exports["fp32"] / name).stat().st_size
+
+
+def test_only_a_model_with_an_itm_head_exports(tmp_path):
+    with pytest.raises(TypeError, match="SimlaModel"):
+        export_onnx(simla.create_model("simla_tiny", task="vqa"), tmp_path)
 
 
 def test_the_description_names_the_model_and_its_weights(model, exports):

@@ -266,7 +266,14 @@ class OnnxModel:
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         """(B, 3, R, R) normalised pixels -> (B, embed_dim) L2-normalised ITC features."""
-        return self._run("image", pixels=_float32(pixels))
+        return self._run("image", pixels=self._check_pixels(pixels))
+
+    def _check_pixels(self, pixels: Tensor) -> np.ndarray:
+        size = self.description["image_size"]
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise ValueError(f"expected pixels of shape (B, 3, {size}, {size}) (see prepare_pixels), "
+                             f"got {tuple(pixels.shape)}")
+        return _float32(pixels)
 
     def encode_text(self, texts: str | Sequence[str] | Tensor | tuple[Tensor, Tensor]) -> Tensor:
         """Captions (strings, an id tensor or (ids, mask)) -> (B, embed_dim) L2-normalised ITC features."""
@@ -279,7 +286,7 @@ class OnnxModel:
         if pixels.shape[0] != ids.shape[0]:
             raise ValueError(f"itm_score pairs images with texts one to one: got {pixels.shape[0]} images, "
                              f"{ids.shape[0]} texts")
-        return self._run("itm", pixels=_float32(pixels), input_ids=ids, attention_mask=mask)
+        return self._run("itm", pixels=self._check_pixels(pixels), input_ids=ids, attention_mask=mask)
 
     def __repr__(self) -> str:
         return f"OnnxModel({str(self.folder)!r}, model={self.config.name!r}, precision={self.precision!r})"
