@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .atomic_write import write_atomically
 from .config import SimlaConfig
 from .data.images import load_image
 from .data.transforms import EvalView
@@ -99,6 +100,7 @@ def _example_inputs(config: SimlaConfig) -> dict[str, Tensor]:
 
 
 def _export_graph(module: nn.Module, inputs: dict[str, Tensor], output: str, path: Path, max_length: int) -> None:
+    """Trace `module` with dynamic batch (and caption length) axes and save the graph, weights inside, at `path`."""
     _require("onnxscript", "exporting to ONNX")  # torch's exporter needs it: fail with the install hint first
     batch = torch.export.Dim("batch", min=1, max=65536)
     length = torch.export.Dim("length", min=1, max=max_length)
@@ -108,7 +110,7 @@ def _export_graph(module: nn.Module, inputs: dict[str, Tensor], output: str, pat
         warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")
         program = torch.onnx.export(module, tuple(inputs.values()), dynamo=True, input_names=list(inputs),
                                     output_names=[output], dynamic_shapes=shapes, verbose=False)
-    program.save(str(path), external_data=False)
+    write_atomically(path, lambda tmp: program.save(str(tmp), external_data=False))
 
 
 def _quantize(source: Path, target: Path) -> None:
@@ -156,7 +158,7 @@ def export_onnx(model: SimlaModel, folder: str | Path, *, int8: bool = False) ->
                 if int8:
                     fp32 = Path(scratch) / GRAPHS[role]
                     _export_graph(module, example, output, fp32, max_length)
-                    _quantize(fp32, target)
+                    write_atomically(target, lambda tmp, fp32=fp32: _quantize(fp32, tmp))
                 else:
                     _export_graph(module, example, output, target, max_length)
     finally:
@@ -169,7 +171,8 @@ def export_onnx(model: SimlaModel, folder: str | Path, *, int8: bool = False) ->
         "precision": "int8" if int8 else "fp32", "graphs": dict(GRAPHS),
         "itm_inputs": ["pixels", "input_ids", "attention_mask"],
     }
-    (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(description, indent=2) + "\n"
+    write_atomically(folder / DESCRIPTION_FILE, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return folder
 
 
