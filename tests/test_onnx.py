@@ -183,9 +183,12 @@ def _load_any(folder):
 def test_the_speed_benchmark_runs(tmp_path):
     pytest.importorskip("onnxruntime")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "onnx_runtime.py"
-    done = subprocess.run([sys.executable, str(script), "--model", "simla_tiny", "--batch", "2", "--threads", "1",
-                           "--repeats", "1"], capture_output=True, text=True, timeout=600, check=True)
+    done = subprocess.run([sys.executable, str(script), "--model", "simla_tiny", "--graphs", "image", "text", "itm",
+                           "--batch", "2", "--length", "5", "--threads", "1", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=600, check=True)
     report = json.loads(done.stdout)
-    assert {row["config"] for row in report["results"]} == {"torch_fp32", "torch_int8", "ort_fp32", "ort_int8"}
-    assert all(row["images_per_s_median"] > 0 for row in report["results"])
-    assert report["agreement_with_torch_fp32"]["ort_fp32"]["max_abs_diff"] < 1e-4
+    assert set(report["graphs"]) == {"image", "text", "itm"}
+    for graph in report["graphs"].values():
+        assert {row["config"] for row in graph["results"]} == {"torch_fp32", "torch_int8", "ort_fp32", "ort_int8"}
+        assert all(row["items_per_s_median"] > 0 for row in graph["results"])
+        assert graph["agreement_with_torch_fp32"]["ort_fp32"]["max_abs_diff"] < 1e-4
