@@ -15,6 +15,7 @@ import torch
 from . import tasks
 from .checkpoint import load_checkpoint, save_checkpoint, save_pretrained
 from .cli_evaluate import add_evaluate_commands
+from .cli_export import add_export_commands
 from .cli_search import add_search_commands
 from .config import get_config, list_models
 from .distributed import evaluation_group
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain_command(sub)
     _add_demo_command(sub)
     _add_convert_command(sub)
+    add_export_commands(sub)
     return parser
 
 
