@@ -1,20 +1,21 @@
-"""CPU embedding in fp32 against int8 (`simla.quantize_int8`): speed, and what it costs in retrieval recall.
+"""CPU embedding in fp32, int8 (`simla.quantize_int8`) and ONNX Runtime: speed, and what each costs in accuracy.
 
-Speed (default): images/s of `encode_image` and texts/s of `encode_text` for each model, fp32 eager against
-its int8 copy, measured in one process on the same synthetic batch (random weights: the cost does not
-depend on them; captions of COCO-like lengths, 8-20 tokens padded to 30). The runs alternate (fp32, int8,
-fp32, int8, ...) so that a change in the machine's load hits both alike; each figure is the median of
-`--iters` timed runs after `--warmup` untimed ones, and the ratio is int8 / fp32 of the medians. The
-smallest cosine between the fp32 and int8 features of the batch is reported beside it. When
-`simla.onnx_runtime` exists and onnxruntime is installed, an ONNX Runtime row (exported from the fp32
-model) is timed in the same rotation; otherwise the report says it was not available.
+Speed (default): images/s of `encode_image` and texts/s of `encode_text` for each model: torch fp32 eager,
+its int8 copy, and, when the [onnx] extra is installed, ONNX Runtime on the fp32 export and on the int8 one
+(`simla export onnx [--int8]`), measured in one process on the same synthetic batch (random weights: the
+cost does not depend on them; captions of COCO-like lengths, 8-20 tokens padded to 30). The runs
+alternate (fp32, int8, onnx, onnx_int8, fp32, ...) so that a change in the machine's load hits all alike;
+each figure is the median of `--iters` timed runs after `--warmup` untimed ones, the ratio is against fp32's
+median, and the smallest cosine of each variant's features to fp32's is reported beside it.
 
-Accuracy (`--checkpoint C --eval-json J`): `evaluate_retrieval` of the checkpoint in fp32 and in int8 on
-a retrieval evaluation file; recall R@1/5/10 of both directions side by side, and the seconds each took
-(int8's include making the quantized copy; this mode is for the recall, the speed mode for the speed).
+Accuracy (`--checkpoint C --eval-json J`): `evaluate_retrieval` of the checkpoint in fp32 and in int8 (ITC
+then ITM re-ranking of the top k); then the ITC-only recall of every variant, ONNX Runtime included, from
+the same pixels; with `--search-demo` (a `simla demo` checkpoint) also the search demo's precision@10:
+by ITC for every variant, and from an fp32 and an int8 index with ITM re-ranking.
 
-Run: python benchmarks/embedding_precision.py --models simla_base simla_tiny --iters 20
-     python benchmarks/embedding_precision.py --checkpoint simla.pt --eval-json test.json --image-root images/
+Run: python benchmarks/embedding_precision.py --models simla_base simla_tiny --iters 10
+     python benchmarks/embedding_precision.py --checkpoint runs/demo/pretrain/checkpoints/last.pt \
+         --eval-json runs/demo/test.json --search-demo
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 import simla
 from simla.data.retrieval import read_retrieval_eval
+from simla.eval.metrics import retrieval_metrics
 from simla.eval.retrieval import evaluate_retrieval
 
 PADDED_LENGTH = 30
@@ -56,16 +58,19 @@ def synthetic_batch(model, batch: int) -> tuple[torch.Tensor, tuple[torch.Tensor
     return pixels, (ids * mask, mask)
 
 
-def onnx_runtime_variant(model, folder: Path):
-    """An ONNX Runtime model exported from ``model``, or (None, why it is not available)."""
+def onnx_runtime_variants(model, folder: Path, threads: int) -> tuple[dict, str]:
+    """ONNX Runtime models exported from ``model`` ({"onnx": fp32, "onnx_int8": int8}), or ({}, why not)."""
     if importlib.util.find_spec("onnxruntime") is None:
-        return None, "onnxruntime is not installed"
+        return {}, "onnxruntime is not installed"
     try:
         module = importlib.import_module("simla.onnx_runtime")
     except ModuleNotFoundError:
-        return None, "simla.onnx_runtime does not exist in this simla"
-    module.export_onnx(model, folder)
-    return module.OnnxModel.load(folder), ""
+        return {}, "simla.onnx_runtime does not exist in this simla"
+    variants = {}
+    for name, int8 in (("onnx", False), ("onnx_int8", True)):
+        module.export_onnx(model, folder / name, int8=int8)
+        variants[name] = module.OnnxModel.load(folder / name, threads=threads)
+    return variants, ""
 
 
 def _timed(fn) -> float:
@@ -75,7 +80,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - started
 
 
-def measure_speed(name: str, batch: int, iters: int, warmup: int, onnx: bool, work: Path) -> dict:
+def measure_speed(name: str, batch: int, iters: int, warmup: int, onnx: bool, work: Path, threads: int) -> dict:
     """Median images/s and texts/s of each variant of model ``name``, runs alternating across variants."""
     torch.manual_seed(0)
     model = simla.create_model(name, task="base").eval()
@@ -83,9 +88,8 @@ def measure_speed(name: str, batch: int, iters: int, warmup: int, onnx: bool, wo
     variants = {"fp32": model, "int8": simla.quantize_int8(model)}
     onnx_note = "not asked (--no-onnx)"
     if onnx:
-        onnx_model, onnx_note = onnx_runtime_variant(model, work / f"{name}-onnx")
-        if onnx_model is not None:
-            variants["onnx"] = onnx_model
+        onnx_models, onnx_note = onnx_runtime_variants(model, work / f"{name}-onnx", threads)
+        variants.update(onnx_models)
     jobs = {"images": lambda m: m.encode_image(pixels), "texts": lambda m: m.encode_text((ids, mask))}
     times: dict[tuple[str, str], list[float]] = {(v, j): [] for v in variants for j in jobs}
     for round_ in range(warmup + iters):
@@ -94,10 +98,10 @@ def measure_speed(name: str, batch: int, iters: int, warmup: int, onnx: bool, wo
                 seconds = _timed(lambda: run(m))
                 if round_ >= warmup:
                     times[(variant, job)].append(seconds)
-    int8 = variants["int8"]
     with torch.no_grad():
-        cosine = {"images": F.cosine_similarity(model.encode_image(pixels), int8.encode_image(pixels)),
-                  "texts": F.cosine_similarity(model.encode_text((ids, mask)), int8.encode_text((ids, mask)))}
+        reference = {"images": model.encode_image(pixels), "texts": model.encode_text((ids, mask))}
+        cosine = {variant: {job: float(F.cosine_similarity(reference[job], run(m)).min()) for job, run in jobs.items()}
+                  for variant, m in variants.items() if variant != "fp32"}
     row = {"model": name, "image_size": model.config.vision.image_size, "batch_size": batch, "iters": iters,
            "onnx": "measured" if "onnx" in variants else onnx_note, "variants": {}}
     for variant in variants:
@@ -107,23 +111,23 @@ def measure_speed(name: str, batch: int, iters: int, warmup: int, onnx: bool, wo
         if variant != "fp32":
             row[f"{variant}_vs_fp32"] = {f"{job}_per_s": row["variants"][variant][f"{job}_per_s"]
                                          / row["variants"]["fp32"][f"{job}_per_s"] for job in jobs}
-    row["int8_min_cosine"] = {job: float(c.min()) for job, c in cosine.items()}
+    row["min_cosine_to_fp32"] = cosine
     return row
 
 
 def print_speed(rows: list[dict], threads: int) -> None:
-    print(f"{threads} threads, batch {rows[0]['batch_size']}, median of {rows[0]['iters']} alternating runs")
+    print(f"{threads} threads (torch and ONNX Runtime), batch {rows[0]['batch_size']}, median of {rows[0]['iters']} alternating runs")
     print("| model | variant | images/s | vs fp32 | texts/s | vs fp32 | min cosine to fp32 (img / txt) |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         for variant, v in r["variants"].items():
             ratio = r.get(f"{variant}_vs_fp32", {"images_per_s": 1.0, "texts_per_s": 1.0})
-            cos = (f"{r['int8_min_cosine']['images']:.4f} / {r['int8_min_cosine']['texts']:.4f}"
-                   if variant == "int8" else "")
+            c = r["min_cosine_to_fp32"].get(variant)
+            cos = f"{c['images']:.4f} / {c['texts']:.4f}" if c else ""
             print(f"| {r['model']} ({r['image_size']} px) | {variant} | {v['images_per_s']:.1f} | "
                   f"{ratio['images_per_s']:.2f}x | {v['texts_per_s']:.1f} | {ratio['texts_per_s']:.2f}x | {cos} |")
     for r in rows:
-        if r["onnx"] != "measured":
+        if "onnx" not in r["variants"]:
             print(f"{r['model']}: ONNX Runtime was not available ({r['onnx']})")
 
 
@@ -162,6 +166,35 @@ def measure_search_precision(args: argparse.Namespace, work: Path) -> dict:
     return {"rerank": RERANK["full"], "precisions": found}
 
 
+def measure_itc_accuracy(args: argparse.Namespace, model, data, work: Path) -> dict:
+    """ITC-only figures of every variant (torch fp32, torch int8, ONNX Runtime fp32 and int8) on the same pixels:
+    recall from the feature similarities, and with --search-demo the class queries' precision@10."""
+    variants = {"fp32": model, "int8": simla.quantize_int8(model)}
+    onnx_models, note = onnx_runtime_variants(model, work, args.threads)
+    variants.update(onnx_models)
+    paths = [str(Path(args.image_root or "", image)) if not os.path.isabs(image) else image for image in data.images]
+    pixels = [model.prepare_pixels(paths[i:i + 64]) for i in range(0, len(paths), 64)]
+    labels, queries = None, []
+    if args.search_demo:
+        from simla.demos.easy_vqa import COLOURS, SHAPES, label_easy_vqa
+
+        label_of = {str(Path(item.image).resolve()): f"{item.colour} {item.shape}" for item in label_easy_vqa("test")[0]}
+        labels = [label_of.get(str(Path(p).resolve())) for p in paths]
+        queries = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    found = {}
+    with torch.no_grad():
+        for name, m in variants.items():
+            images = torch.cat([m.encode_image(batch) for batch in pixels])
+            texts = torch.cat([m.encode_text(data.texts[i:i + 64]) for i in range(0, len(data.texts), 64)])
+            sim = images @ texts.t()
+            found[name] = retrieval_metrics(sim, sim.t(), data.txt2img, data.img2txt)
+            if labels is not None:
+                top = (m.encode_text([f"a {q}" for q in queries]) @ images.t()).topk(10, dim=1).indices
+                found[name]["search_p10_itc"] = sum(labels[i] == q for q, row in zip(queries, top.tolist())
+                                                    for i in row) / (10 * len(queries))
+    return {"variants": found, "onnx": note or "measured"}
+
+
 def print_accuracy(report: dict) -> None:
     print(f"{report['checkpoint']} on {report['eval_json']}: {report['images']} images, {report['texts']} texts, "
           f"k={report['k']}")
@@ -172,6 +205,16 @@ def print_accuracy(report: dict) -> None:
     fp32, int8 = report["precisions"]["fp32"], report["precisions"]["int8"]
     print("| int8 - fp32 | " + " | ".join(f"{int8[key] - fp32[key]:+.2f}" for key in RECALL_KEYS)
           + f" | x{int8['seconds'] / fp32['seconds']:.2f} |")
+    if "itc" in report:
+        itc = report["itc"]["variants"]
+        keys = RECALL_KEYS + (("search_p10_itc",) if "search_p10_itc" in itc["fp32"] else ())
+        print("\nITC ranking only (no ITM re-ranking), the same pixels for every variant:")
+        print("| variant | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys))
+        for variant, m in itc.items():
+            print(f"| {variant} | " + " | ".join(f"{m[key]:.3f}" if key == "search_p10_itc" else f"{m[key]:.2f}"
+                                              for key in keys) + " |")
+        if report["itc"]["onnx"] != "measured":
+            print(f"ONNX Runtime was not available ({report['itc']['onnx']})")
     if "search" in report:
         search = report["search"]
         print(f"\nsearch demo, {search['precisions']['fp32']['images']} easy-VQA test images, 24 class queries:")
@@ -205,14 +248,17 @@ def main() -> None:
 
     if args.checkpoint:
         report = measure_accuracy(args)
-        if args.search_demo:
-            with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = simla.load_checkpoint(args.checkpoint, task="base").eval()
+            report["itc"] = measure_itc_accuracy(args, model, read_retrieval_eval(args.eval_json, args.image_root),
+                                                 Path(tmp))
+            if args.search_demo:
                 report["search"] = measure_search_precision(args, Path(tmp))
         print_accuracy(report)
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            rows = [measure_speed(name, args.batch_size, args.iters, args.warmup, not args.no_onnx, Path(tmp))
-                    for name in args.models]
+            rows = [measure_speed(name, args.batch_size, args.iters, args.warmup, not args.no_onnx, Path(tmp),
+                                  args.threads) for name in args.models]
         print_speed(rows, args.threads)
         report = {"threads": args.threads, "rows": rows}
     if args.json:
