@@ -3,7 +3,7 @@
 Synthetic JPEG photos (320x240) and random weights (the cost does not depend on them); one process, so the
 ratios are comparable across machines and the absolute figures are this machine's.
 
-- indexing: images/s of `Index.build` (DataLoader workers, batches, fp32 or bf16) against a baseline
+- indexing: images/s of `Index.build` (DataLoader workers, batches, fp32, bf16 or int8) against a baseline
   that reads, decodes and embeds one image at a time in the main process;
 - re-ranking: seconds per candidate of `search(text, rerank=R)` beyond the ITC-only search, against a
   baseline that scores each candidate alone with `model.itm_score` (one image and the text per forward).
@@ -99,15 +99,28 @@ def main() -> None:
             naive = _naive_images_per_second(model, work / "photos")
             fp32 = _build_images_per_second(checkpoint, work / "photos", work, "fp32", args.workers, args.batch_size)
             bf16 = _build_images_per_second(checkpoint, work / "photos", work, "bf16", args.workers, args.batch_size)
+            int8 = _build_images_per_second(checkpoint, work / "photos", work, "int8", args.workers, args.batch_size)
             index = Index.open(work / "index-fp32")
             batched, alone = _rerank_seconds_per_candidate(index, args.rerank, args.batch_size)
             index.close()
+            index = Index.open(work / "index-int8")  # queries and re-ranking follow the index: int8
+            batched_int8, _ = _rerank_seconds_per_candidate(index, args.rerank, args.batch_size)
+            index.close()
             rows.append({"model": name, "image_size": model.config.vision.image_size, "naive_images_s": naive,
-                         "build_fp32_images_s": fp32, "build_bf16_images_s": bf16,
-                         "rerank_ms_per_candidate": 1000 * batched, "one_pair_ms_per_candidate": 1000 * alone})
+                         "build_fp32_images_s": fp32, "build_bf16_images_s": bf16, "build_int8_images_s": int8,
+                         "rerank_ms_per_candidate": 1000 * batched, "one_pair_ms_per_candidate": 1000 * alone,
+                         "rerank_int8_ms_per_candidate": 1000 * batched_int8})
             del model
 
     print(f"{args.images} images, {args.threads} threads, {args.workers} loader workers, batch {args.batch_size}")
+    print("| model | build fp32 img/s | build int8 img/s | int8 / fp32 | re-rank fp32 ms/candidate | int8 | fp32 / int8 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['model']} ({r['image_size']} px) | {r['build_fp32_images_s']:.1f} | {r['build_int8_images_s']:.1f} | "
+              f"{r['build_int8_images_s'] / r['build_fp32_images_s']:.2f}x | {r['rerank_ms_per_candidate']:.1f} | "
+              f"{r['rerank_int8_ms_per_candidate']:.1f} | "
+              f"{r['rerank_ms_per_candidate'] / r['rerank_int8_ms_per_candidate']:.2f}x |")
+    print()
     print("| model | naive loop img/s | build fp32 img/s | build bf16 img/s | re-rank ms/candidate (batched) "
           "| one pair at a time ms | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|")
