@@ -131,7 +131,8 @@ class ResizeRegion:
 
 
 def read_source(source: ImageSource, decode_size: Callable | None) -> Image.Image:
-    """The decoded image of ``source``; a reader is given ``decode_size``, a decoded image tells it its size."""
+    """The decoded image of ``source``: a reader is called with ``decode_size``; a decoded image is returned as
+    it is (a :class:`ResizeRegion` then draws its box from that image's size when it resizes it)."""
     if isinstance(source, Image.Image):
         return source
     if not callable(source):
