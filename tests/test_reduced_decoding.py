@@ -14,7 +14,10 @@ from PIL import Image
 
 from simla.data.images import load_image
 from simla.data.pixels import ResizeRegion
+from simla.data.pretrain_data import SampleBuilder
+from simla.data.readers import CaptionRecord
 from simla.data.transforms import FinetuneView, PretrainViewConfig, PretrainViews
+from simla.masking import BlockMaskGenerator
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -73,8 +76,8 @@ def test_other_formats_are_decoded_in_full_and_notes_describe_the_stored_image(t
     img = load_image(path, decode_size=lambda size: seen.append(size) or (100, 100))
     assert seen == [(1200, 800)] and img.size == (1200, 800)
     notes: list[str] = []
-    load_image(_jpeg(_photo(1200, 800)), decode_size=lambda size: (10, 10), notes=notes)
-    assert "small" not in notes  # decoded at 1/8 (150 x 100) but stored at 1200 x 800
+    reduced = load_image(_jpeg(_photo(120, 100)), decode_size=lambda size: (10, 10), notes=notes)
+    assert reduced.size == (15, 13) and "small" not in notes  # decoded at 1/8, below 16 px; stored at 120 x 100
 
 
 def test_decode_size_must_be_callable() -> None:
@@ -128,3 +131,18 @@ def test_finetune_view_reads_reduced_and_stays_deterministic() -> None:
         full = view(load_image(data), random.Random(3))
         assert first.shape == (3, 128, 128) and torch.equal(first, again)
         assert (first - full).abs().mean() < 0.05  # normalised units: about 3 grey levels
+
+
+def test_pretraining_samples_are_uint8_and_batches_normalise_like_the_views(tmp_path) -> None:
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(_jpeg(_photo(400, 300)))
+    views = PretrainViews()
+    builder = SampleBuilder(views, BlockMaskGenerator(16))
+    record = CaptionRecord(str(path), ("a photo",), str(path))
+    samples = [builder.build(record, random.Random(seed)) for seed in (5, 6)]
+    assert all(s["image"].dtype == torch.uint8 and s["tokenizer_image"].dtype == torch.uint8 for s in samples)
+    batch = builder.to_float({key: torch.stack([s[key] for s in samples]) for key in ("image", "tokenizer_image")})
+    for row, seed in enumerate((5, 6)):  # one caption: the views draw first, as PretrainViews alone does
+        encoder, tokenizer = views(partial(load_image, path), random.Random(seed))
+        assert torch.allclose(batch["image"][row], encoder, atol=1e-5)
+        assert torch.allclose(batch["tokenizer_image"][row], tokenizer, atol=1e-6)
