@@ -67,7 +67,7 @@ def make_images(source: Path, folder: Path, count: int, seed: int = 0) -> list[P
     existing = sorted(folder.glob("*.jpg"))
     if len(existing) >= count:
         return existing[:count]
-    photos = sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    photos = sorted(p for p in source.iterdir() if p.suffix.lower() in (".jpg", ".jpeg")) if source.is_dir() else []
     if not photos:
         raise SystemExit(f"no JPEG photographs in {source}: install Debian's mate-backgrounds or pass --source")
     rng = random.Random(seed)
